@@ -1,0 +1,24 @@
+"""Reference capture: run ultralytics once and write everything a comparison needs into a dump."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+
+from parity.capture.reference import CaptureConfig, run_capture
+from parity.dumpfile import DumpWriter
+
+
+def dump_reference(config: CaptureConfig, out: str | Path, *, force: bool = False,
+                   progress: Callable[[str], None] = lambda step: None) -> Path:
+    """Capture and write atomically; nothing appears at `out` unless the whole dump succeeded."""
+    writer = DumpWriter(out, force=force, kind="reference")  # refuses an existing `out` before any work
+    capture = run_capture(config, progress)
+    with writer:
+        progress("writing")
+        for name, tensor in capture.tensors.items():
+            writer.add(name, tensor, copy=False)
+        return writer.commit(capture.manifest)
+
+
+__all__ = ["CaptureConfig", "dump_reference", "run_capture"]

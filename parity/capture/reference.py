@@ -1,0 +1,550 @@
+"""Capture a reference dump from ultralytics: one train-mode forward, the loss on every case, gradients.
+
+Everything is observed from outside: forward hooks on layers and sub-modules, and thin wrappers around the
+loss's own methods that record what they return. Nothing ultralytics computes is changed or recomputed,
+except two values that ultralytics keeps inline (the classification loss before its gain, and the DFL of the
+head's boxes), which are derived with the same operations. `tests/test_capture.py` proves that loss and
+gradients with capture on are bitwise equal to a plain run.
+"""
+
+from __future__ import annotations
+
+import math
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from parity import names
+from parity.capture.batch import Batch, calibration_images, load_batch
+from parity.errors import ParityError
+
+INIT_MODES = ("perturbed", "pristine")
+PRECISIONS = ("fp32", "tf32", "fp16", "bf16")
+# BatchNorm perturbation ranges: wide enough that every layer carries signal far above float32 noise.
+BN_WEIGHT_RANGE = (0.5, 1.5)
+BN_BIAS_RANGE = (-0.5, 0.5)
+
+
+@dataclass
+class CaptureConfig:
+    model: str = "yolo11n.yaml"
+    nc: int = 80
+    imgsz: int = 640
+    batch: int = 2
+    seed: int = 0
+    device: str = "cpu"
+    images: str = "assets"
+    init: str = "perturbed"
+    precision: str = "fp32"
+    deterministic: bool = True
+    cases: tuple[str, ...] = names.LOSS_CASES
+    gradients: bool = True
+
+
+@dataclass
+class Capture:
+    """What one capture produced: tensors in dump names, and the manifest sections that describe them."""
+
+    tensors: dict[str, torch.Tensor] = field(default_factory=dict)
+    manifest: dict[str, Any] = field(default_factory=dict)
+
+    def put(self, name: str, tensor: torch.Tensor) -> None:
+        if name in self.tensors:
+            raise AssertionError(f"{name} captured twice")
+        # The one copy capture makes: to the host, detached from autograd and from later in-place edits.
+        self.tensors[name] = tensor.detach().to("cpu", copy=True)
+
+
+# ---------------------------------------------------------------------------------------------- the model
+_HEAD_LEGACY_DEFAULTS: dict[type, Any] | None = None
+_MISSING = object()
+
+
+def _reset_head_class_state() -> None:
+    """`parse_model` sets `legacy` on the Detect classes themselves; restore them so builds do not leak."""
+    global _HEAD_LEGACY_DEFAULTS
+    from ultralytics.nn.modules import head
+
+    classes = [c for c in vars(head).values() if isinstance(c, type) and issubclass(c, head.Detect)]
+    if _HEAD_LEGACY_DEFAULTS is None:
+        _HEAD_LEGACY_DEFAULTS = {c: c.__dict__.get("legacy", _MISSING) for c in classes}
+    for cls, value in _HEAD_LEGACY_DEFAULTS.items():
+        if value is _MISSING:
+            if "legacy" in cls.__dict__:
+                delattr(cls, "legacy")
+        else:
+            cls.legacy = value
+
+
+def build_model(model_yaml: str, nc: int, seed: int) -> nn.Module:
+    """ultralytics' DetectionModel from yaml; weights depend only on the seed."""
+    from ultralytics.cfg import get_cfg
+    from ultralytics.nn.tasks import DetectionModel
+    from ultralytics.utils import DEFAULT_CFG
+
+    if nc < 1:
+        raise ParityError(f"--nc must be at least 1, got {nc}")
+    _reset_head_class_state()
+    torch.manual_seed(seed)
+    try:
+        model = DetectionModel(model_yaml, nc=nc, verbose=False)
+    except FileNotFoundError as error:
+        raise ParityError(
+            f"unknown model yaml {model_yaml!r} ({error}); try e.g. yolo11n.yaml, yolov8n.yaml, yolo12n.yaml, yolo26n.yaml"
+        ) from None
+    finally:
+        _reset_head_class_state()
+    model.args = get_cfg(DEFAULT_CFG)
+    return model
+
+
+def head_of(model: nn.Module) -> nn.Module:
+    return model.model[-1]
+
+
+def is_end2end(model: nn.Module) -> bool:
+    return getattr(head_of(model), "one2one_cv2", None) is not None
+
+
+def perturb_batchnorm(model: nn.Module, seed: int) -> dict:
+    """Give every BatchNorm a seeded, non-trivial affine transform (see docs/dump-format.md, 'init')."""
+    generator = torch.Generator().manual_seed(seed + 1)
+    count = 0
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, nn.BatchNorm2d):
+                low, high = BN_WEIGHT_RANGE
+                module.weight.copy_(low + (high - low) * torch.rand(module.weight.shape, generator=generator))
+                low, high = BN_BIAS_RANGE
+                module.bias.copy_(low + (high - low) * torch.rand(module.bias.shape, generator=generator))
+                count += 1
+    return {"batchnorm_layers": count, "weight_uniform": list(BN_WEIGHT_RANGE), "bias_uniform": list(BN_BIAS_RANGE),
+            "generator_seed": seed + 1}
+
+
+def calibrate_batchnorm(model: nn.Module, images: torch.Tensor) -> dict:
+    """Set running statistics to those of a separate seeded batch (one cumulative-average pass)."""
+    batchnorms = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+    momenta = [m.momentum for m in batchnorms]
+    for m in batchnorms:
+        m.reset_running_stats()
+        m.momentum = None
+    model.train()
+    with torch.no_grad():
+        model(images)
+    for m, momentum in zip(batchnorms, momenta):
+        m.momentum = momentum
+    return {"calibration_images": list(images.shape), "calibration_seed": "seed + 2000", "passes": 1}
+
+
+def prepare_model(config: CaptureConfig, batch: Batch) -> tuple[nn.Module, dict]:
+    model = build_model(config.model, config.nc, config.seed)
+    _check_imgsz(model, config.imgsz)
+    init = {"mode": config.init}
+    pristine = detect_bias_init(model)
+    if config.init == "perturbed":
+        init["batchnorm"] = perturb_batchnorm(model, config.seed)
+        init["running_stats"] = calibrate_batchnorm(
+            model, calibration_images(imgsz=config.imgsz, batch=config.batch, seed=config.seed)
+        )
+    elif config.init != "pristine":
+        raise ParityError(f"--init {config.init!r}: expected one of {', '.join(INIT_MODES)}")
+    model = model.to(config.device).train()
+    return model, {"init": init, "pristine_bias": pristine}
+
+
+def _check_imgsz(model: nn.Module, imgsz: int) -> None:
+    largest = int(head_of(model).stride.max())
+    if imgsz <= 0 or imgsz % largest:
+        raise ParityError(f"--imgsz {imgsz} must be a positive multiple of the largest stride ({largest})")
+
+
+# -------------------------------------------------------------------------------------- Detect bias init
+def bias_formula_float32(nc: int, stride: float) -> torch.Tensor:
+    f32 = torch.float32
+    s = torch.tensor(stride, dtype=f32)
+    return torch.log(torch.tensor(5.0, dtype=f32) / torch.tensor(float(nc), dtype=f32) / (torch.tensor(640.0, dtype=f32) / s) ** 2)
+
+
+def bias_formula_float64(nc: int, stride: float) -> torch.Tensor:
+    return torch.tensor(math.log(5.0 / nc / (640.0 / float(stride)) ** 2), dtype=torch.float64).float()
+
+
+def detect_bias_init(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The head's biases as ultralytics stored them, and the formula in pure float32 and pure float64."""
+    head = head_of(model)
+    out = {}
+    for level, stride in enumerate(head.stride.tolist()):
+        cls_bias = head.cv3[level][-1].bias.detach().clone()
+        out[names.init_bias("cls_bias", level, "stored")] = cls_bias
+        out[names.init_bias("cls_bias", level, "float32")] = bias_formula_float32(head.nc, stride).expand(head.nc).clone()
+        out[names.init_bias("cls_bias", level, "float64")] = bias_formula_float64(head.nc, stride).expand(head.nc).clone()
+        out[names.init_bias("box_bias", level, "stored")] = head.cv2[level][-1].bias.detach().clone()
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- layers
+def _flatten_output(prefix: str, value: Any) -> dict[str, torch.Tensor]:
+    """Dump names for a module's output: a tensor, a list/tuple, or the Detect head's dict."""
+    if isinstance(value, torch.Tensor):
+        return {prefix: value}
+    out = {}
+    if isinstance(value, dict):
+        for key, item in value.items():
+            if key == "feats":  # the head's inputs, never stored twice
+                continue
+            out.update(_flatten_output(f"{prefix}.{key}", item))
+    elif isinstance(value, (list, tuple)):
+        for index, item in enumerate(value):
+            out.update(_flatten_output(f"{prefix}.{index}", item))
+    return out
+
+
+def _captured_submodules(layer: nn.Module, is_head: bool):
+    """Every sub-module of the head; elsewhere the direct children (looking through ModuleLists)."""
+    if is_head:
+        yield from ((path, module) for path, module in layer.named_modules() if path)
+        return
+
+    def walk(module: nn.Module, prefix: str):
+        for name, child in module.named_children():
+            path = f"{prefix}{name}"
+            if isinstance(child, nn.ModuleList):
+                yield from walk(child, path + ".")
+            else:
+                yield path, child
+
+    yield from walk(layer, "")
+
+
+@contextmanager
+def layer_hooks(model: nn.Module, capture: Capture):
+    handles = []
+    last = len(model.model) - 1
+    # Conv's activation is one module shared by every Conv: its hook would fire everywhere, so skip shared ones.
+    seen: dict[int, int] = {}
+    for _, module in model.named_modules(remove_duplicate=False):
+        seen[id(module)] = seen.get(id(module), 0) + 1
+
+    def recorder(prefix: str):
+        calls = [0]
+
+        def hook(_module, _inputs, output):
+            # A module called several times (SPPF's pooling) gets `#1`, `#2`, … on its later outputs.
+            name_of_call = prefix if calls[0] == 0 else f"{prefix}#{calls[0]}"
+            calls[0] += 1
+            for name, tensor in _flatten_output(name_of_call, output).items():
+                capture.put(name, tensor)
+
+        return hook
+
+    for index, layer in enumerate(model.model):
+        handles.append(layer.register_forward_hook(recorder(names.act(index))))
+        for path, module in _captured_submodules(layer, index == last):
+            if seen[id(module)] > 1:
+                continue
+            handles.append(module.register_forward_hook(recorder(names.act(index, path))))
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def layer_table(model: nn.Module, capture: Capture) -> list[dict]:
+    table = []
+    outputs_of: dict[int, list[str]] = {}
+    for index, layer in enumerate(model.model):
+        sources = [layer.f] if isinstance(layer.f, int) else list(layer.f)
+        sources = [index - 1 if s == -1 else s for s in sources]
+        if index == 0:
+            inputs = [names.batch_img()]
+        else:
+            inputs = [name for s in sources for name in outputs_of[s]]
+        own = [n for n in capture.tensors if n == names.act(index) or _is_direct_output(n, index)]
+        outputs_of[index] = own
+        table.append({
+            "index": index,
+            "type": type(layer).__name__,
+            "from": sources,
+            "inputs": inputs,
+            "parameters": sum(p.numel() for p in layer.parameters()),
+            "outputs": {n: list(capture.tensors[n].shape) for n in own},
+        })
+    return table
+
+
+def _is_direct_output(name: str, index: int) -> bool:
+    """`act.23.boxes` and `act.4.0` are outputs of layer 23/4; `act.23.cv2.0.1` is a sub-module's."""
+    parts = name.split(".")
+    if parts[:2] != ["act", str(index)] or len(parts) < 3:
+        return False
+    tail = parts[2:]
+    return tail[0].isdigit() and len(tail) == 1 or tail[-1] in names.HEAD_OUTPUTS and (
+        len(tail) == 1 or tail[0] in names.E2E_BRANCHES and len(tail) == 2
+    )
+
+
+# ------------------------------------------------------------------------------------------------ loss
+class LossRecorder:
+    """Wraps one v8DetectionLoss instance's methods to record every stage, per case and branch."""
+
+    def __init__(self, criterion, capture: Capture, branch: str | None):
+        self.criterion = criterion
+        self.capture = capture
+        self.branch = branch
+        self.case: str | None = None
+        self._undo: list[Callable[[], None]] = []
+
+    def put(self, stage: str, name: str, tensor: torch.Tensor) -> None:
+        if self.case is not None:
+            self.capture.put(names.loss(self.case, stage, name, self.branch), tensor)
+
+    def _wrap(self, owner: Any, method: str, after: Callable[[tuple, Any], None]) -> None:
+        original = getattr(owner, method)
+
+        def wrapper(*args, **kwargs):
+            result = original(*args, **kwargs)
+            after(args, result)
+            return result
+
+        # An instance attribute shadows the class's method for this one object only.
+        owner.__dict__[method] = wrapper
+        self._undo.append(lambda: owner.__dict__.pop(method, None))
+
+    def install(self) -> "LossRecorder":
+        crit, assigner = self.criterion, self.criterion.assigner
+        self._wrap(crit, "preprocess", lambda a, r: self.put("preprocess", "targets", r))
+        self._wrap(crit, "bbox_decode", self._after_decode)
+        self._wrap(assigner, "select_candidates_in_gts", lambda a, r: self.put("assign", "mask_in_gts", r))
+        self._wrap(assigner, "get_pos_mask", self._after_pos_mask)
+        self._wrap(assigner, "select_highest_overlaps", lambda a, r: self.put("assign", "mask_pos", r[2]))
+        self._wrap(crit, "get_assigned_targets_and_loss", lambda a, r: self.put("gains", "after", r[1]))
+        handles = [
+            assigner.register_forward_pre_hook(self._before_assign),
+            assigner.register_forward_hook(self._after_assign),
+            crit.bce.register_forward_hook(self._after_bce),
+            crit.bbox_loss.register_forward_pre_hook(self._before_bbox_loss),
+            crit.bbox_loss.register_forward_hook(self._after_bbox_loss),
+        ]
+        self._undo.extend(h.remove for h in handles)
+        return self
+
+    def remove(self) -> None:
+        for undo in reversed(self._undo):
+            undo()
+        self._undo.clear()
+
+    def _after_decode(self, args, result):
+        self.put("anchors", "anchor_points", args[0])
+        self.put("decode", "pred_bboxes", result)
+
+    def _before_assign(self, _module, args):
+        pd_scores, pd_bboxes, anc_points, _labels, gt_bboxes, mask_gt = args[:6]
+        self.put("preprocess", "mask_gt", mask_gt)
+        self.put("assign", "pd_scores", pd_scores)
+        self.put("assign", "pd_bboxes", pd_bboxes)
+        self.put("assign", "anc_points", anc_points)
+        self._empty_shape = (pd_scores.shape[0], gt_bboxes.shape[1], pd_scores.shape[1])
+
+    def _after_pos_mask(self, args, result):
+        _mask_pos, align_metric, overlaps = result
+        self.put("assign", "align_metric", align_metric)
+        self.put("assign", "overlaps", overlaps)
+
+    def _after_assign(self, _module, _args, result):
+        target_labels, target_bboxes, target_scores, fg_mask, target_gt_idx = result
+        # With no boxes at all ultralytics returns before computing the pair tensors: record them empty.
+        for name in ("mask_in_gts", "align_metric", "overlaps", "mask_pos"):
+            key = names.loss(self.case, "assign", name, self.branch)
+            if key not in self.capture.tensors:
+                dtype = {"mask_in_gts": torch.bool, "mask_pos": torch.int8}.get(name, torch.float32)
+                self.capture.put(key, torch.zeros(self._empty_shape, dtype=dtype))
+        for name, tensor in zip(("target_labels", "target_bboxes", "target_scores", "fg_mask", "target_gt_idx"), result):
+            self.put("assign", name, tensor)
+
+    def _after_bce(self, _module, _args, output):
+        self.put("classify", "bce", output)
+        self._bce = output
+
+    def _before_bbox_loss(self, _module, args):
+        self.put("anchors", "stride_tensor", args[8])
+        self.put("normalize", "target_scores_sum", args[5])
+        self._target_scores_sum = args[5]
+
+    def _after_bbox_loss(self, _module, _args, output):
+        loss_iou, loss_dfl = output
+        # ultralytics computes the class term inline; the same two operations give the same bits.
+        cls = self._bce.detach().sum() / self._target_scores_sum
+        self.put("classify", "loss", cls)
+        self.put("box", "loss_iou", loss_iou)
+        self.put("box", "loss_dfl", loss_dfl)
+        self.put("gains", "before", torch.stack([loss_iou.detach(), cls, loss_dfl.detach()]))
+
+
+def loss_recorders(model: nn.Module, capture: Capture) -> list[LossRecorder]:
+    criterion = model.criterion
+    if is_end2end(model):
+        return [LossRecorder(criterion.one2many, capture, "one2many").install(),
+                LossRecorder(criterion.one2one, capture, "one2one").install()]
+    return [LossRecorder(criterion, capture, None).install()]
+
+
+def head_outputs(preds: Any, end2end: bool) -> dict[str, torch.Tensor]:
+    """The train outputs that gradients are taken with respect to, under their dump suffixes."""
+    if end2end:
+        return {f"{b}.{o}": preds[b][o] for b in names.E2E_BRANCHES for o in names.HEAD_OUTPUTS}
+    return {o: preds[o] for o in names.HEAD_OUTPUTS}
+
+
+# ---------------------------------------------------------------------------------------------- capture
+@contextmanager
+def precision_context(config: CaptureConfig):
+    """TF32 flags, deterministic algorithms and autocast as the config asks; all restored afterwards."""
+    import os
+
+    saved = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32,
+             torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.deterministic,
+             torch.backends.cudnn.benchmark)
+    tf32 = config.precision == "tf32"
+    torch.backends.cuda.matmul.allow_tf32 = tf32
+    torch.backends.cudnn.allow_tf32 = tf32
+    if config.deterministic:
+        # cuBLAS needs this workspace setting before deterministic matmuls are allowed on CUDA.
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.deterministic = True
+        torch.backends.cudnn.benchmark = False
+    try:
+        if config.precision in ("fp16", "bf16"):
+            dtype = torch.float16 if config.precision == "fp16" else torch.bfloat16
+            with torch.autocast(device_type=torch.device(config.device).type, dtype=dtype):
+                yield
+        else:
+            yield
+    finally:
+        (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32, deterministic,
+         torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark) = saved
+        torch.use_deterministic_algorithms(deterministic)
+
+
+def run_capture(config: CaptureConfig, progress: Callable[[str], None] = lambda step: None) -> Capture:
+    if config.precision not in PRECISIONS:
+        raise ParityError(f"--precision {config.precision!r}: expected one of {', '.join(PRECISIONS)}")
+    if config.batch < 1:
+        raise ParityError(f"--batch must be at least 1, got {config.batch}")
+    progress("building the model")
+    batch = load_batch(config.images, imgsz=config.imgsz, batch=config.batch, nc=config.nc, seed=config.seed)
+    model, init_info = prepare_model(config, batch)
+    capture = Capture()
+    for name, tensor in model.state_dict().items():
+        capture.put(names.weight(name), tensor)
+    for name, tensor in init_info["pristine_bias"].items():
+        capture.put(name, tensor)
+    device = torch.device(config.device)
+    img = batch.img.to(device)
+    capture.put(names.batch_img(), batch.img)
+    for case in config.cases:
+        for field_name, tensor in (("cls", batch.cases[case].cls), ("bboxes", batch.cases[case].bboxes),
+                                   ("batch_idx", batch.cases[case].batch_idx)):
+            capture.put(names.batch_target(case, field_name), tensor)
+
+    progress("forward pass")
+    end2end = is_end2end(model)
+    with precision_context(config):
+        with layer_hooks(model, capture):
+            preds = model(img)
+        head = head_of(model)
+        if head.reg_max > 1:
+            with torch.no_grad():
+                boxes = preds["one2many"]["boxes"] if end2end else preds["boxes"]
+                capture.put(names.act(len(model.model) - 1, "dfl"), head.dfl(boxes))
+
+        model.criterion = model.init_criterion()
+        recorders = loss_recorders(model, capture)
+        outputs = head_outputs(preds, end2end)
+        totals = {}
+        try:
+            for case in config.cases:
+                progress(f"loss, case {case}")
+                for recorder in recorders:
+                    recorder.case = case
+                loss, items = model.loss(_to_device(batch.as_loss_batch(case), device), preds)
+                capture.put(names.loss_output(case, "loss"), loss)
+                capture.put(names.loss_output(case, "items"), torch.stack(list(items.values())))
+                totals[case] = loss
+                if config.gradients:
+                    for term_index, term in enumerate(names.LOSS_TERMS):
+                        grads = torch.autograd.grad(loss[term_index], list(outputs.values()), retain_graph=True,
+                                                    allow_unused=True)
+                        for suffix, grad, tensor in zip(outputs, grads, outputs.values()):
+                            capture.put(f"grad.head.{case}.{term}.{suffix}",
+                                        grad if grad is not None else torch.zeros_like(tensor))
+        finally:
+            for recorder in recorders:
+                recorder.remove()
+
+        params_without_grad = []
+        if config.gradients and "default" in totals:
+            progress("backward pass")
+            totals["default"].sum().backward()
+            for name, parameter in model.named_parameters():
+                if parameter.grad is None:
+                    params_without_grad.append(name)
+                else:
+                    capture.put(names.grad_param(name), parameter.grad)
+        capture.manifest = describe(model, config, batch, capture, init_info["init"], params_without_grad)
+    return capture
+
+
+def _to_device(batch: dict, device: torch.device) -> dict:
+    return {k: v.to(device) for k, v in batch.items()}
+
+
+def describe(model, config: CaptureConfig, batch: Batch, capture: Capture, init: dict, no_grad: list[str]) -> dict:
+    from parity.runtime import environment, versions
+
+    head = head_of(model)
+    end2end = is_end2end(model)
+    criterion = model.criterion.one2many if end2end else model.criterion
+    assigner = criterion.assigner
+    hyp = model.args
+    return {
+        "versions": versions(),
+        "environment": environment(config.device),
+        "config": {**asdict(config), "cases": list(config.cases)},
+        "init": {**init, "cls_bias_formula": "log(5 / nc / (640 / stride) ** 2)",
+                 "cls_bias_arithmetic": "ultralytics: division and square in float32 (stride is a float32 tensor "
+                                        "element), log in float64, stored as float32"},
+        "hyperparameters": {"box": float(hyp.box), "cls": float(hyp.cls), "dfl": float(hyp.dfl),
+                            "tal_topk": assigner.topk, "tal_alpha": assigner.alpha, "tal_beta": assigner.beta,
+                            "tal_eps": assigner.eps, "small_box_floor_px": assigner.stride_val},
+        "model": {
+            "yaml": config.model,
+            "scale": model.yaml.get("scale"),
+            "nc": head.nc,
+            "reg_max": head.reg_max,
+            "strides": head.stride.tolist(),
+            "head_index": len(model.model) - 1,
+            "head_type": type(head).__name__,
+            "end2end": end2end,
+            "legacy_head": bool(getattr(head, "legacy", False)),
+            "parameters": sum(p.numel() for p in model.parameters()),
+            "layers": layer_table(model, capture),
+        },
+        "batch": {"source": batch.source, "shape": list(batch.img.shape), "notes": batch.notes},
+        "loss": {
+            "criterion": type(model.criterion).__name__,
+            "branches": list(names.E2E_BRANCHES) if end2end else [],
+            "branch_weights": {"one2many": model.criterion.o2m, "one2one": model.criterion.o2o} if end2end else None,
+            "cases": [{"name": c, "boxes": batch.cases[c].count} for c in config.cases],
+            "returns": "loss vector (box, cls, dfl) after gains, multiplied by the batch size",
+            "loss_names": list(criterion.loss_names),
+        },
+        "gradients": {"param": "d(model.loss(batch)[0].sum()) / d(parameter), default case",
+                      "head": "d(model.loss(batch)[0][term]) / d(head train output)",
+                      "parameters_without_grad": no_grad} if config.gradients else None,
+    }

@@ -1,0 +1,189 @@
+"""`parity` command line: dump, inspect, compare, map, export-layer, check-layer, envelope, drift.
+
+Exit codes: 0 parity (or success), 1 divergence found, 2 bad input. Bad input is never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from contextlib import contextmanager
+from pathlib import Path
+
+from parity.errors import ParityError
+from parity.runtime import PROJECT_ROOT, prepare
+
+DEFAULTS = dict(model="yolo11n.yaml", nc=80, imgsz=640, batch=2, seed=0, device="cpu", images="assets",
+                init="perturbed", precision="fp32")
+
+
+def default_dump_dir(args: argparse.Namespace) -> Path:
+    model = Path(args.model).stem
+    return PROJECT_ROOT / "reference_dumps" / (
+        f"{model}-nc{args.nc}-{args.imgsz}-b{args.batch}-s{args.seed}-{Path(args.images).name}-{args.init}-"
+        f"{args.device.replace(':', '')}"
+    )
+
+
+# ------------------------------------------------------------------------------------------- progress
+@contextmanager
+def step_progress(enabled: bool, total: int, title: str):
+    """A progress bar that advances one step per call of the yielded function; silent when disabled."""
+    if not enabled:
+        yield lambda step: None
+        return
+    from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+    with Progress(SpinnerColumn(), TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.fields[step]}"),
+                  TimeElapsedColumn(), transient=True, stderr=True) as bar:
+        task = bar.add_task(title, total=total, step="")
+        started = [False]
+
+        def advance(step: str) -> None:
+            if started[0]:
+                bar.advance(task)
+            started[0] = True
+            bar.update(task, step=step)
+
+        yield advance
+        bar.update(task, completed=total)
+
+
+def progress_enabled(args) -> bool:
+    return not getattr(args, "no_progress", False) and sys.stderr.isatty()
+
+
+# ---------------------------------------------------------------------------------------------- dump
+def cmd_dump(args) -> int:
+    from rich.console import Console
+
+    from parity.capture import CaptureConfig, dump_reference
+    from parity.runtime import check_device
+
+    check_device(args.device)
+    out = Path(args.out) if args.out else default_dump_dir(args)
+    config = CaptureConfig(model=args.model, nc=args.nc, imgsz=args.imgsz, batch=args.batch, seed=args.seed,
+                           device=args.device, images=args.images, init=args.init, precision=args.precision)
+    steps = 4 + len(config.cases)
+    with step_progress(progress_enabled(args), steps, f"dumping {config.model}") as advance:
+        path = dump_reference(config, out, force=args.force, progress=advance)
+    Console(stderr=False).print(f"[green]reference dump written[/green] to {path}")
+    if args.summary:
+        return cmd_inspect(argparse.Namespace(dump=str(path), verify=False))
+    return 0
+
+
+# -------------------------------------------------------------------------------------------- inspect
+def cmd_inspect(args) -> int:
+    from parity.dumpfile import Dump
+    from parity.inspect import render_inspect
+
+    dump = Dump(args.dump)
+    if args.verify:
+        bad = dump.verify()
+        if bad:
+            raise ParityError(f"{len(bad)} tensor(s) do not match their checksum, first: {bad[0]}")
+    render_inspect(dump)
+    return 0
+
+
+# -------------------------------------------------------------------------------------------- compare
+def cmd_compare(args) -> int:
+    from parity.compare_command import run_compare
+
+    return run_compare(args)
+
+
+def cmd_map(args) -> int:
+    from parity.compare_command import run_map
+
+    return run_map(args)
+
+
+def _add_capture_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default=DEFAULTS["model"], help="ultralytics model yaml (default %(default)s)")
+    parser.add_argument("--nc", type=int, default=DEFAULTS["nc"], help="number of classes (default %(default)s)")
+    parser.add_argument("--imgsz", type=int, default=DEFAULTS["imgsz"], help="image size (default %(default)s)")
+    parser.add_argument("--batch", type=int, default=DEFAULTS["batch"], help="batch size (default %(default)s)")
+    parser.add_argument("--seed", type=int, default=DEFAULTS["seed"], help="seed for weights and data")
+    parser.add_argument("--device", default=DEFAULTS["device"], help="cpu, cuda or cuda:N")
+    parser.add_argument("--images", default=DEFAULTS["images"],
+                        help="'assets' (bus.jpg, zidane.jpg), 'synthetic', or a folder of images with YOLO .txt labels")
+    parser.add_argument("--init", default=DEFAULTS["init"], choices=("perturbed", "pristine"),
+                        help="perturbed: BatchNorm perturbed and calibrated so every layer carries signal")
+    parser.add_argument("--precision", default=DEFAULTS["precision"], choices=("fp32", "tf32", "fp16", "bf16"))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="parity", description=__doc__.splitlines()[0])
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default 2, recorded in dumps)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    dump = sub.add_parser("dump", help="capture a reference dump from ultralytics")
+    _add_capture_options(dump)
+    dump.add_argument("--out", help="output directory (default reference_dumps/<config>)")
+    dump.add_argument("--force", action="store_true", help="replace an existing output directory")
+    dump.add_argument("--summary", action="store_true", help="print the inspect summary afterwards")
+    dump.set_defaults(func=cmd_dump)
+
+    inspect = sub.add_parser("inspect", help="summarise a dump: layers, shapes, parameters, loss terms")
+    inspect.add_argument("dump")
+    inspect.add_argument("--verify", action="store_true", help="also check every tensor's checksum")
+    inspect.set_defaults(func=cmd_inspect)
+
+    compare = sub.add_parser("compare", help="compare a candidate against a reference dump")
+    compare.add_argument("--reference", help="reference dump (default: the default dump for the options below)")
+    compare.add_argument("--candidate", default="builtin",
+                         help="builtin, package.module:factory, or a candidate dump directory")
+    compare.add_argument("--what", default="all", choices=("layers", "loss", "all"))
+    compare.add_argument("--layer", type=int, help="drill into one layer's sub-blocks (e.g. 23, the Detect head)")
+    compare.add_argument("--inject", help="plant a known bug in the built-in candidate (see --list-injections)")
+    compare.add_argument("--list-injections", action="store_true", help="list the known bugs and exit")
+    compare.add_argument("--map", dest="map_file", help="YAML/JSON key map for a user candidate")
+    compare.add_argument("--loss", dest="loss_candidate", help="candidate loss: builtin or package.module:factory")
+    compare.add_argument("--profile", help="tolerance profile (default: from device and precision)")
+    compare.add_argument("--mode", choices=("isolated", "chained", "both"), default="both")
+    compare.add_argument("--json", dest="json_out", help="also write the report as JSON here")
+    _add_capture_options(compare)
+    compare.set_defaults(func=cmd_compare)
+
+    mapping = sub.add_parser("map", help="print how a candidate's parameters map onto ultralytics' names")
+    mapping.add_argument("--reference", help="reference dump")
+    mapping.add_argument("--candidate", default="builtin")
+    mapping.add_argument("--map", dest="map_file")
+    _add_capture_options(mapping)
+    mapping.set_defaults(func=cmd_map)
+
+    _add_optional_commands(sub)
+    return parser
+
+
+def _add_optional_commands(sub) -> None:
+    """Commands whose modules register their own arguments (porting harness, envelopes, drift)."""
+    for module_name in ("parity.porting", "parity.envelope", "parity.drift"):
+        try:
+            module = __import__(module_name, fromlist=["register"])
+        except ImportError:
+            continue
+        module.register(sub)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        prepare(args.threads)
+        return int(args.func(args) or 0)
+    except ParityError as error:
+        from rich.console import Console
+
+        Console(stderr=True).print(f"[bold red]error:[/bold red] {error}", highlight=False)
+        return error.exit_code
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

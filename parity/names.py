@@ -1,0 +1,72 @@
+"""Tensor names in a dump: the one place that spells them (docs/dump-format.md is their documentation)."""
+
+from __future__ import annotations
+
+LOSS_CASES = ("default", "small_box", "empty_image", "no_boxes")
+LOSS_TERMS = ("box", "cls", "dfl")
+HEAD_OUTPUTS = ("boxes", "scores")
+E2E_BRANCHES = ("one2many", "one2one")
+
+# Stage -> the tensors it produces, in pipeline order. The loss replay walks this table.
+LOSS_STAGES: dict[str, tuple[str, ...]] = {
+    "anchors": ("anchor_points", "stride_tensor"),
+    "preprocess": ("targets", "mask_gt"),
+    "decode": ("pred_bboxes",),
+    "assign": (
+        "pd_scores", "pd_bboxes", "anc_points", "mask_in_gts", "align_metric", "overlaps", "mask_pos",
+        "target_labels", "target_bboxes", "target_scores", "fg_mask", "target_gt_idx",
+    ),
+    "normalize": ("target_scores_sum",),
+    "classify": ("bce", "loss"),
+    "box": ("loss_iou", "loss_dfl"),
+    "gains": ("before", "after"),
+}
+# Produced once per case, also for end-to-end models (the branches combined).
+LOSS_OUTPUT = ("loss", "items")
+
+
+def weight(key: str) -> str:
+    return key
+
+
+def batch_img() -> str:
+    return "batch.img"
+
+
+def batch_target(case: str, field: str) -> str:
+    return f"batch.{case}.{field}"
+
+
+def act(layer: int, *path: str | int) -> str:
+    return ".".join(["act", str(layer), *map(str, path)])
+
+
+def init_bias(kind: str, level: int, variant: str) -> str:
+    """kind: 'cls_bias' or 'box_bias'; variant: 'stored', 'float32' or 'float64'."""
+    return f"init.{kind}.{level}.{variant}"
+
+
+def loss(case: str, stage: str, name: str, branch: str | None = None) -> str:
+    return ".".join(p for p in ("loss", case, branch, stage, name) if p)
+
+
+def loss_output(case: str, name: str) -> str:
+    return f"loss.{case}.output.{name}"
+
+
+def grad_param(key: str) -> str:
+    return f"grad.param.{key}"
+
+
+def grad_head(case: str, term: str, output: str, branch: str | None = None) -> str:
+    return ".".join(p for p in ("grad.head", case, term, branch, output) if p)
+
+
+def layer_of(name: str) -> int | None:
+    """The layer index a weight (`model.{i}.…`), activation (`act.{i}…`) or gradient belongs to."""
+    parts = name.split(".")
+    if parts[:2] == ["grad", "param"]:
+        parts = parts[2:]
+    if len(parts) > 1 and parts[0] in ("model", "act") and parts[1].isdigit():
+        return int(parts[1])
+    return None

@@ -119,6 +119,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default 2, recorded in dumps)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     sub = parser.add_subparsers(dest="command", required=True)
+    # The global options are accepted after the command too; SUPPRESS keeps a sub-parser from resetting them.
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--threads", type=int, default=argparse.SUPPRESS)
+    common.add_argument("--no-progress", action="store_true", default=argparse.SUPPRESS)
+    original_add_parser = sub.add_parser
+    sub.add_parser = lambda *a, **k: original_add_parser(*a, parents=[common, *k.pop("parents", [])], **k)
 
     dump = sub.add_parser("dump", help="capture a reference dump from ultralytics")
     _add_capture_options(dump)

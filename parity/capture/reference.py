@@ -57,6 +57,9 @@ class Capture:
         # The one copy capture makes: to the host, detached from autograd and from later in-place edits.
         self.tensors[name] = tensor.detach().to("cpu", copy=True)
 
+    def names_with_prefix(self, prefix: str) -> list[str]:
+        return [name for name in self.tensors if name.startswith(prefix)]
+
 
 # ---------------------------------------------------------------------------------------------- the model
 _HEAD_LEGACY_DEFAULTS: dict[type, Any] | None = None
@@ -87,8 +90,13 @@ def build_model(model_yaml: str, nc: int, seed: int) -> nn.Module:
 
     if nc < 1:
         raise ParityError(f"--nc must be at least 1, got {nc}")
+    from ultralytics.utils import LOGGER
+
     _reset_head_class_state()
     torch.manual_seed(seed)
+    model_yaml = resolve_model_yaml(model_yaml)
+    level = LOGGER.level
+    LOGGER.setLevel("ERROR")  # a yaml outside ultralytics' names draws a harmless "no model scale" warning
     try:
         model = DetectionModel(model_yaml, nc=nc, verbose=False)
     except FileNotFoundError as error:
@@ -96,9 +104,21 @@ def build_model(model_yaml: str, nc: int, seed: int) -> nn.Module:
             f"unknown model yaml {model_yaml!r} ({error}); try e.g. yolo11n.yaml, yolov8n.yaml, yolo12n.yaml, yolo26n.yaml"
         ) from None
     finally:
+        LOGGER.setLevel(level)
         _reset_head_class_state()
     model.args = get_cfg(DEFAULT_CFG)
     return model
+
+
+def resolve_model_yaml(model_yaml: str) -> str:
+    """A yaml path relative to the project root works from any directory; plain names go to ultralytics."""
+    from pathlib import Path
+
+    from parity.runtime import PROJECT_ROOT
+
+    if "/" in model_yaml and not Path(model_yaml).exists() and (PROJECT_ROOT / model_yaml).exists():
+        return str(PROJECT_ROOT / model_yaml)
+    return model_yaml
 
 
 def head_of(model: nn.Module) -> nn.Module:
@@ -164,9 +184,16 @@ def _check_imgsz(model: nn.Module, imgsz: int) -> None:
 
 # -------------------------------------------------------------------------------------- Detect bias init
 def bias_formula_float32(nc: int, stride: float) -> torch.Tensor:
-    f32 = torch.float32
-    s = torch.tensor(stride, dtype=f32)
-    return torch.log(torch.tensor(5.0, dtype=f32) / torch.tensor(float(nc), dtype=f32) / (torch.tensor(640.0, dtype=f32) / s) ** 2)
+    """Every step in float32, as numpy evaluates it (measured: one ULP off ultralytics at nc=3, 12, 17, …).
+
+    numpy's float32 log is not correctly rounded. glibc's `logf` and torch's float32 `log` are closer, so a
+    port using them can land on ultralytics' value even in float32: the comparison reports what it can tell.
+    """
+    import numpy as np
+
+    f32 = np.float32
+    value = np.log(f32(5.0) / f32(nc) / (f32(640.0) / f32(stride)) ** 2)
+    return torch.tensor(float(value), dtype=torch.float32)
 
 
 def bias_formula_float64(nc: int, stride: float) -> torch.Tensor:
@@ -204,20 +231,26 @@ def _flatten_output(prefix: str, value: Any) -> dict[str, torch.Tensor]:
 
 
 def _captured_submodules(layer: nn.Module, is_head: bool):
-    """Every sub-module of the head; elsewhere the direct children (looking through ModuleLists)."""
-    if is_head:
-        yield from ((path, module) for path, module in layer.named_modules() if path)
-        return
+    """Every sub-module of the head; elsewhere the direct children (looking through ModuleLists).
 
-    def walk(module: nn.Module, prefix: str):
+    The conv and BatchNorm inside an ultralytics Conv block are never captured: the block's output already
+    localises them, and they would triple the size of a dump.
+    """
+
+    def inside_conv_block(module: nn.Module) -> bool:
+        return hasattr(module, "conv") and hasattr(module, "bn")
+
+    def walk(module: nn.Module, prefix: str, deep: bool):
+        if inside_conv_block(module):
+            return
         for name, child in module.named_children():
             path = f"{prefix}{name}"
-            if isinstance(child, nn.ModuleList):
-                yield from walk(child, path + ".")
-            else:
+            if not isinstance(child, nn.ModuleList):
                 yield path, child
+            if deep or isinstance(child, nn.ModuleList):
+                yield from walk(child, path + ".", deep)
 
-    yield from walk(layer, "")
+    yield from walk(layer, "", is_head)
 
 
 @contextmanager
@@ -436,6 +469,10 @@ def run_capture(config: CaptureConfig, progress: Callable[[str], None] = lambda 
         raise ParityError(f"--precision {config.precision!r}: expected one of {', '.join(PRECISIONS)}")
     if config.batch < 1:
         raise ParityError(f"--batch must be at least 1, got {config.batch}")
+    if config.nc < 1:
+        raise ParityError(f"--nc must be at least 1, got {config.nc}")
+    if config.init not in INIT_MODES:
+        raise ParityError(f"--init {config.init!r}: expected one of {', '.join(INIT_MODES)}")
     progress("building the model")
     batch = load_batch(config.images, imgsz=config.imgsz, batch=config.batch, nc=config.nc, seed=config.seed)
     model, init_info = prepare_model(config, batch)

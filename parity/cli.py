@@ -66,7 +66,7 @@ def cmd_dump(args) -> int:
                            device=args.device, images=args.images, init=args.init, precision=args.precision)
     steps = 4 + len(config.cases)
     with step_progress(progress_enabled(args), steps, f"dumping {config.model}") as advance:
-        path = dump_reference(config, out, force=args.force, progress=advance)
+        path = dump_reference(config, out, force=args.force, stats_only=args.stats_only, progress=advance)
     Console(stderr=False).print(f"[green]reference dump written[/green] to {path}")
     if args.summary:
         return cmd_inspect(argparse.Namespace(dump=str(path), verify=False))
@@ -131,6 +131,8 @@ def build_parser() -> argparse.ArgumentParser:
     dump.add_argument("--out", help="output directory (default reference_dumps/<config>)")
     dump.add_argument("--force", action="store_true", help="replace an existing output directory")
     dump.add_argument("--summary", action="store_true", help="print the inspect summary afterwards")
+    dump.add_argument("--stats-only", action="store_true",
+                      help="keep per-tensor statistics and checksums instead of values (for very large runs)")
     dump.set_defaults(func=cmd_dump)
 
     inspect = sub.add_parser("inspect", help="summarise a dump: layers, shapes, parameters, loss terms")

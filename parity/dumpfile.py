@@ -45,6 +45,23 @@ def dtype_name(dtype: torch.dtype) -> str:
     return _DTYPE_NAMES.get(dtype, str(dtype))
 
 
+def tensor_stats(tensor: torch.Tensor) -> dict:
+    """What a statistics-only dump keeps of a tensor (docs/dump-format.md, 'Statistics-only dumps')."""
+    data = tensor.detach().cpu()
+    values = data.double() if data.dtype != torch.float64 else data
+    finite = values[torch.isfinite(values)]
+    stats = {
+        "nan": int(torch.isnan(values).sum()),
+        "inf": int(torch.isinf(values).sum()),
+        "min": float(finite.min()) if finite.numel() else None,
+        "max": float(finite.max()) if finite.numel() else None,
+        "mean": float(finite.mean()) if finite.numel() else None,
+        "std": float(finite.std(unbiased=False)) if finite.numel() else None,
+        "l2": float(finite.norm()) if finite.numel() else None,
+    }
+    return stats
+
+
 def checksum(tensor: torch.Tensor) -> str:
     """SHA-256 of the tensor's raw little-endian bytes, as stored."""
     data = tensor.detach().cpu().contiguous()
@@ -60,10 +77,12 @@ class DumpWriter:
     an exception, removes everything written so far.
     """
 
-    def __init__(self, out: str | os.PathLike, *, force: bool = False, kind: str = "reference"):
+    def __init__(self, out: str | os.PathLike, *, force: bool = False, kind: str = "reference",
+                 stats_only: bool = False):
         self.out = Path(out)
         self.force = force
         self.kind = kind
+        self.stats_only = stats_only
         self._tensors: dict[str, tuple[str, torch.Tensor]] = {}
         self._tmp: Path | None = None
         if self.out.exists() and not force:
@@ -103,16 +122,17 @@ class DumpWriter:
         by_file: dict[str, dict[str, torch.Tensor]] = {}
         index = {}
         for name, (file, data) in self._tensors.items():
-            by_file.setdefault(file, {})[name] = data
-            index[name] = {
-                "file": file,
-                "dtype": dtype_name(data.dtype),
-                "shape": list(data.shape),
-                "sha256": checksum(data),
-            }
+            index[name] = {"file": file, "dtype": dtype_name(data.dtype), "shape": list(data.shape),
+                           "sha256": checksum(data)}
+            if self.stats_only:
+                index[name]["file"] = None
+                index[name]["stats"] = tensor_stats(data)
+            else:
+                by_file.setdefault(file, {})[name] = data
         for file, tensors in by_file.items():
             save_file(tensors, str(self._tmp / file))
-        manifest = {"schema": SCHEMA, "schema_version": SCHEMA_VERSION, "kind": self.kind, **manifest}
+        manifest = {"schema": SCHEMA, "schema_version": SCHEMA_VERSION, "kind": self.kind,
+                    "stats_only": self.stats_only, **manifest}
         manifest["tensors"] = index
         (self._tmp / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=False) + "\n")
         if self.out.exists():
@@ -165,6 +185,15 @@ class Dump:
         return self.manifest.get("kind", "candidate")
 
     @property
+    def stats_only(self) -> bool:
+        return bool(self.manifest.get("stats_only"))
+
+    def stats(self, name: str) -> dict:
+        """Summary statistics of a tensor: stored in a statistics-only dump, computed otherwise."""
+        entry = self.index.get(name) or {}
+        return entry["stats"] if "stats" in entry else tensor_stats(self.get(name))
+
+    @property
     def config(self) -> dict:
         return self.manifest.get("config", {})
 
@@ -199,6 +228,10 @@ class Dump:
             close = difflib.get_close_matches(name, list(self.index), n=3, cutoff=0.6)
             hint = f"; nearest: {', '.join(close)}" if close else ""
             raise DumpError(f"{self.path}: no tensor named {name!r}{hint}")
+        if entry.get("file") is None:
+            raise DumpError(
+                f"{self.path} is a statistics-only dump: it holds statistics of {name!r}, not its values"
+            )
         handle = self._handle(entry["file"])
         try:
             tensor = handle.get_tensor(name)
@@ -222,10 +255,12 @@ class Dump:
 
     def verify(self) -> list[str]:
         """Names whose bytes no longer match their checksum."""
-        return [n for n, e in self.index.items() if "sha256" in e and checksum(self.get(n)) != e["sha256"]]
+        return [n for n, e in self.index.items()
+                if "sha256" in e and e.get("file") and checksum(self.get(n)) != e["sha256"]]
 
     def nbytes(self) -> int:
-        return sum((self.path / f).stat().st_size for f in {e["file"] for e in self.index.values()})
+        files = {e["file"] for e in self.index.values() if e.get("file")}
+        return sum((self.path / f).stat().st_size for f in files) + (self.path / MANIFEST).stat().st_size
 
 
 def read_header(file: str | os.PathLike) -> dict[str, dict]:

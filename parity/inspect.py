@@ -13,6 +13,15 @@ def _shape(shape) -> str:
     return "×".join(map(str, shape)) if shape else "scalar"
 
 
+def _first_value(dump: Dump, name: str) -> float | None:
+    """The first element of a tensor; from its minimum in a statistics-only dump (the biases are constant)."""
+    if name not in dump:
+        return None
+    if dump.stats_only:
+        return dump.stats(name)["min"]
+    return float(dump.get(name).reshape(-1)[0])
+
+
 def render_inspect(dump: Dump, console: Console | None = None) -> None:
     console = console or Console()
     manifest, config, model = dump.manifest, dump.config, dump.model
@@ -61,11 +70,10 @@ def _render_bias_init(dump: Dump, console: Console, model: dict) -> None:
     for column in ("level", "stride", "stored", "pure float32", "pure float64"):
         table.add_column(column, justify="right")
     for level, stride in enumerate(strides):
-        values = [dump.get_optional(names.init_bias("cls_bias", level, v)) for v in ("stored", "float32", "float64")]
+        values = [_first_value(dump, names.init_bias("cls_bias", level, v)) for v in ("stored", "float32", "float64")]
         if values[0] is None:
             continue
-        cells = [f"{float(v[0]):.9g}" if v is not None else "-" for v in values]
-        table.add_row(str(level), f"{stride:g}", *cells)
+        table.add_row(str(level), f"{stride:g}", *(f"{v:.9g}" if v is not None else "-" for v in values))
     console.print(table)
 
 
@@ -81,6 +89,9 @@ def _render_loss(dump: Dump, console: Console) -> None:
         table.add_column(name, justify="right")
     table.add_column("foreground anchors", justify="right")
     branch = (dump.manifest["loss"].get("branches") or [None])[0]
+    if dump.stats_only:
+        console.print("loss: statistics-only dump, loss values not stored")
+        return
     for case in cases:
         items = dump.get_optional(names.loss_output(case["name"], "items"))
         fg = dump.get_optional(names.loss(case["name"], "assign", "fg_mask", branch))

@@ -9,10 +9,11 @@ from parity.capture.reference import CaptureConfig, run_capture
 from parity.dumpfile import DumpWriter
 
 
-def dump_reference(config: CaptureConfig, out: str | Path, *, force: bool = False,
+def dump_reference(config: CaptureConfig, out: str | Path, *, force: bool = False, stats_only: bool = False,
                    progress: Callable[[str], None] = lambda step: None) -> Path:
     """Capture and write atomically; nothing appears at `out` unless the whole dump succeeded."""
-    writer = DumpWriter(out, force=force, kind="reference")  # refuses an existing `out` before any work
+    # Refuses an existing `out` before any work is done.
+    writer = DumpWriter(out, force=force, kind="reference", stats_only=stats_only)
     capture = run_capture(config, progress)
     with writer:
         progress("writing")

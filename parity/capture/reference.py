@@ -55,7 +55,22 @@ class Capture:
         if name in self.tensors:
             raise AssertionError(f"{name} captured twice")
         # The one copy capture makes: to the host, detached from autograd and from later in-place edits.
-        self.tensors[name] = tensor.detach().to("cpu", copy=True)
+        tensor = tensor.detach()
+        if tensor.device.type == "cuda":
+            # Into pinned memory without waiting: the stream orders it, and `finish()` synchronises once.
+            host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+            self.tensors[name] = host.copy_(tensor, non_blocking=True)
+            self._pending_device = tensor.device
+        else:
+            self.tensors[name] = tensor.clone()
+
+    def finish(self) -> "Capture":
+        """Wait once for every host copy still in flight (CUDA); a no-op on CPU."""
+        device = getattr(self, "_pending_device", None)
+        if device is not None:
+            torch.cuda.synchronize(device)
+            self._pending_device = None
+        return self
 
     def names_with_prefix(self, prefix: str) -> list[str]:
         return [name for name in self.tensors if name.startswith(prefix)]
@@ -533,6 +548,7 @@ def run_capture(config: CaptureConfig, progress: Callable[[str], None] = lambda 
                     params_without_grad.append(name)
                 else:
                     capture.put(names.grad_param(name), parameter.grad)
+        capture.finish()
         capture.manifest = describe(model, config, batch, capture, init_info["init"], params_without_grad)
     return capture
 

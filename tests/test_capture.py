@@ -192,3 +192,20 @@ def test_fixture_configs_are_small():
     for name in FIXTURES:
         size = sum(f.stat().st_size for f in (ROOT / "fixtures" / name).iterdir())
         assert size < 12e6, (name, size)
+
+
+@pytest.mark.parametrize("model", ["yolov8n.yaml", "yolo11n.yaml", "yolo12n.yaml", "yolo26n.yaml"])
+def test_every_model_family_dumps_and_inspects(model, tmp_path):
+    from rich.console import Console
+
+    from parity.dumpfile import Dump
+    from parity.inspect import render_inspect
+
+    path = dump_reference(CaptureConfig(model=model, imgsz=64), tmp_path / "dump")
+    dump = Dump(path)
+    console = Console(record=True, width=200)
+    render_inspect(dump, console)
+    text = console.export_text()
+    assert "Detect" in text and "default" in text
+    assert dump.model["parameters"] == sum(layer["parameters"] for layer in dump.layers)
+    assert names.loss_output("no_boxes", "loss") in dump

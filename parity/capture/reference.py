@@ -201,8 +201,8 @@ def _check_imgsz(model: nn.Module, imgsz: int) -> None:
 def bias_formula_float32(nc: int, stride: float) -> torch.Tensor:
     """Every step in float32, as numpy evaluates it (measured: one ULP off ultralytics at nc=3, 12, 17, …).
 
-    numpy's float32 log is not correctly rounded. glibc's `logf` and torch's float32 `log` are closer, so a
-    port using them can land on ultralytics' value even in float32: the comparison reports what it can tell.
+    numpy's float32 log is not correctly rounded. Other float32 arithmetics (glibc `logf`, torch's `log`) land
+    one ULP off at other nc, or not at all: the comparison reports what it can tell apart.
     """
     import numpy as np
 

@@ -1,0 +1,516 @@
+"""Why a candidate loss departs from the reference: findings with stable signatures and one-sentence evidence.
+
+The loss replay (`parity.replay.loss`) collects `LossEvidence` (what each candidate stage returned when fed
+the reference's inputs, what the whole candidate loss returned, gradients, exceptions, broadcasting) and
+`diagnose_loss` turns it into `Finding`s, most specific first and in pipeline order:
+
+    missing-sigmoid              the assigner got raw logits: sigmoid(candidate pd_scores) == reference pd_scores,
+                                 or probabilities below 0 / NaN inside the assigner            (stage assign)
+    double-sigmoid               candidate pd_scores == sigmoid(reference pd_scores)           (stage assign)
+    all-anchors-positive         every anchor of an image with boxes is foreground             (stage assign)
+    no-detach                    assignment outputs carry gradients, or equal loss values with different
+                                 gradients                                                     (stage assign)
+    unclamped-target-scores-sum  the normaliser is target_scores.sum() without clamp(min=1)   (stage normalize)
+    shape-broadcast              tensors whose shapes only combined through broadcasting (an outer product
+                                 of a vector with itself), or a broadcasting error             (the stage)
+    gain-mismatch                a term off by exactly a ratio of gains, or by the batch size  (gains / output)
+    nan-source                   the first stage and tensor where NaN/Inf appears              (that stage)
+
+The same module holds `BroadcastWatch`, the torch-function mode the replay runs candidate code under to see
+element-wise operations whose operands broadcast against each other.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch.overrides import TorchFunctionMode
+
+from parity.report import Finding, Report
+
+STAGE_ORDER = ("anchors", "preprocess", "decode", "assign", "assigner", "normalize", "classify", "box", "gains",
+               "output")
+TERMS = ("box", "cls", "dfl")
+
+# Element-wise binary operations whose operands broadcast (names as torch reports them to a function mode).
+_ELEMENTWISE = {
+    "mul", "add", "sub", "div", "true_divide", "rsub", "pow", "minimum", "maximum", "where", "atan2",
+    "__mul__", "__rmul__", "__add__", "__radd__", "__sub__", "__rsub__", "__truediv__", "__rtruediv__", "__pow__",
+    "__imul__", "__iadd__", "__isub__", "__itruediv__", "mul_", "add_", "sub_", "div_",
+    "eq", "ne", "gt", "lt", "ge", "le", "__eq__", "__ne__", "__gt__", "__lt__", "__ge__", "__le__",
+    "__and__", "__or__", "__iand__", "__ior__", "logical_and", "logical_or",
+    "binary_cross_entropy_with_logits", "l1_loss", "mse_loss", "smooth_l1_loss",
+}
+_BROADCAST_ERROR = re.compile(r"size of tensor a \((\d+)\) must match the size of tensor b \((\d+)\) "
+                              r"at non-singleton dimension (\d+)")
+
+
+# ------------------------------------------------------------------------------------------ broadcasting
+@dataclass
+class BroadcastEvent:
+    op: str
+    shapes: list[list[int]]
+    result: list[int] | None
+    kind: str  # "outer": a vector broadcast against itself into a square; "error": broadcasting failed
+    message: str = ""
+
+    def describe(self) -> str:
+        a, b = (tuple(s) for s in self.shapes[:2])
+        if self.kind == "error":
+            return f"{self.op} of {a} with {b} failed to broadcast"
+        return f"{self.op} of {a} with {b} broadcast to {tuple(self.result or [])}"
+
+
+class BroadcastWatch(TorchFunctionMode):
+    """Records element-wise operations whose two tensor operands broadcast against EACH OTHER along axes of the
+    same size (`(n, 1) * (n,) -> (n, n)`: a per-item vector meeting itself), and those that fail to broadcast.
+
+    Broadcasting different sizes against each other (`(M, 1)` against `(A,)`: all pairs of boxes and anchors)
+    is how pairwise code is written and is not recorded. Values are never changed.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.events: list[BroadcastEvent] = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        name = getattr(func, "__name__", "")
+        operands = [a for a in args if isinstance(a, torch.Tensor)][:2] if name in _ELEMENTWISE else []
+        try:
+            result = func(*args, **kwargs)
+        except RuntimeError as error:
+            if len(operands) == 2 and _BROADCAST_ERROR.search(str(error)):
+                self.events.append(BroadcastEvent(name, [list(o.shape) for o in operands], None, "error", str(error)))
+            raise
+        if len(operands) == 2 and isinstance(result, torch.Tensor) and _self_outer(*operands):
+            self.events.append(BroadcastEvent(name, [list(o.shape) for o in operands], list(result.shape), "outer"))
+        return result
+
+
+def _self_outer(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """True when a and b each stretch over an axis where the other holds the same size n > 1."""
+    rank = max(a.dim(), b.dim())
+    sa = [1] * (rank - a.dim()) + list(a.shape)
+    sb = [1] * (rank - b.dim()) + list(b.shape)
+    stretched_a = {sb[i] for i in range(rank) if sa[i] == 1 and sb[i] > 1}
+    stretched_b = {sa[i] for i in range(rank) if sb[i] == 1 and sa[i] > 1}
+    return bool(stretched_a & stretched_b)
+
+
+# --------------------------------------------------------------------------------------------- evidence
+@dataclass
+class StageEvidence:
+    """One candidate stage fed the reference's inputs (or the whole candidate run, stage "end-to-end")."""
+
+    case: str
+    branch: str | None
+    stage: str
+    reference: dict[str, torch.Tensor] = field(default_factory=dict)
+    outputs: dict[str, torch.Tensor] = field(default_factory=dict)
+    inputs: dict[str, Any] = field(default_factory=dict)
+    failed: list[str] = field(default_factory=list)
+    error: str | None = None
+    broadcasts: list[BroadcastEvent] = field(default_factory=list)
+    carries_grad: list[str] = field(default_factory=list)  # outputs that should be constants but carry grad
+
+    @property
+    def label(self) -> str:
+        return f"{self.branch} {self.stage}" if self.branch else self.stage
+
+
+@dataclass
+class CaseEvidence:
+    case: str
+    batch_size: int
+    stages: list[StageEvidence] = field(default_factory=list)  # conditioned stage replays
+    run: dict[str | None, StageEvidence] = field(default_factory=dict)  # end-to-end intermediates per branch
+    run_error: str | None = None
+    run_broadcasts: list[BroadcastEvent] = field(default_factory=list)
+    ref_loss: torch.Tensor | None = None
+    cand_loss: torch.Tensor | None = None  # in the reference's convention (x B for a declared per-image mean)
+    values_passed: bool | None = None  # every end-to-end loss value within tolerance
+    grads_passed: bool | None = None  # every end-to-end gradient within tolerance
+    conditioned_grads_passed: bool | None = None
+    grad_failures: list[str] = field(default_factory=list)
+    positive_logits_finite: bool | None = None  # probe: the candidate's non-finite loss turns finite on |logits|
+
+
+@dataclass
+class LossEvidence:
+    cases: list[CaseEvidence] = field(default_factory=list)
+    gains: tuple[float, float, float] = (7.5, 0.5, 1.5)
+    batch_scaled: bool = True
+    tolerance: Any = None  # the loss Tolerance: closeness for "equals" in the checks below
+
+
+# -------------------------------------------------------------------------------------------- diagnosis
+def diagnose_loss(evidence: LossEvidence, report: Report) -> list[Finding]:
+    """Add every loss finding to `report`, most specific first within a stage, stages in pipeline order."""
+    found: list[tuple[int, int, Finding]] = []
+    for rank, check in enumerate(_CHECKS):
+        for finding in check(evidence):
+            found.append((_stage_rank(finding.where), rank, finding))
+    found.sort(key=lambda item: (item[0], item[1]))
+    out = []
+    for _, _, finding in found:
+        out.append(report.find(finding))
+    return out
+
+
+def _stage_rank(where: str) -> int:
+    for index, stage in enumerate(STAGE_ORDER):
+        if re.search(rf"\b{stage}\b", where):
+            return index
+    return len(STAGE_ORDER)
+
+
+def _where(stage: str, branch: str | None = None) -> str:
+    return f"loss stage {stage}" + (f" ({branch} branch)" if branch else "")
+
+
+def _close(a: torch.Tensor, b: torch.Tensor, tol) -> bool:
+    if a.shape != b.shape:
+        return False
+    atol, rtol = (tol.atol, tol.rtol) if tol is not None else (0.0, 0.0)
+    a, b = a.detach().double(), b.detach().double()
+    finite = torch.isfinite(a) & torch.isfinite(b)
+    if not bool((torch.isfinite(a) == torch.isfinite(b)).all()):
+        return False
+    return bool(((a - b).abs()[finite] <= atol + rtol * b.abs()[finite]).all())
+
+
+def _assign_views(evidence: LossEvidence):
+    """Every place the candidate's assignment was seen: conditioned stage replays first, then whole runs."""
+    for case in evidence.cases:
+        for stage in case.stages:
+            if stage.stage == "assign":
+                yield case, stage
+        for stage in case.run.values():
+            if stage.outputs:
+                yield case, stage
+
+
+def _once(findings: list[Finding]) -> list[Finding]:
+    seen, out = set(), []
+    for f in findings:
+        if (f.signature, f.where) not in seen:
+            seen.add((f.signature, f.where))
+            out.append(f)
+    return out
+
+
+# --- assigner inputs ---------------------------------------------------------------------------------
+def check_sigmoid(evidence: LossEvidence) -> list[Finding]:
+    out = []
+    for case, stage in _assign_views(evidence):
+        prefix = "assign." if stage.stage == "end-to-end" else ""
+        cand = stage.outputs.get(prefix + "pd_scores")
+        ref = stage.reference.get(prefix + "pd_scores")
+        where = _where("assign", stage.branch)
+        if cand is not None and ref is not None and cand.shape == ref.shape:
+            cand, ref = cand.detach().float(), ref.detach().float()
+            if not _close(cand, ref, evidence.tolerance):
+                if _close(cand.sigmoid(), ref, evidence.tolerance):
+                    out.append(Finding("missing-sigmoid", where, (
+                        f"the assigner receives raw class logits: sigmoid(candidate pd_scores) equals the reference's "
+                        f"pd_scores, and the candidate's range is [{float(cand.min()):.3g}, {float(cand.max()):.3g}], "
+                        f"so score ** alpha (0.5) of a negative logit is NaN (case {case.case}); apply .sigmoid() to the "
+                        f"detached scores before assigning"), evidence={"case": case.case, "min_pd_score": float(cand.min())}))
+                elif _close(cand, ref.sigmoid(), evidence.tolerance):
+                    out.append(Finding("double-sigmoid", where, (
+                        f"candidate pd_scores equal sigmoid(reference pd_scores): the class probabilities go through "
+                        f"a second sigmoid and all lie in [{float(cand.min()):.6g}, {float(cand.max()):.6g}] "
+                        f"(case {case.case})"), evidence={"case": case.case}))
+                elif float(cand.min()) < 0 or float(cand.max()) > 1:
+                    out.append(Finding("missing-sigmoid", where, (
+                        f"candidate pd_scores range over [{float(cand.min()):.3g}, {float(cand.max()):.3g}], outside "
+                        f"[0, 1]: the assigner is not given probabilities (case {case.case})"),
+                        evidence={"case": case.case}))
+            continue
+        # pd_scores not exposed: a NaN alignment metric over finite boxes can only come from a fractional power
+        # of a negative score.
+        metric = stage.outputs.get(prefix + "align_metric")
+        ref_metric = stage.reference.get(prefix + "align_metric")
+        if metric is not None and ref_metric is not None and metric.shape == ref_metric.shape:
+            nan = int(torch.isnan(metric.detach()).sum())
+            if nan and not bool(torch.isnan(ref_metric).any()):
+                out.append(Finding("missing-sigmoid", where, (
+                    f"{nan} alignment metrics are NaN where the reference has none (case {case.case}): "
+                    f"score ** alpha of a negative score, i.e. the assigner got logits instead of probabilities"),
+                    evidence={"case": case.case, "nan_align_metric": nan}))
+    if not out:  # black box: the probe with non-negative logits
+        for case in evidence.cases:
+            if case.positive_logits_finite:
+                out.append(Finding("missing-sigmoid", _where("assign") + " (inferred)", (
+                    f"the candidate's loss is {case.cand_loss.tolist() if case.cand_loss is not None else 'NaN'} on the "
+                    f"reference logits (all negative at initialisation) and finite once the same logits are made "
+                    f"non-negative (case {case.case}): a fractional power of raw logits, as when the assigner gets "
+                    f"logits instead of sigmoid probabilities"), evidence={"case": case.case, "probe": "abs(scores)"}))
+                break
+    return _once(out)
+
+
+def check_all_positive(evidence: LossEvidence) -> list[Finding]:
+    out = []
+    for case, stage in _assign_views(evidence):
+        prefix = "assign." if stage.stage == "end-to-end" else ""
+        fg, ref_fg = stage.outputs.get(prefix + "fg_mask"), stage.reference.get(prefix + "fg_mask")
+        if fg is None or ref_fg is None or fg.shape != ref_fg.shape or fg.dim() != 2:
+            continue
+        fg, ref_fg = fg.bool(), ref_fg.bool()
+        anchors = fg.shape[1]
+        for image in range(fg.shape[0]):
+            count, ref_count = int(fg[image].sum()), int(ref_fg[image].sum())
+            if count == anchors and ref_count < anchors:
+                out.append(Finding("all-anchors-positive", _where("assign", stage.branch), (
+                    f"every anchor is foreground: image {image} has {count} of {anchors} anchors positive where the "
+                    f"reference has {ref_count} (case {case.case}); top-k and the in-box test select the positives"),
+                    evidence={"case": case.case, "image": image, "positives": count, "reference": ref_count}))
+                break
+    return _once(out)
+
+
+def check_detach(evidence: LossEvidence) -> list[Finding]:
+    out = []
+    for case in evidence.cases:
+        for stage in case.stages + list(case.run.values()):
+            if stage.carries_grad:
+                out.append(Finding("no-detach", _where("assign", stage.branch), (
+                    f"the assignment carries gradients ({', '.join(stage.carries_grad[:3])} have a grad_fn, case "
+                    f"{case.case}): its inputs are not detached, so the targets move with the predictions"),
+                    evidence={"case": case.case, "tensors": stage.carries_grad}))
+                break
+    if not out:
+        for case in evidence.cases:
+            if case.values_passed and case.grads_passed is False:
+                out.append(Finding("no-detach", _where("assign") + " (inferred)", (
+                    f"equal loss values but different gradients (case {case.case}: {', '.join(case.grad_failures[:3])})"
+                    + ("; the gradients match when the reference assignment is fed in, so they flow through the "
+                       "assignment: its inputs are not detached" if case.conditioned_grads_passed else
+                       ": gradients flow where the reference has none, as when the assigner inputs are not detached")),
+                    evidence={"case": case.case, "gradients": case.grad_failures}))
+                break
+    return _once(out)
+
+
+# --- normaliser -----------------------------------------------------------------------------------------
+def check_normaliser(evidence: LossEvidence) -> list[Finding]:
+    out = []
+    for case in evidence.cases:
+        views = [(s, "") for s in case.stages if s.stage == "normalize"]
+        views += [(s, "normalize.") for s in case.run.values() if s.outputs]
+        for stage, prefix in views:
+            cand = stage.outputs.get(prefix + "target_scores_sum")
+            ref = stage.reference.get(prefix + "target_scores_sum")
+            scores = stage.inputs.get("target_scores")
+            if scores is None:
+                scores = stage.reference.get("assign.target_scores") if prefix else None
+            if cand is None or ref is None or scores is None:
+                continue
+            raw = scores.detach().sum()
+            if float(raw) < 1 and float(ref) == 1.0 and _close(cand.detach().reshape(()), raw.reshape(()), evidence.tolerance):
+                out.append(Finding("unclamped-target-scores-sum", _where("normalize", stage.branch), (
+                    f"the normaliser is target_scores.sum() = {float(raw):.4g} where the reference clamps it to 1 "
+                    f"(case {case.case})" + ("; with no boxes it is 0 and every term divides by zero"
+                                             if float(raw) == 0 else "")),
+                    evidence={"case": case.case, "candidate": float(cand), "reference": float(ref)}))
+                break
+    if not out:  # black box: a term that blows up only when there is nothing to normalise by
+        for case in evidence.cases:
+            if case.cand_loss is None or case.ref_loss is None:
+                continue
+            total = case.ref_loss.detach()
+            if not bool(torch.isfinite(case.cand_loss.detach()).all()) and bool(torch.isfinite(total).all()) \
+                    and case.case in ("no_boxes",):
+                out.append(Finding("unclamped-target-scores-sum", _where("normalize") + " (inferred)", (
+                    f"with no boxes the candidate's loss is {case.cand_loss.detach().tolist()} while the reference's "
+                    f"is finite: a normaliser of 0, as target_scores.sum() without clamp(min=1) gives"),
+                    evidence={"case": case.case}))
+    return _once(out)
+
+
+# --- shapes ---------------------------------------------------------------------------------------------
+def check_broadcast(evidence: LossEvidence) -> list[Finding]:
+    out = []
+    for case in evidence.cases:
+        for stage in case.stages:
+            events = [e for e in stage.broadcasts if e.kind == "error" or stage.failed]
+            if stage.error and _BROADCAST_ERROR.search(stage.error) and not events:
+                events = [BroadcastEvent("?", [], None, "error", stage.error)]
+            if events:
+                out.append(_broadcast_finding(events[0], _where(stage.stage, stage.branch), case.case))
+            for name, tensor in stage.outputs.items():
+                ref = stage.reference.get(name)
+                if ref is not None and isinstance(tensor, torch.Tensor) and tensor.shape != ref.shape \
+                        and _broadcasts_to(ref.shape, tensor.shape):
+                    out.append(Finding("shape-broadcast", _where(stage.stage, stage.branch), (
+                        f"{stage.stage}.{name} is {tuple(tensor.shape)} where the reference is {tuple(ref.shape)}: "
+                        f"operands combined only through broadcasting (case {case.case})"),
+                        evidence={"case": case.case, "tensor": name}))
+        events = case.run_broadcasts
+        if events and not any(f.signature == "shape-broadcast" for f in out):
+            if case.run_error or case.values_passed is False:
+                out.append(_broadcast_finding(events[0], "loss (whole candidate run)", case.case))
+    return _once(out)
+
+
+def _broadcast_finding(event: BroadcastEvent, where: str, case: str) -> Finding:
+    if event.kind == "error":
+        match = _BROADCAST_ERROR.search(event.message)
+        shapes = f"{tuple(event.shapes[0])} and {tuple(event.shapes[1])}" if len(event.shapes) == 2 else "two tensors"
+        detail = (f"size {match.group(1)} met size {match.group(2)} at dimension {match.group(3)}" if match else
+                  event.message)
+        message = (f"{event.op} of {shapes} cannot broadcast ({detail}, case {case}): a per-anchor weight needs "
+                   f"unsqueeze(-1) to scale every class of its anchor")
+    else:
+        message = (f"{event.describe()} (case {case}): a per-item vector multiplied with itself as an outer "
+                   f"product, as when a (n,) weight meets a (n, 1) tensor; keep the dimension (keepdim=True)")
+    return Finding("shape-broadcast", where, message,
+                   evidence={"case": case, "op": event.op, "shapes": event.shapes, "result": event.result})
+
+
+def _broadcasts_to(small, large) -> bool:
+    try:
+        return list(torch.broadcast_shapes(tuple(small), tuple(large))) == list(large) and list(small) != list(large)
+    except RuntimeError:
+        return False
+
+
+# --- gains and batch size -------------------------------------------------------------------------------
+def check_gains(evidence: LossEvidence) -> list[Finding]:
+    out = []
+    gains = evidence.gains
+    for case in evidence.cases:
+        for stage in case.stages:
+            if stage.stage != "gains" or "after" not in stage.outputs or "after" not in stage.reference:
+                continue
+            finding = _ratio_finding(stage.outputs["after"], stage.reference["after"], gains, None, case.case,
+                                     _where("gains", stage.branch))
+            if finding:
+                out.append(finding)
+        for stage in case.stages:
+            if stage.stage == "output" and "loss" in stage.outputs and "loss" in stage.reference:
+                finding = _ratio_finding(stage.outputs["loss"], stage.reference["loss"], None, case.batch_size,
+                                         case.case, _where("output", stage.branch))
+                if finding:
+                    out.append(finding)
+        if not out and case.cand_loss is not None and case.ref_loss is not None:
+            finding = _ratio_finding(case.cand_loss, case.ref_loss, gains, case.batch_size, case.case,
+                                     "loss stage gains/output (end-to-end)")
+            if finding:
+                out.append(finding)
+        if out:
+            break
+    return _once(out)
+
+
+def _ratio_finding(cand: torch.Tensor, ref: torch.Tensor, gains, batch_size, case: str, where: str
+                   ) -> Finding | None:
+    """A gain problem: every differing term is off by an exact factor that a gain or the batch size explains."""
+    cand, ref = cand.detach().double().reshape(-1), ref.detach().double().reshape(-1)
+    if cand.shape != ref.shape or cand.numel() != 3:
+        return None
+    ratios = {}
+    for t, term in enumerate(TERMS):
+        r, c = float(ref[t]), float(cand[t])
+        if r == 0 or not math.isfinite(r) or not math.isfinite(c) or abs(c - r) <= 1e-6 * abs(r):
+            continue
+        ratios[term] = c / r
+    if not ratios:
+        return None
+    evidence = {"case": case, "candidate": cand.tolist(), "reference": ref.tolist(), "ratios": ratios}
+    if batch_size and batch_size > 1 and len(ratios) == 3:  # every term by the same factor: the batch size
+        if all(_near(v, 1 / batch_size) for v in ratios.values()):
+            return Finding("gain-mismatch", where, (
+                f"every term is 1/{batch_size} of the reference: the loss vector is not multiplied by the batch "
+                f"size B = {batch_size} (ultralytics returns loss * B; declare batch_scaled=False if that is your "
+                f"convention) (case {case})"), evidence=evidence)
+        if all(_near(v, batch_size) for v in ratios.values()):
+            return Finding("gain-mismatch", where, (
+                f"every term is {batch_size}x the reference: multiplied by the batch size twice (case {case})"),
+                evidence=evidence)
+    explained = []
+    for term, ratio in ratios.items():
+        t = TERMS.index(term)
+        found = None
+        if gains is not None:
+            for k, other in enumerate(TERMS):
+                if k != t and _near(ratio, gains[k] / gains[t]):
+                    found = (f"the {term} term is off by exactly {gains[k]:g}/{gains[t]:g}: it is multiplied by the "
+                             f"{other} gain ({gains[k]:g}) instead of the {term} gain ({gains[t]:g})")
+                    break
+            if found is None and gains[t] not in (0, 1):
+                if _near(ratio, 1 / gains[t]):
+                    found = f"the {term} term is 1/{gains[t]:g} of the reference: its gain ({gains[t]:g}) is not applied"
+                elif _near(ratio, gains[t]):
+                    found = f"the {term} term is {gains[t]:g}x the reference: its gain ({gains[t]:g}) is applied twice"
+        if found is None and batch_size and batch_size > 1:
+            if _near(ratio, 1 / batch_size):
+                found = f"the {term} term is 1/{batch_size} of the reference: not multiplied by the batch size"
+            elif _near(ratio, batch_size):
+                found = f"the {term} term is {batch_size}x the reference: multiplied by the batch size twice"
+        if found is None:
+            return None  # an unexplained ratio on any term: not a gain problem
+        explained.append(found)
+    return Finding("gain-mismatch", where, "; ".join(explained) + f" (case {case})", evidence=evidence)
+
+
+def _near(value: float, target: float) -> bool:
+    return abs(value - target) <= 1e-5 * abs(target)
+
+
+# --- NaN / Inf ------------------------------------------------------------------------------------------
+def check_nan_source(evidence: LossEvidence) -> list[Finding]:
+    for case in evidence.cases:
+        ordered = sorted(case.stages, key=lambda s: STAGE_ORDER.index(s.stage) if s.stage in STAGE_ORDER else 99)
+        for stage in ordered:
+            hit = _first_nonfinite(stage.outputs, stage.reference)
+            if hit:
+                return [_nan_finding(case.case, stage.stage, stage.branch, *hit)]
+        for branch, stage in case.run.items():
+            names = sorted(stage.outputs, key=lambda n: STAGE_ORDER.index(n.split(".")[0])
+                           if n.split(".")[0] in STAGE_ORDER else 99)
+            hit = _first_nonfinite({n: stage.outputs[n] for n in names}, stage.reference)
+            if hit:
+                name = hit[0]
+                return [_nan_finding(case.case, name.split(".")[0], branch, name.split(".", 1)[1], *hit[1:])]
+    for case in evidence.cases:
+        if case.cand_loss is not None and not bool(torch.isfinite(case.cand_loss.detach()).all()) \
+                and (case.ref_loss is None or bool(torch.isfinite(case.ref_loss).all())):
+            return [Finding("nan-source", "loss output", (
+                f"the candidate loss is {case.cand_loss.detach().tolist()} (case {case.case}) and exposes no "
+                f"intermediate that locates the first NaN/Inf; expose stages (docs/loss-adapter.md) to find it"),
+                evidence={"case": case.case})]
+    return []
+
+
+def _first_nonfinite(outputs: dict, reference: dict):
+    for name, tensor in outputs.items():
+        if not isinstance(tensor, torch.Tensor) or not tensor.is_floating_point():
+            continue
+        bad = ~torch.isfinite(tensor.detach())
+        count = int(bad.sum())
+        if not count:
+            continue
+        ref = reference.get(name)
+        if ref is not None and ref.shape == tensor.shape and bool((~torch.isfinite(ref) == bad).all()):
+            continue  # the reference has the same non-finite values
+        nan = int(torch.isnan(tensor.detach()).sum())
+        return name, count, nan, tensor.numel()
+    return None
+
+
+def _nan_finding(case: str, stage: str, branch: str | None, name: str, count: int, nan: int, numel: int) -> Finding:
+    kind = "NaN" if nan == count else ("Inf" if nan == 0 else "NaN/Inf")
+    return Finding("nan-source", _where(stage, branch), (
+        f"{kind} first appears at stage {stage} in {name} ({count} of {numel} elements, case {case}) where the "
+        f"reference is finite"), evidence={"case": case, "stage": stage, "tensor": name, "count": count})
+
+
+_CHECKS = (check_sigmoid, check_all_positive, check_detach, check_normaliser, check_broadcast, check_gains,
+           check_nan_source)

@@ -1,0 +1,740 @@
+"""Load the thing being compared with the reference: a candidate.
+
+A candidate is one of
+
+* `builtin`: the clean-room detector in `parity.reimpl` (optionally with an injected bug, `inject=`);
+* `package.module:factory`: a callable returning an `nn.Module` (a class works too). Its parameters are mapped
+  onto ultralytics' names by `parity.mapping`; a `layer_map` ({candidate_prefix: layer_index}) and a `key_map`
+  ({regex: replacement}) may be given as attributes of the module, as module-level names beside the factory
+  (`layer_map`/`LAYER_MAP`, `key_map`/`KEY_MAP`), or in a YAML/JSON file passed as `map_file` (`--map`):
+
+      layer_map: {"backbone.stem.": 0, "backbone.stage1.": 1, ...}
+      key_map: {"^backbone\\.stem\\.": "model.0.", ...}
+
+  (a file holding neither key is taken as a key_map). Without a layer map only the model's output is compared;
+* a module built from ultralytics' own classes (layers carrying ultralytics' `.f`/`.i` attributes, e.g. a
+  `DetectionModel` or its `.model` Sequential): needs no map at all;
+* a candidate DUMP: a directory holding `manifest.json` (docs/dump-format.md) written by a port in any language.
+  Its activations are read from the dump instead of running anything; it is compared on what it has, and the
+  report's `coverage` lists what it left out.
+
+Live candidates get the reference's weights through the key mapping (`prepare`), run in train mode (the
+reference was captured in train mode: BatchNorm uses batch statistics), and are rebuilt fresh, without
+loading any weights, to read their own Detect bias initialisation.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import json
+import math
+import re
+import sys
+from collections.abc import Mapping
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from parity import names
+from parity.dumpfile import MANIFEST, Dump
+from parity.errors import ParityError
+from parity.report import Finding
+
+# ultralytics' initialize_weights() sets these on every BatchNorm2d; the reference dump was built with them.
+REFERENCE_BN_EPS = 1e-3
+REFERENCE_BN_MOMENTUM = 0.03
+
+
+# ------------------------------------------------------------------------------------------- outputs
+def flatten_output(index: int, value: Any, *, reg_max: int | None = None, nc: int | None = None,
+                   is_head: bool = False) -> dict[str, torch.Tensor]:
+    """A layer's output under its dump names (`act.{i}`, `act.{i}.{k}`, `act.{i}.boxes`/`.scores`)."""
+    if is_head and isinstance(value, (list, tuple)) and value and all(isinstance(v, torch.Tensor) for v in value) \
+            and reg_max and nc and all(v.dim() == 4 and v.shape[1] == 4 * reg_max + nc for v in value):
+        # ultralytics up to 8.3: one (B, 4*reg_max + nc, H, W) map per level
+        b = value[0].shape[0]
+        cat = torch.cat([v.reshape(b, 4 * reg_max + nc, -1) for v in value], -1)
+        value = {"boxes": cat[:, : 4 * reg_max], "scores": cat[:, 4 * reg_max:]}
+    return _flatten(names.act(index), value)
+
+
+def _flatten(prefix: str, value: Any) -> dict[str, torch.Tensor]:
+    if isinstance(value, torch.Tensor):
+        return {prefix: value}
+    out: dict[str, torch.Tensor] = {}
+    if isinstance(value, Mapping):
+        for key, item in value.items():
+            if key == "feats":
+                continue
+            out.update(_flatten(f"{prefix}.{key}", item))
+    elif isinstance(value, (list, tuple)):
+        for k, item in enumerate(value):
+            out.update(_flatten(f"{prefix}.{k}", item))
+    return out
+
+
+@contextmanager
+def capture_outputs(modules: Mapping[str, nn.Module], sink: dict[str, torch.Tensor]):
+    """Forward hooks writing each module's output into `sink` under the given prefix; a module called more than
+    once gets `#1`, `#2`, … on its later outputs (as the reference capture names them)."""
+    handles = []
+
+    def recorder(prefix: str):
+        calls = [0]
+
+        def hook(_module, _inputs, output):
+            name = prefix if calls[0] == 0 else f"{prefix}#{calls[0]}"
+            calls[0] += 1
+            for key, tensor in _flatten(name, output).items():
+                sink[key] = tensor.detach()
+
+        return hook
+
+    for prefix, module in modules.items():
+        handles.append(module.register_forward_hook(recorder(prefix)))
+    try:
+        yield sink
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+class LazyTensors(Mapping):
+    """A read-only mapping over a dump's tensors that reads each tensor only when asked (no whole-dump copies)."""
+
+    def __init__(self, dump: Dump, prefix: str = ""):
+        self.dump = dump
+        self.keys_ = dump.names(prefix)
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        if key not in self.dump:
+            raise KeyError(key)
+        return self.dump.get(key)
+
+    def __contains__(self, key: object) -> bool:
+        return isinstance(key, str) and key in self.dump
+
+    def __iter__(self):
+        return iter(self.keys_)
+
+    def __len__(self) -> int:
+        return len(self.keys_)
+
+
+# ----------------------------------------------------------------------------------------- candidates
+class Candidate:
+    """What the layer replay needs from a candidate. Live candidates run; dump candidates only answer `get`."""
+
+    kind = "abstract"
+    live = False
+    label = "candidate"
+
+    def prepare(self, reference: Dump) -> list[Finding]:
+        return []
+
+    def describe(self) -> dict:
+        return {"kind": self.kind, "label": self.label}
+
+    # -- structure
+    def layer_count(self) -> int | None:
+        return None
+
+    def layer_type(self, index: int) -> str | None:
+        return None
+
+    def param_counts(self) -> dict[int, int] | None:
+        return None
+
+    def fresh_head_biases(self, reference: Dump) -> dict[int, dict[str, torch.Tensor]] | None:
+        """{level: {"cls": bias, "box": bias}} as the candidate initialises them, before any weight loading."""
+        return None
+
+    def batchnorms(self) -> list[dict]:
+        """[{layer, path, eps, momentum}] for every BatchNorm the candidate has (live torch modules only)."""
+        return []
+
+    def weight_tensors(self) -> Mapping[str, torch.Tensor] | None:
+        """The candidate's weights under reference names (after `prepare`), for a dump candidate as written."""
+        return None
+
+    # -- numbers
+    def has_layer(self, index: int) -> bool:
+        return False
+
+    def run_layer(self, index: int, inputs: list[torch.Tensor], *, is_head: bool = False) -> dict[str, torch.Tensor]:
+        """Layer `index` alone on `inputs`; its outputs under dump names."""
+        raise NotImplementedError
+
+    def run_chained(self, img: torch.Tensor, on_layer: Callable[[int], None] | None = None, *,
+                    head_index: int | None = None) -> dict[str, torch.Tensor]:
+        """Every available `act.*` tensor of one end-to-end train-mode forward on `img`."""
+        raise NotImplementedError
+
+    def layer_stages(self, index: int, inputs: list[torch.Tensor], *, is_head: bool = False,
+                     reference_paths: list[str] | None = None) -> dict[str, torch.Tensor]:
+        """Sub-block outputs of layer `index` on `inputs`, under `act.{index}.{path}` names."""
+        return {}
+
+    def get(self, name: str) -> torch.Tensor | None:
+        return None
+
+
+# ------------------------------------------------------------------------------------------ mappings
+def read_map_file(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.exists():
+        raise ParityError(f"--map {path}: no such file")
+    text = path.read_text()
+    try:
+        if path.suffix.lower() in (".yaml", ".yml"):
+            import yaml
+
+            data = yaml.safe_load(text)
+        else:
+            data = json.loads(text)
+    except Exception as error:  # noqa: BLE001 - yaml and json raise different types
+        raise ParityError(f"--map {path}: cannot parse it ({error})") from None
+    if not isinstance(data, dict):
+        raise ParityError(f"--map {path}: expected a mapping with key_map and/or layer_map")
+    if "key_map" in data or "layer_map" in data:
+        return {"key_map": data.get("key_map"), "layer_map": data.get("layer_map")}
+    return {"key_map": data, "layer_map": None}
+
+
+def normalize_layer_map(layer_map: Mapping | None) -> dict[str, int] | None:
+    """Accept {prefix: index} or {index: prefix}; return {prefix_with_trailing_dot: index}."""
+    if not layer_map:
+        return None
+    out = {}
+    for key, value in layer_map.items():
+        if isinstance(value, str) and (isinstance(key, int) or str(key).lstrip("-").isdigit()):
+            key, value = value, int(key)
+        if not isinstance(value, int) and not str(value).isdigit():
+            raise ParityError(f"layer_map entry {key!r}: {value!r} is not a layer index")
+        prefix = str(key)
+        if prefix and not prefix.endswith("."):
+            prefix += "."
+        out[prefix] = int(value)
+    return out
+
+
+def _ultralytics_layers(module: nn.Module) -> tuple[str, list[nn.Module]] | None:
+    """A module made of ultralytics layers: (key prefix of layer 0, layers) — `DetectionModel` gives ("model.", …)."""
+    for prefix, seq in (("model.", getattr(module, "model", None)), ("", module)):
+        if isinstance(seq, (nn.Sequential, nn.ModuleList)) and len(seq) and all(
+            hasattr(layer, "f") and hasattr(layer, "i") for layer in seq
+        ):
+            return prefix, list(seq)
+    return None
+
+
+class ModuleCandidate(Candidate):
+    """A live torch module: the built-in detector, a user's port, or a model built from ultralytics classes."""
+
+    kind = "module"
+    live = True
+
+    def __init__(self, module: nn.Module, *, label: str, rebuild: Callable[[], nn.Module] | None = None,
+                 key_map=None, layer_map: Mapping | None = None, kind: str | None = None,
+                 device: str | torch.device = "cpu"):
+        self.module = module
+        self.label = label
+        self.rebuild = rebuild
+        self.key_map = key_map
+        self.device = torch.device(device)
+        if kind:
+            self.kind = kind
+        self.mapping = None
+        self.mapping_findings: list[Finding] = []
+        self.reg_max: int | None = getattr(module, "reg_max", None)
+        self.nc: int | None = getattr(module, "nc", None)
+        self.layers: dict[int, nn.Module] = {}
+        self.layer_paths: dict[int, str] = {}
+        ultra = _ultralytics_layers(module)
+        self.ultralytics_classes = ultra is not None
+        if ultra is not None:
+            prefix, seq = ultra
+            self.layers = dict(enumerate(seq))
+            self.layer_paths = {i: f"{prefix}{i}" for i in self.layers}
+            self.layer_map = {f"{prefix}{i}.": i for i in self.layers}
+            if prefix == "" and key_map is None:
+                self.key_map = {r"^(\d+)\.": r"model.\1."}
+            self.kind = kind or "ultralytics-classes"
+        else:
+            self.layer_map = normalize_layer_map(layer_map if layer_map is not None else getattr(module, "layer_map", None))
+            if self.layer_map:
+                for prefix, index in self.layer_map.items():
+                    path = prefix.rstrip(".")
+                    try:
+                        self.layers[index] = module.get_submodule(path) if path else module
+                    except AttributeError:
+                        raise ParityError(f"layer_map names {prefix!r} for layer {index}, but the candidate has no "
+                                          f"sub-module {path!r}") from None
+                    self.layer_paths[index] = path
+        self.module.to(self.device)
+        self.module.train()
+
+    def describe(self) -> dict:
+        info = {"kind": self.kind, "label": self.label, "class": type(self.module).__name__,
+                "layers_known": len(self.layers), "parameters": sum(p.numel() for p in self.module.parameters())}
+        if self.mapping is not None:
+            info["mapping"] = self.mapping.counts()
+            info["mapping_missing"] = list(self.mapping.missing)
+            info["mapping_unexpected"] = list(self.mapping.unexpected)
+            info["mapping_notes"] = list(self.mapping.notes)
+        return info
+
+    # -- weights
+    def prepare(self, reference: Dump) -> list[Finding]:
+        from parity.mapping import MappingError, build_mapping, reference_shapes_from_manifest
+
+        findings: list[Finding] = []
+        ref_shapes = reference_shapes_from_manifest(reference.manifest)
+        if not ref_shapes:
+            raise ParityError(f"{reference.path}: the reference dump has no model.* weights to load into the candidate")
+        model = reference.model
+        self.nc = self.nc or model.get("nc")
+        self.reg_max = self.reg_max or model.get("reg_max")
+        try:
+            self.mapping = build_mapping(ref_shapes, self.module.state_dict(), key_map=self.key_map,
+                                         layer_map=self.layer_map, strict=False)
+        except MappingError as error:
+            raise ParityError(f"cannot map the candidate's parameters onto the reference's: {error}") from None
+        for key in self.mapping.missing_required:
+            layer = names.layer_of(key)
+            findings.append(Finding(
+                "weight-unmapped", f"layer {layer}" if layer is not None else "model",
+                f"reference tensor {key} {list(self.mapping.ref_shapes[key])} has no counterpart in the candidate: "
+                f"it keeps its own initial value",
+                evidence={"reference_key": key, "shape": list(self.mapping.ref_shapes[key])}))
+        for key in self.mapping.unexpected:
+            if not self.mapping.cand_shapes.get(key):
+                continue
+            layer = self.mapping.layer_of_candidate(key)
+            findings.append(Finding(
+                "weight-unmapped", f"layer {layer}" if layer is not None else "model",
+                f"candidate tensor {key} {list(self.mapping.cand_shapes[key])} matches no reference tensor: it keeps "
+                f"its own initial value", evidence={"candidate_key": key, "shape": list(self.mapping.cand_shapes[key])}))
+        try:
+            self.mapping.load_reference_into(self.module, LazyTensors(reference, "model."))
+        except MappingError as error:
+            raise ParityError(f"cannot load the reference weights into the candidate: {error}") from None
+        self.module.to(self.device).train()
+        self.mapping_findings = findings
+        return findings
+
+    def weight_tensors(self) -> Mapping[str, torch.Tensor] | None:
+        if self.mapping is None:
+            return None
+        state = self.module.state_dict()
+        return self.mapping.candidate_to_reference(state)
+
+    # -- structure
+    def layer_count(self) -> int | None:
+        return len(self.layers) or None
+
+    def layer_type(self, index: int) -> str | None:
+        types = getattr(self.module, "layer_types", None)
+        if callable(types):
+            try:
+                return types()[index]
+            except (IndexError, TypeError):
+                return None
+        layer = self.layers.get(index)
+        return getattr(layer, "type", None) and str(layer.type).split(".")[-1] or (type(layer).__name__ if layer else None)
+
+    def param_counts(self) -> dict[int, int] | None:
+        if self.layers:
+            counts = {i: sum(p.numel() for p in layer.parameters()) for i, layer in self.layers.items()}
+            return dict(sorted(counts.items()))
+        if self.mapping is not None:
+            from parity.mapping import param_counts_by_layer
+
+            return param_counts_by_layer(self.mapping.cand_shapes, self.mapping.layer_of_candidate)
+        return None
+
+    def batchnorms(self) -> list[dict]:
+        out = []
+        owner = {}
+        for index, path in self.layer_paths.items():
+            owner[path] = index
+        cand_to_ref = self.mapping.cand_to_ref if self.mapping is not None else {}
+        for path, module in self.module.named_modules():
+            if not isinstance(module, nn.modules.batchnorm._BatchNorm):
+                continue
+            layer = None
+            ref_key = cand_to_ref.get(f"{path}.weight")
+            if ref_key is not None:
+                layer = names.layer_of(ref_key)
+            if layer is None:
+                for prefix, index in sorted(owner.items(), key=lambda kv: -len(kv[0])):
+                    if path == prefix or path.startswith(prefix + ".") or prefix == "":
+                        layer = index
+                        break
+            out.append({"layer": layer, "path": path, "reference_path": ref_key.rsplit(".", 1)[0] if ref_key else None,
+                        "eps": float(module.eps),
+                        "momentum": None if module.momentum is None else float(module.momentum)})
+        return out
+
+    def fresh_head_biases(self, reference: Dump) -> dict[int, dict[str, torch.Tensor]] | None:
+        if self.rebuild is None or self.mapping is None:
+            return None
+        with torch.random.fork_rng(devices=[]):
+            fresh = self.rebuild()
+        state = fresh.state_dict()
+        head = reference.model.get("head_index")
+        out: dict[int, dict[str, torch.Tensor]] = {}
+        for level in range(len(reference.model.get("strides", []))):
+            entry = {}
+            for branch, kind in (("cv3", "cls"), ("cv2", "box")):
+                key = final_conv_bias_key(reference, head, branch, level)
+                if key is None or key not in self.mapping.ref_to_cand:
+                    continue
+                cand_keys = self.mapping.ref_to_cand[key].cand_keys
+                parts = [state[k].detach().clone() for k in cand_keys if k in state]
+                if parts:
+                    entry[kind] = parts[0] if len(parts) == 1 else torch.cat(parts)
+            if entry:
+                out[level] = entry
+        return out
+
+    # -- running
+    def has_layer(self, index: int) -> bool:
+        return index in self.layers or (hasattr(self.module, "run_layer") and self.layer_count() is not None)
+
+    def _call_layer(self, index: int, inputs: list[torch.Tensor]):
+        if hasattr(self.module, "run_layer") and not self.ultralytics_classes:
+            return self.module.run_layer(index, inputs)
+        layer = self.layers[index]
+        return layer(inputs[0] if len(inputs) == 1 else list(inputs))
+
+    def _head_extras(self, index: int, flat: dict[str, torch.Tensor], is_head: bool) -> None:
+        """The DFL of the head's boxes (`act.{head}.dfl`), when the candidate can compute it."""
+        boxes = flat.get(names.act(index, "boxes"))
+        if not is_head or boxes is None or not self.reg_max or self.reg_max <= 1:
+            return
+        dfl = getattr(self.module, "dfl", None)
+        if callable(dfl) and not isinstance(dfl, nn.Module):
+            flat[names.act(index, "dfl")] = dfl(boxes)
+            return
+        head = self.layers.get(index)
+        module = getattr(head, "dfl", None)
+        if isinstance(module, nn.Module):
+            flat[names.act(index, "dfl")] = module(boxes)
+
+    def run_layer(self, index: int, inputs: list[torch.Tensor], *, is_head: bool = False) -> dict[str, torch.Tensor]:
+        inputs = [t.to(self.device) for t in inputs]
+        with torch.no_grad():
+            out = self._call_layer(index, inputs)
+            flat = flatten_output(index, out, reg_max=self.reg_max, nc=self.nc, is_head=is_head)
+            self._head_extras(index, flat, is_head)
+        return flat
+
+    def run_chained(self, img: torch.Tensor, on_layer: Callable[[int], None] | None = None, *,
+                    head_index: int | None = None) -> dict[str, torch.Tensor]:
+        img = img.to(self.device)
+        flat: dict[str, torch.Tensor] = {}
+        with torch.no_grad():
+            if hasattr(self.module, "forward_layers") and not self.ultralytics_classes:
+                outs = self.module.forward_layers(img)
+                for index, out in enumerate(outs):
+                    flat.update(flatten_output(index, out, reg_max=self.reg_max, nc=self.nc,
+                                               is_head=index == head_index))
+                    if on_layer:
+                        on_layer(index)
+            elif self.layers:
+                raw: dict[str, Any] = {}
+                handles = []
+
+                def keep(index):
+                    def hook(_m, _i, output):
+                        raw.setdefault(index, output)
+                        if on_layer:
+                            on_layer(index)
+                    return hook
+
+                for index, layer in self.layers.items():
+                    handles.append(layer.register_forward_hook(keep(index)))
+                try:
+                    result = self.module(img)
+                finally:
+                    for handle in handles:
+                        handle.remove()
+                for index, out in sorted(raw.items()):
+                    flat.update(flatten_output(index, out, reg_max=self.reg_max, nc=self.nc,
+                                               is_head=index == head_index))
+                if head_index is not None and head_index not in self.layers:
+                    flat.update(flatten_output(head_index, result, reg_max=self.reg_max, nc=self.nc, is_head=True))
+            else:
+                result = self.module(img)
+                if head_index is not None:
+                    flat.update(flatten_output(head_index, result, reg_max=self.reg_max, nc=self.nc, is_head=True))
+            if head_index is not None:
+                self._head_extras(head_index, flat, True)
+        return flat
+
+    def layer_stages(self, index: int, inputs: list[torch.Tensor], *, is_head: bool = False,
+                     reference_paths: list[str] | None = None) -> dict[str, torch.Tensor]:
+        inputs = [t.to(self.device) for t in inputs]
+        out: dict[str, torch.Tensor] = {}
+        with torch.no_grad():
+            if hasattr(self.module, "layer_stages") and not self.ultralytics_classes:
+                stages = self.module.layer_stages(index, list(inputs))
+                for path, tensor in stages.items():
+                    out.update(_flatten(names.act(index, path), tensor))
+                return out
+            modules = self._submodules_for(index, reference_paths or [], is_head)
+            if not modules:
+                return out
+            with capture_outputs(modules, out):
+                self._call_layer(index, inputs)
+        return out
+
+    def _submodules_for(self, index: int, reference_paths: list[str], is_head: bool) -> dict[str, nn.Module]:
+        """Candidate sub-modules standing for the reference's `act.{index}.{path}` tensors."""
+        modules: dict[str, nn.Module] = {}
+        layer = self.layers.get(index)
+        if layer is None:
+            return modules
+        if self.ultralytics_classes:
+            named = dict(layer.named_modules())
+            shared = {}
+            for _, m in self.module.named_modules(remove_duplicate=False):
+                shared[id(m)] = shared.get(id(m), 0) + 1
+            for path in reference_paths:
+                base = path.split("#", 1)[0]
+                m = named.get(base)
+                if m is not None and shared.get(id(m), 0) <= 1:
+                    modules[names.act(index, base)] = m
+            return modules
+        if self.mapping is None:
+            return modules
+        # through the key mapping: the candidate module holding every parameter of the reference sub-module
+        named = dict(self.module.named_modules())
+        for path in reference_paths:
+            base = path.split("#", 1)[0]
+            prefix = f"model.{index}.{base}."
+            cand_keys = [c for r, e in self.mapping.ref_to_cand.items() if r.startswith(prefix) for c in e.cand_keys]
+            if not cand_keys:
+                continue
+            common = _common_module_path(cand_keys)
+            own = [k for k in self.mapping.cand_shapes if k.startswith(common + ".")] if common else []
+            # the candidate module must hold exactly the reference sub-module's tensors (not a larger block)
+            if common and common in named and sorted(own) == sorted(set(cand_keys)):
+                modules[names.act(index, base)] = named[common]
+        return modules
+
+
+def _common_module_path(keys: list[str]) -> str:
+    parts = [k.split(".")[:-1] for k in keys]
+    common = []
+    for items in zip(*parts):
+        if len(set(items)) != 1:
+            break
+        common.append(items[0])
+    return ".".join(common)
+
+
+def final_conv_bias_key(reference: Dump, head: int | None, branch: str, level: int) -> str | None:
+    """`model.{head}.{branch}.{level}.{last}.bias` of the reference (the last conv of that branch and level)."""
+    if head is None:
+        return None
+    pattern = re.compile(rf"^model\.{head}\.{branch}\.{level}\.(\d+)\.bias$")
+    found = [(int(m.group(1)), k) for k in reference.names(f"model.{head}.{branch}.{level}.")
+             if (m := pattern.match(k))]
+    return max(found)[1] if found else None
+
+
+class DumpCandidate(Candidate):
+    """A candidate dump: tensors a port wrote, compared on what it has."""
+
+    kind = "dump"
+    live = False
+
+    def __init__(self, dump: Dump):
+        self.dump = dump
+        self.label = str(dump.path)
+
+    def describe(self) -> dict:
+        return {"kind": self.kind, "label": self.label, "tensors": len(self.dump.index),
+                "manifest_kind": self.dump.kind, "versions": self.dump.manifest.get("versions")}
+
+    def layer_count(self) -> int | None:
+        return len(self.dump.layers) or None
+
+    def layer_type(self, index: int) -> str | None:
+        for entry in self.dump.layers:
+            if entry.get("index") == index:
+                return entry.get("type")
+        return None
+
+    def param_counts(self) -> dict[int, int] | None:
+        counts = {e["index"]: int(e["parameters"]) for e in self.dump.layers
+                  if "index" in e and e.get("parameters") is not None}
+        return counts or None
+
+    def fresh_head_biases(self, reference: Dump) -> dict[int, dict[str, torch.Tensor]] | None:
+        out: dict[int, dict[str, torch.Tensor]] = {}
+        for level in range(len(reference.model.get("strides", []))):
+            entry = {}
+            for kind, name in (("cls", "cls_bias"), ("box", "box_bias")):
+                tensor = self.dump.get_optional(names.init_bias(name, level, "stored"))
+                if tensor is not None:
+                    entry[kind] = tensor
+            if entry:
+                out[level] = entry
+        return out or None
+
+    def weight_tensors(self) -> Mapping[str, torch.Tensor] | None:
+        return LazyTensors(self.dump, "model.") if self.dump.names("model.") else None
+
+    def has_layer(self, index: int) -> bool:
+        return any(n == names.act(index) or n.startswith(names.act(index) + ".") for n in self.dump.index)
+
+    def get(self, name: str) -> torch.Tensor | None:
+        return self.dump.get_optional(name)
+
+
+# ---------------------------------------------------------------------------------------------- loading
+def builtin_candidate(model: str, nc: int, inject: str | None = None, device: str = "cpu") -> ModuleCandidate:
+    try:
+        from parity.reimpl.model import build_detector
+    except ImportError as error:  # pragma: no cover - the built-in model ships with the tool
+        raise ParityError(f"the built-in candidate is not available: {error}") from None
+    if inject:
+        from parity.reimpl.inject import get as get_injection
+
+        try:
+            get_injection(inject)
+        except KeyError as error:
+            raise ParityError(str(error.args[0])) from None
+
+    def rebuild():
+        return build_detector(model, nc=nc, inject=inject)
+
+    label = "builtin" + (f" (inject {inject})" if inject else "")
+    try:
+        module = rebuild()
+    except (FileNotFoundError, NotImplementedError) as error:
+        raise ParityError(f"the built-in candidate cannot build {model!r}: {error}") from None
+    return ModuleCandidate(module, label=label, rebuild=rebuild, kind="builtin", device=device)
+
+
+def _import_factory(spec: str) -> tuple[Callable, Any]:
+    module_name, _, attr = spec.partition(":")
+    if not module_name or not attr:
+        raise ParityError(f"candidate {spec!r}: expected 'builtin', 'package.module:factory' or a dump directory")
+    cwd = str(Path.cwd())
+    if cwd not in sys.path:
+        sys.path.insert(0, cwd)
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as error:
+        raise ParityError(f"candidate {spec!r}: cannot import {module_name!r} ({error})") from None
+    factory = module
+    for part in attr.split("."):
+        if not hasattr(factory, part):
+            raise ParityError(f"candidate {spec!r}: module {module_name!r} has no attribute {attr!r}")
+        factory = getattr(factory, part)
+    if not callable(factory):
+        raise ParityError(f"candidate {spec!r}: {attr!r} is not callable")
+    return factory, module
+
+
+def _call_factory(factory: Callable, nc: int | None, model: str | None, spec: str) -> nn.Module:
+    kwargs = {}
+    try:
+        params = inspect.signature(factory).parameters
+    except (TypeError, ValueError):
+        params = {}
+    if nc is not None and "nc" in params:
+        kwargs["nc"] = nc
+    if model is not None and "model" in params:
+        kwargs["model"] = model
+    try:
+        built = factory(**kwargs)
+    except ParityError:
+        raise
+    except Exception as error:  # noqa: BLE001 - a user factory may raise anything
+        raise ParityError(f"candidate {spec}: the factory raised {type(error).__name__}: {error}") from None
+    if not isinstance(built, nn.Module):
+        raise ParityError(f"candidate {spec}: the factory returned {type(built).__name__}, expected a torch.nn.Module")
+    return built
+
+
+def module_candidate(factory: Callable[..., nn.Module] | nn.Module, *, label: str, nc: int | None = None,
+                     model: str | None = None, key_map=None, layer_map=None, owner_module: Any = None,
+                     device: str = "cpu") -> ModuleCandidate:
+    """A candidate from a factory (rebuilt fresh for the bias-init check) or an already built module."""
+    if isinstance(factory, nn.Module):
+        module, rebuild = factory, None
+    else:
+        module = _call_factory(factory, nc, model, label)
+
+        def rebuild():
+            return _call_factory(factory, nc, model, label)
+
+    if key_map is None:
+        key_map = getattr(module, "key_map", None)
+        if key_map is None and owner_module is not None:
+            key_map = getattr(owner_module, "key_map", None) or getattr(owner_module, "KEY_MAP", None)
+    if layer_map is None:
+        layer_map = getattr(module, "layer_map", None)
+        if layer_map is None and owner_module is not None:
+            layer_map = getattr(owner_module, "layer_map", None) or getattr(owner_module, "LAYER_MAP", None)
+        if callable(layer_map):
+            layer_map = layer_map()
+    return ModuleCandidate(module, label=label, rebuild=rebuild, key_map=key_map, layer_map=layer_map, device=device)
+
+
+def load_candidate(spec: str | nn.Module | Callable, reference: Dump, *, inject: str | None = None,
+                   map_file: str | None = None, device: str = "cpu") -> Candidate:
+    """Resolve a candidate spec (see the module docstring). The model yaml and nc come from the reference."""
+    model = _resolve_model(reference.config.get("model") or reference.model.get("yaml"))
+    nc = reference.model.get("nc") or reference.config.get("nc")
+    if inject and spec != "builtin":
+        raise ParityError("--inject plants a bug in the built-in candidate; it needs --candidate builtin")
+    maps = read_map_file(map_file) if map_file else {"key_map": None, "layer_map": None}
+    if isinstance(spec, (nn.Module,)) or (callable(spec) and not isinstance(spec, str)):
+        return module_candidate(spec, label=getattr(spec, "__name__", type(spec).__name__), nc=nc, model=model,
+                                key_map=maps["key_map"], layer_map=maps["layer_map"], device=device)
+    if spec == "builtin":
+        if not model:
+            raise ParityError(f"{reference.path}: the manifest names no model yaml, so the built-in candidate "
+                              f"does not know what to build")
+        return builtin_candidate(model, int(nc), inject, device)
+    path = Path(spec)
+    if path.is_dir() or (path.exists() and path.name == MANIFEST):
+        dump = Dump(path if path.is_dir() else path.parent)
+        if dump.stats_only:
+            raise ParityError(f"candidate dump {dump.path} is statistics-only: a layer comparison needs tensor values")
+        return DumpCandidate(dump)
+    if ":" in spec:
+        factory, owner = _import_factory(spec)
+        return module_candidate(factory, label=spec, nc=nc, model=model, key_map=maps["key_map"],
+                                layer_map=maps["layer_map"], owner_module=owner, device=device)
+    if path.suffix or "/" in spec:
+        raise ParityError(f"candidate {spec!r}: no such dump directory (a dump holds {MANIFEST})")
+    raise ParityError(f"candidate {spec!r}: expected 'builtin', 'package.module:factory' or a dump directory")
+
+
+def _resolve_model(model: str | None) -> str | None:
+    """A model yaml path recorded relative to the project root (fixtures/models/...) works from any directory."""
+    if not model:
+        return model
+    path = Path(model)
+    if path.suffix in (".yaml", ".yml") and not path.is_absolute() and not path.exists():
+        from parity.runtime import PROJECT_ROOT
+
+        if (PROJECT_ROOT / path).exists():
+            return str(PROJECT_ROOT / path)
+    return model
+
+
+def default_conv_bias_bound(fan_in: int) -> float:
+    """PyTorch's Conv2d bias init is uniform(-1/sqrt(fan_in), 1/sqrt(fan_in))."""
+    return 1.0 / math.sqrt(fan_in) if fan_in > 0 else 0.0

@@ -1,0 +1,406 @@
+"""Numbers that say how far a candidate tensor is from the reference tensor, and whether that is within tolerance.
+
+`compare_tensors` walks the flattened pair in chunks (so a 640x640 activation never needs more than a few
+float64 chunk buffers), accumulating every statistic in float64. Nothing here looks at tensor names: the caller
+picks the `Tolerance` (see `parity.compare.tolerances`).
+
+Pass rule (element-wise, like `numpy.allclose` with the reference on the right-hand side):
+
+    |cand - ref| <= atol + atol_absmax * max|ref| + rtol * |ref|     (and ulp(cand, ref) <= max_ulp when set)
+
+for every element, NaN only where the other side has NaN, +-Inf only where the other side has the same Inf,
+and identical shapes. bool and integer tensors are compared exactly. Cosine similarity is reported for people;
+it never passes a tensor (it is blind to a scale or an offset error).
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from parity.compare.tolerances import Tolerance
+
+# Elements per chunk: cache-sized (a few float64 temporaries of 512 KiB each).
+CHUNK = 1 << 16
+
+
+
+@dataclass
+class TensorMetrics:
+    """Everything one comparison measured. `passed` is the verdict; `reason` says why not, in words."""
+
+    ref_shape: list[int]
+    cand_shape: list[int]
+    ref_dtype: str
+    cand_dtype: str
+    passed: bool
+    reason: str = ""
+    numel: int = 0
+    exact: bool = False  # every element identical (+0 == -0; NaN opposite NaN), shapes equal
+    max_abs: float | None = None
+    max_rel: float | None = None
+    mean_abs: float | None = None
+    rmse: float | None = None
+    cosine: float | None = None
+    max_ulp: int | None = None  # float32 pairs only
+    mismatched: int = 0  # elements outside tolerance (or differing, for bool/int)
+    mismatched_fraction: float = 0.0
+    nan_ref: int = 0
+    nan_cand: int = 0
+    inf_ref: int = 0
+    inf_cand: int = 0
+    min_atol: float | None = None  # smallest atol that would have passed at the tolerance's rtol (atol_absmax 0)
+    ref_absmax: float | None = None  # largest finite |ref|
+    effective_atol: float | None = None  # atol + atol_absmax * ref_absmax: the absolute part actually applied
+    worst_index: list[int] | None = None  # multi-index of the largest |cand - ref|
+    ref_at_worst: float | None = None
+    cand_at_worst: float | None = None
+    shape_note: str = ""  # which dimension differs, and a permutation that would make the shapes match
+    permutation: list[int] | None = None
+    permuted_passed: bool | None = None  # when a permutation exists: would the values pass after applying it
+    exact_compare: bool = False  # bool/int comparison (counts of differing elements, no tolerance)
+    tolerance: dict[str, Any] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, Any]:
+        """JSON-ready: non-finite floats become the strings "inf", "-inf", "nan" (JSON has no such numbers)."""
+        out = {}
+        for key, value in self.__dict__.items():
+            out[key] = _jsonable(value)
+        return out
+
+    def summary(self) -> str:
+        """One short line for a table cell."""
+        if self.ref_shape != self.cand_shape:
+            return self.shape_note or f"shape {self.cand_shape} != {self.ref_shape}"
+        if self.exact:
+            return "bitwise equal"
+        if self.exact_compare:
+            return f"{self.mismatched} of {self.numel} elements differ"
+        parts = [f"max|d| {_fmt(self.max_abs)}", f"max rel {_fmt(self.max_rel)}"]
+        if self.max_ulp is not None:
+            parts.append(f"ulp {self.max_ulp}")
+        if self.mismatched:
+            parts.append(f"{self.mismatched_fraction:.2%} out of tol")
+        if self.nan_cand or self.inf_cand:
+            parts.append(f"cand NaN {self.nan_cand} Inf {self.inf_cand}")
+        return ", ".join(parts)
+
+
+def _fmt(value: float | None) -> str:
+    if value is None:
+        return "-"
+    if value == 0:
+        return "0"
+    return f"{value:.3g}"
+
+
+def _jsonable(value):
+    if isinstance(value, float):
+        if math.isnan(value):
+            return "nan"
+        if math.isinf(value):
+            return "inf" if value > 0 else "-inf"
+        return value
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    return value
+
+
+def _dtype_str(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+def _is_exact_dtype(dtype: torch.dtype) -> bool:
+    return dtype == torch.bool or not (dtype.is_floating_point or dtype.is_complex)
+
+
+def shape_difference(ref_shape: list[int], cand_shape: list[int]) -> tuple[str, list[int] | None]:
+    """Words naming the differing dimension(s), and a permutation `p` with `cand.permute(p).shape == ref.shape`.
+
+    The permutation closest to the identity is chosen (NHWC -> NCHW is `(0, 3, 1, 2)`).
+    """
+    ref_shape, cand_shape = list(ref_shape), list(cand_shape)
+    perm = None
+    if len(ref_shape) == len(cand_shape) and sorted(ref_shape) == sorted(cand_shape) and len(ref_shape) <= 6:
+        best = None
+        for p in itertools.permutations(range(len(cand_shape))):
+            if [cand_shape[i] for i in p] == ref_shape:
+                moved = sum(1 for a, b in enumerate(p) if a != b)
+                if best is None or moved < best[0]:
+                    best = (moved, list(p))
+        perm = best[1] if best else None
+    if len(ref_shape) != len(cand_shape):
+        note = f"rank differs: reference {ref_shape} ({len(ref_shape)} dims), candidate {cand_shape} ({len(cand_shape)} dims)"
+        if math.prod(ref_shape) == math.prod(cand_shape):
+            note += "; same number of elements (a reshape or a missing view?)"
+        return note, None
+    diffs = []
+    for dim, (r, c) in enumerate(zip(ref_shape, cand_shape)):
+        if r != c:
+            ratio = f" ({c / r:.3g}x)" if r else ""
+            diffs.append(f"dim {dim}: reference {r}, candidate {c}{ratio}")
+    note = "; ".join(diffs)
+    if perm is not None:
+        layout = ""
+        if len(ref_shape) == 4 and perm == [0, 3, 1, 2]:
+            layout = " (candidate is NHWC, reference NCHW)"
+        elif len(ref_shape) == 4 and perm == [0, 2, 3, 1]:
+            layout = " (candidate is NCHW, reference NHWC)"
+        note += f"; candidate.permute{tuple(perm)} has the reference shape{layout}"
+    return note, perm
+
+
+def _ordered_int(values: torch.Tensor) -> torch.Tensor:
+    """float32 bit patterns as int64 that are ordered like the floats, +0 and -0 both 0 (XOR of the magnitude
+    bits for negatives, then +1 so that -0 lands on 0 too)."""
+    bits = values.view(torch.int32)
+    sign = bits >> 31  # -1 for negative floats, 0 otherwise
+    return (bits ^ (sign & 0x7FFFFFFF)).to(torch.int64) - sign.to(torch.int64)
+
+
+def compare_tensors(ref: torch.Tensor, cand: torch.Tensor, tol: Tolerance | None = None) -> TensorMetrics:
+    """Compare `cand` against `ref` under `tol` (a bitwise tolerance when None). Never modifies either tensor.
+
+    One pass over the flattened pair in cache-sized chunks (plus a cheap max|ref| pass when the tolerance scales
+    with it); float64 accumulation; no boolean indexing; bitwise-equal float pairs take a fast path."""
+    tol = tol or Tolerance(0.0, 0.0, max_ulp=0, source="bitwise (no tolerance given)")
+    ref = ref.detach()
+    cand = cand.detach()
+    if ref.device.type != "cpu":
+        ref = ref.cpu()
+    if cand.device.type != "cpu":
+        cand = cand.cpu()
+    out = TensorMetrics(
+        ref_shape=list(ref.shape), cand_shape=list(cand.shape),
+        ref_dtype=_dtype_str(ref.dtype), cand_dtype=_dtype_str(cand.dtype),
+        passed=False, numel=ref.numel(), tolerance=tol.as_dict(),
+    )
+    if list(ref.shape) != list(cand.shape):
+        out.shape_note, out.permutation = shape_difference(list(ref.shape), list(cand.shape))
+        out.reason = f"shape mismatch: {out.shape_note}"
+        if out.permutation is not None:
+            inner = compare_tensors(ref, cand.permute(*out.permutation), tol)
+            out.permuted_passed = inner.passed
+            out.reason += (
+                "; after that permutation the values pass" if inner.passed
+                else f"; after that permutation the values still differ ({inner.summary()})"
+            )
+        return out
+
+    n = ref.numel()
+    exact_compare = _is_exact_dtype(ref.dtype) or _is_exact_dtype(cand.dtype)
+    out.exact_compare = exact_compare
+    if n == 0:
+        out.passed = out.exact = True
+        out.max_abs = out.max_rel = out.mean_abs = out.rmse = 0.0
+        out.min_atol = None if exact_compare else 0.0
+        return out
+    rflat = ref.reshape(-1)
+    cflat = cand.reshape(-1)
+    if exact_compare:
+        return _compare_exact(rflat, cflat, list(ref.shape), out)
+
+    ulp_ok = ref.dtype == torch.float32 and cand.dtype == torch.float32
+    rtol = float(tol.rtol)
+    absmax = 0.0
+    for start in range(0, n, CHUNK):
+        a = rflat[start:start + CHUNK].abs()
+        m = float(a.max())
+        if not math.isfinite(m):
+            m = float(torch.nan_to_num(a, nan=0.0, posinf=0.0).max())
+        absmax = max(absmax, m)
+    out.ref_absmax = absmax
+    atol = float(tol.atol) + float(tol.atol_absmax) * absmax
+    out.effective_atol = atol
+
+    # fast path: the same dtype and every element equal
+    if ref.dtype == cand.dtype and _all_equal(rflat, cflat, ulp_ok):
+        nan = inf = 0
+        for start in range(0, n, CHUNK):
+            r = rflat[start:start + CHUNK]
+            nan += int(torch.isnan(r).sum())
+            inf += int(torch.isinf(r).sum())
+        out.exact = out.passed = True
+        out.max_abs = out.max_rel = out.mean_abs = out.rmse = out.min_atol = 0.0
+        out.max_ulp = 0 if ulp_ok else None
+        out.nan_ref = out.nan_cand = nan
+        out.inf_ref = out.inf_cand = inf
+        out.cosine = 1.0 if absmax > 0 else (1.0 if nan + inf < n else None)
+        return out
+
+    max_abs, max_abs_at, max_rel = 0.0, 0, 0.0
+    sum_abs = sum_sq = dot = ref_sq = cand_sq = 0.0
+    mismatched = nonfinite_mismatch = 0
+    min_atol = 0.0
+    max_ulp = 0
+    bit_equal = ref.dtype == cand.dtype
+    nan_ref = nan_cand = inf_ref = inf_cand = 0
+    finite_count = 0
+    zero = torch.zeros((), dtype=torch.float64)
+
+    for start in range(0, n, CHUNK):
+        r = rflat[start:start + CHUNK]
+        c = cflat[start:start + CHUNK]
+        if bit_equal:
+            bit_equal = _all_equal(r, c, ulp_ok)
+        # float64 working copies (never views of the caller's tensors: they are modified in place below)
+        rd = r.to(torch.float64, copy=True)
+        cd = c.to(torch.float64, copy=True)
+        # a finite sum means every value is finite (an inf or NaN always reaches the sum); a sum that overflows
+        # (float64 inputs near the range limit only) merely takes the exact path below
+        all_finite = math.isfinite(float(rd.sum())) and math.isfinite(float(cd.sum()))
+        if all_finite:
+            both_fin = None
+            finite_count += r.numel()
+        else:
+            r_fin, c_fin = torch.isfinite(r), torch.isfinite(c)
+            r_nan, c_nan = torch.isnan(r), torch.isnan(c)
+            r_inf, c_inf = torch.isinf(r), torch.isinf(c)
+            nan_ref += int(r_nan.sum())
+            nan_cand += int(c_nan.sum())
+            inf_ref += int(r_inf.sum())
+            inf_cand += int(c_inf.sum())
+            both_fin = r_fin & c_fin
+            agree = (r_nan & c_nan) | (r_inf & c_inf & (rd == cd))
+            bad = ~both_fin & ~agree
+            k_bad = int(bad.sum())
+            nonfinite_mismatch += k_bad
+            mismatched += k_bad
+            finite_count += int(both_fin.sum())
+            rd = torch.where(both_fin, rd, zero)
+            cd = torch.where(both_fin, cd, zero)
+        d = (cd - rd).abs_()
+        local = float(d.max())
+        if local > max_abs:
+            max_abs = local
+            max_abs_at = start + int(d.argmax())
+        sum_abs += float(d.sum())
+        sum_sq += float(torch.dot(d, d))
+        dot += float(torch.dot(rd, cd))
+        ref_sq += float(torch.dot(rd, rd))
+        cand_sq += float(torch.dot(cd, cd))
+        ra = rd.abs_()
+        rel = torch.nan_to_num(d / ra, nan=0.0)  # 0/0 -> 0; x/0 -> inf
+        max_rel = max(max_rel, float(rel.max()))
+        excess = d.sub_(ra.mul_(rtol))
+        min_atol = max(min_atol, float(excess.max()))
+        over = excess > atol
+        if ulp_ok:
+            ulp = (_ordered_int(r) - _ordered_int(c)).abs_()
+            if both_fin is not None:
+                ulp = torch.where(both_fin, ulp, torch.zeros((), dtype=torch.int64))
+            max_ulp = max(max_ulp, int(ulp.max()))
+            if tol.max_ulp is not None:
+                over |= ulp > tol.max_ulp
+        mismatched += int(over.sum())  # non-finite positions were zeroed on both sides: never "over"
+
+    out.exact = bit_equal
+    out.mismatched = mismatched
+    out.mismatched_fraction = mismatched / n
+    out.max_abs = math.inf if nonfinite_mismatch else max_abs
+    out.mean_abs = sum_abs / n
+    out.rmse = math.sqrt(sum_sq / n)
+    out.max_rel = max_rel
+    out.nan_ref, out.nan_cand, out.inf_ref, out.inf_cand = nan_ref, nan_cand, inf_ref, inf_cand
+    norm = math.sqrt(ref_sq) * math.sqrt(cand_sq)
+    if finite_count == 0:
+        out.cosine = None
+    elif norm > 0:
+        out.cosine = max(-1.0, min(1.0, dot / norm))
+    else:
+        out.cosine = 1.0 if ref_sq == cand_sq == 0 else 0.0
+    out.max_ulp = max_ulp if ulp_ok else None
+    out.min_atol = math.inf if nonfinite_mismatch else max(0.0, min_atol)
+    out.passed = mismatched == 0
+    if not out.passed:
+        reasons = []
+        if nonfinite_mismatch:
+            reasons.append(
+                f"{nonfinite_mismatch} elements non-finite on one side only "
+                f"(NaN ref/cand {nan_ref}/{nan_cand}, Inf ref/cand {inf_ref}/{inf_cand})"
+            )
+        numeric = mismatched - nonfinite_mismatch
+        if numeric:
+            reasons.append(
+                f"{numeric} of {n} elements ({numeric / n:.3%}) outside atol {atol:.3g}"
+                + (f" (= {tol.atol:g} + {tol.atol_absmax:g}*max|ref| {absmax:.3g})" if tol.atol_absmax else "")
+                + f" + rtol {tol.rtol:g}*|ref|"
+                + (f" or over {tol.max_ulp} ulp" if tol.max_ulp is not None and ulp_ok else "")
+            )
+        out.reason = "; ".join(reasons)
+    if not out.exact:
+        out.worst_index = _unravel(max_abs_at, list(ref.shape))
+        out.ref_at_worst = float(rflat[max_abs_at])
+        out.cand_at_worst = float(cflat[max_abs_at])
+    return out
+
+
+def _all_equal(r: torch.Tensor, c: torch.Tensor, float32: bool) -> bool:
+    """Every element equal: +0 and -0 count as equal (they are the same number), a NaN only opposite a NaN
+    with the same bits (float32)."""
+    if torch.equal(r, c):
+        return True
+    if not float32:
+        return False
+    for start in range(0, r.numel(), CHUNK):
+        a, b = r[start:start + CHUNK], c[start:start + CHUNK]
+        if not bool(((a == b) | (a.view(torch.int32) == b.view(torch.int32))).all()):
+            return False
+    return True
+
+
+def _compare_exact(rflat: torch.Tensor, cflat: torch.Tensor, shape: list[int], out: TensorMetrics) -> TensorMetrics:
+    """bool / integer tensors (either side): counts of differing elements, no tolerance."""
+    n = rflat.numel()
+    mismatched = 0
+    max_abs, max_abs_at, sum_abs, sum_sq = 0.0, 0, 0.0, 0.0
+    for start in range(0, n, CHUNK):
+        r = rflat[start:start + CHUNK]
+        c = cflat[start:start + CHUNK]
+        differ = (r != c) if r.dtype == c.dtype else (r.to(torch.float64) != c.to(torch.float64))
+        k = int(differ.sum())
+        if not k:
+            continue
+        mismatched += k
+        d = (c.to(torch.float64) - r.to(torch.float64)).abs_()
+        d = torch.nan_to_num(d, nan=math.inf)
+        local = float(d.max())
+        if local > max_abs:
+            max_abs = local
+            max_abs_at = start + int(d.argmax())
+        sum_abs += float(d.sum())
+        sum_sq += float(torch.dot(d, d))
+    out.mismatched = mismatched
+    out.mismatched_fraction = mismatched / n
+    out.exact = mismatched == 0
+    out.passed = mismatched == 0
+    out.max_abs = max_abs
+    out.mean_abs = sum_abs / n
+    out.rmse = math.sqrt(sum_sq / n) if math.isfinite(sum_sq) else math.inf
+    if mismatched:
+        out.reason = f"{mismatched} of {n} elements differ (exact comparison of {out.ref_dtype}/{out.cand_dtype})"
+        out.worst_index = _unravel(max_abs_at, shape)
+        out.ref_at_worst = float(rflat[max_abs_at])
+        out.cand_at_worst = float(cflat[max_abs_at])
+    return out
+
+
+def _unravel(flat: int, shape: list[int]) -> list[int]:
+    idx = []
+    for size in reversed(shape):
+        idx.append(flat % size if size else 0)
+        flat //= size if size else 1
+    return list(reversed(idx))
+
+
+def ulp_distance(ref: torch.Tensor, cand: torch.Tensor) -> torch.Tensor:
+    """Element-wise distance in float32 units in the last place (int64). +0 and -0 are 0 apart."""
+    if ref.dtype != torch.float32 or cand.dtype != torch.float32:
+        raise TypeError("ulp_distance needs two float32 tensors")
+    return (_ordered_int(ref.contiguous()) - _ordered_int(cand.contiguous())).abs()

@@ -1,0 +1,1 @@
+"""Diagnoses: turn numeric differences and structural checks into findings with stable signatures."""

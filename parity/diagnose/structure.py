@@ -1,0 +1,403 @@
+"""Structure before numbers: parameter counts, output shapes, BatchNorm settings and the Detect bias init.
+
+Each check adds `Row`s (section "structure") and, when something is wrong, a `Finding` with a stable signature:
+
+    param-count-mismatch   a layer holds more or fewer parameters than ultralytics' (which layer, how many)
+    shape-mismatch         a layer's output shape differs (which dimension, by what factor; NHWC vs NCHW)
+    bn-eps, bn-momentum    BatchNorm settings other than ultralytics' eps 1e-3 / momentum 0.03
+    bias-init-float32      class bias computed all in float32: one ULP from ultralytics' mixed arithmetic
+    bias-init-float64      class bias computed all in float64: one ULP from ultralytics' mixed arithmetic
+    bias-init-skipped      no Detect bias init: PyTorch's default uniform conv bias (or zeros) remains
+    bias-init-nonfinite    the class bias is -inf/inf/NaN (log of 0: C integer division 5 / nc)
+    bias-init-formula      finite, applied, but neither arithmetic of log(5 / nc / (640 / stride) ** 2)
+    bias-init-box          the box-branch bias is not ultralytics' 2.0 (1.0 before 8.4.0)
+    upsample-mode          an Upsample output that is another interpolation of its input (bilinear vs nearest)
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from parity import names
+from parity.candidates import REFERENCE_BN_EPS, REFERENCE_BN_MOMENTUM, Candidate, default_conv_bias_bound, final_conv_bias_key
+from parity.compare.metrics import compare_tensors, shape_difference
+from parity.compare.tolerances import BITWISE, Tolerance
+from parity.dumpfile import Dump
+from parity.report import Finding, Report, Row
+
+SECTION = "structure"
+
+
+def layer_where(index: int) -> str:
+    return f"layer {index}"
+
+
+def _ref_type(reference: Dump, index: int) -> str:
+    for entry in reference.layers:
+        if entry.get("index") == index:
+            return entry.get("type", "?")
+    return "?"
+
+
+# ------------------------------------------------------------------------------------------ parameters
+def check_param_counts(reference: Dump, candidate: Candidate, report: Report) -> list[int]:
+    """One row per layer (reference vs candidate parameter count). Returns the layers that differ."""
+    cand = candidate.param_counts()
+    if cand is None:
+        report.coverage.setdefault("not_checked", []).append(
+            "parameter counts per layer (the candidate gives no layer structure: add a layer_map)")
+        return []
+    ref = {e["index"]: int(e.get("parameters", 0)) for e in reference.layers if "index" in e}
+    differing = []
+    for index in sorted(set(ref) | set(cand)):
+        r, c = ref.get(index), cand.get(index)
+        passed = r == c
+        note = f"reference {r:,}" if r is not None else "not in the reference"
+        note += f", candidate {c:,}" if c is not None else ", not in the candidate"
+        if r is not None and c is not None and r != c:
+            note += f" ({c - r:+,})"
+        report.add(Row(SECTION, layer_where(index), "parameters", passed, note=note))
+        if not passed:
+            differing.append(index)
+    total_r, total_c = sum(ref.values()), sum(cand.values())
+    report.context["parameters"] = {"reference": total_r, "candidate": total_c}
+    for index in differing:
+        r, c = ref.get(index), cand.get(index)
+        if r is None or c is None:
+            message = (f"layer {index} exists only in the {'candidate' if r is None else 'reference'} "
+                       f"({(c if r is None else r):,} parameters)")
+        else:
+            more = "more" if c > r else "fewer"
+            message = (f"layer {index} ({_ref_type(reference, index)}) has {abs(c - r):,} {more} parameters than "
+                       f"ultralytics' ({c:,} vs {r:,}); whole model {total_c:,} vs {total_r:,} ({total_c - total_r:+,})")
+        report.find(Finding("param-count-mismatch", layer_where(index), message,
+                            evidence={"layer": index, "reference": r, "candidate": c,
+                                      "difference": None if r is None or c is None else c - r,
+                                      "model_reference": total_r, "model_candidate": total_c}))
+    return differing
+
+
+# -------------------------------------------------------------------------------------------- shapes
+def check_output_shapes(reference: Dump, outputs: dict[str, list[int]], report: Report, *, mode: str) -> list[int]:
+    """Rows for the layers whose outputs were produced (shapes only). Returns layers with a wrong shape."""
+    bad = []
+    for entry in reference.layers:
+        index = entry["index"]
+        problems = []
+        seen = False
+        for name, ref_shape in entry.get("outputs", {}).items():
+            if name not in outputs:
+                continue
+            seen = True
+            cand_shape = list(outputs[name])
+            if list(ref_shape) != cand_shape:
+                note, perm = shape_difference(list(ref_shape), cand_shape)
+                problems.append((name, ref_shape, cand_shape, note, perm))
+        if not seen:
+            continue
+        passed = not problems
+        note = "; ".join(f"{n}: {note}" for n, _, _, note, _ in problems) if problems else "as the reference"
+        report.add(Row(SECTION, layer_where(index), "output shape", passed, note=note))
+        if problems:
+            bad.append(index)
+            name, ref_shape, cand_shape, note, perm = problems[0]
+            hint = ""
+            if entry.get("type") == "Concat" and len(ref_shape) == len(cand_shape) and ref_shape[1] and \
+                    cand_shape[1] != ref_shape[1]:
+                hint = f"; a Concat {cand_shape[1] / ref_shape[1]:.3g}x as wide: check which inputs it concatenates"
+            report.find(Finding(
+                "shape-mismatch", layer_where(index),
+                f"layer {index} ({entry.get('type', '?')}) output {name} has shape {cand_shape}, ultralytics "
+                f"{list(ref_shape)} ({note}){hint} [{mode}]",
+                evidence={"layer": index, "tensor": name, "reference": list(ref_shape), "candidate": cand_shape,
+                          "permutation": perm, "mode": mode}))
+    return bad
+
+
+# ------------------------------------------------------------------------------------------ batchnorm
+def check_batchnorms(candidate: Candidate, report: Report) -> None:
+    bns = candidate.batchnorms()
+    if not bns:
+        return
+    by_layer: dict[Any, dict[str, list]] = {}
+    for bn in bns:
+        if not math.isclose(bn["eps"], REFERENCE_BN_EPS, rel_tol=1e-9):
+            by_layer.setdefault(bn["layer"], {}).setdefault("eps", []).append(bn)
+        if bn["momentum"] is None or not math.isclose(bn["momentum"], REFERENCE_BN_MOMENTUM, rel_tol=1e-9):
+            by_layer.setdefault(bn["layer"], {}).setdefault("momentum", []).append(bn)
+    report.context["batchnorm"] = {"modules": len(bns), "reference_eps": REFERENCE_BN_EPS,
+                                   "reference_momentum": REFERENCE_BN_MOMENTUM}
+    for layer, issues in sorted(by_layer.items(), key=lambda kv: (kv[0] is None, kv[0] or 0)):
+        where = layer_where(layer) if layer is not None else "model"
+        for what, items in issues.items():
+            values = sorted({b[what] for b in items}, key=lambda v: (v is None, v or 0))
+            paths = [b["path"] for b in items]
+            reference = REFERENCE_BN_EPS if what == "eps" else REFERENCE_BN_MOMENTUM
+            effect = ("changes every normalised output in train and eval mode" if what == "eps" else
+                      "does not change a train-mode forward, but the running statistics (and so eval results and "
+                      "later steps) drift")
+            report.add(Row(SECTION, where, f"batchnorm {what}", False,
+                           note=f"{len(items)} BatchNorm(s) with {what} {', '.join(map(str, values))}; "
+                                f"ultralytics {reference:g}"))
+            report.find(Finding(
+                f"bn-{what}", where,
+                f"{len(items)} BatchNorm module(s) in {where} use {what} {', '.join(map(str, values))} instead of "
+                f"ultralytics' {reference:g} (set by initialize_weights); this {effect}. First: {paths[0]}",
+                evidence={"layer": layer, "values": values, "reference": reference, "modules": paths[:20]}))
+
+
+# ------------------------------------------------------------------------------------------ bias init
+def _ulps(a: torch.Tensor, b: torch.Tensor) -> int:
+    from parity.compare.metrics import ulp_distance
+
+    if a.dtype != torch.float32 or b.dtype != torch.float32 or a.shape != b.shape:
+        return -1
+    finite = torch.isfinite(a) & torch.isfinite(b)
+    if not bool(finite.all()):
+        return -1
+    return int(ulp_distance(a, b).max()) if a.numel() else 0
+
+
+def _bitwise(a: torch.Tensor, b: torch.Tensor) -> bool:
+    if a.shape != b.shape or a.dtype != b.dtype:
+        return False
+    return bool((a.contiguous().view(torch.int32) == b.contiguous().view(torch.int32)).all()) if a.dtype == torch.float32 \
+        else torch.equal(a, b)
+
+
+def diagnose_bias_init(reference: Dump, candidate: Candidate, report: Report) -> None:
+    """Compare the candidate's OWN fresh Detect bias init with the reference's, bit for bit, per stride."""
+    strides = reference.model.get("strides") or []
+    head = reference.model.get("head_index")
+    nc = reference.model.get("nc")
+    if not strides or not any(names.init_bias("cls_bias", l, "stored") in reference for l in range(len(strides))):
+        report.coverage.setdefault("not_checked", []).append("Detect bias init (the reference has no init.* tensors)")
+        return
+    fresh = candidate.fresh_head_biases(reference)
+    if not fresh:
+        report.coverage.setdefault("not_checked", []).append(
+            "Detect bias init: the candidate cannot be rebuilt without weights (a module instance, not a factory) "
+            "and wrote no init.cls_bias.{level}.stored" if candidate.live else
+            "Detect bias init: the candidate dump has no init.cls_bias.{level}.stored")
+        return
+    all_same = True
+    results = []
+    for level, stride in enumerate(strides):
+        stored = reference.get_optional(names.init_bias("cls_bias", level, "stored"))
+        if stored is None or level not in fresh or "cls" not in fresh[level]:
+            continue
+        f32 = reference.get(names.init_bias("cls_bias", level, "float32"))
+        f64 = reference.get(names.init_bias("cls_bias", level, "float64"))
+        all_same &= _bitwise(stored, f32) and _bitwise(stored, f64)
+        cand = fresh[level]["cls"].detach().cpu()
+        where = f"layer {head}, cls bias init, stride {stride:g}"
+        label = names.init_bias("cls_bias", level, "stored")
+        verdict, signature, message, evidence = _classify_cls_bias(reference, head, level, stride, nc, cand, stored,
+                                                                   f32, f64, fresh)
+        signatures = signature if isinstance(signature, list) else ([signature] if signature else [])
+        messages = message if isinstance(message, list) else [message]
+        results.append(signatures[0] if signatures else None)
+        passed = not signatures
+        tol = BITWISE
+        row_metrics = compare_tensors(stored, cand.to(stored.dtype) if cand.dtype != stored.dtype and
+                                      cand.is_floating_point() else cand, tol).as_dict()
+        report.add(Row(SECTION, where, label, passed, metrics=row_metrics, tolerance=tol.as_dict(), note=verdict))
+        for sig, text in zip(signatures, messages):
+            report.find(Finding(sig, where, text, evidence=evidence))
+        # box branch: ultralytics 8.4 sets 2.0 (1.0 before)
+        box_stored = reference.get_optional(names.init_bias("box_bias", level, "stored"))
+        if box_stored is not None and "box" in fresh[level] and "bias-init-skipped" not in signatures:
+            cbox = fresh[level]["box"].detach().cpu().float()
+            bwhere = f"layer {head}, box bias init, stride {stride:g}"
+            ok = cbox.shape == box_stored.shape and _bitwise(box_stored, cbox)
+            note = "as ultralytics (2.0)" if ok else _describe_values(cbox)
+            report.add(Row(SECTION, bwhere, names.init_bias("box_bias", level, "stored"), ok,
+                           metrics=compare_tensors(box_stored, cbox, BITWISE).as_dict(), tolerance=BITWISE.as_dict(),
+                           note=note))
+            if not ok:
+                reg_max = reference.model.get("reg_max", 16)
+                cancels = reg_max and reg_max > 1 and cbox.numel() and bool((cbox == cbox.flatten()[0]).all())
+                report.find(Finding(
+                    "bias-init-box", bwhere,
+                    f"box-branch bias is {_describe_values(cbox)}, ultralytics {float(box_stored.flatten()[0]):g} "
+                    f"(1.0 before 8.4.0). "
+                    + ("With reg_max > 1 a constant bias cancels in the DFL softmax, so the loss barely moves."
+                       if cancels else "With reg_max = 1 (or a non-constant bias) it shifts the predicted distances."),
+                    severity="warning" if cancels else "error",
+                    evidence={"candidate": cbox[:8].tolist(), "reference": float(box_stored.flatten()[0])}))
+    if all_same and results and all(s is None for s in results):
+        report.find(Finding(
+            "bias-init-indistinguishable", f"layer {head}, cls bias init",
+            f"at nc={nc} ultralytics' mixed arithmetic, pure float32 and pure float64 give the same float32 class "
+            f"bias at every stride, so this check cannot tell them apart (it can at e.g. nc=12 or nc=8; and one ULP "
+            f"of a bias cannot move a loss anyway). The causes that do move a loss were ruled out: a bias not "
+            f"applied (default conv init), a non-finite bias (log of 0 from integer division) or another formula "
+            f"than log(5 / nc / (640 / stride) ** 2).", severity="info", evidence={"nc": nc}))
+    elif all_same and results:
+        report.context["bias_init_note"] = (f"at nc={nc} the three arithmetics agree, so float32/float64 cannot be "
+                                            f"told apart here")
+
+
+def _describe_values(t: torch.Tensor) -> str:
+    flat = t.flatten()
+    if flat.numel() == 0:
+        return "empty"
+    if bool((flat == flat[0]).all()):
+        return f"{float(flat[0]):.9g} everywhere"
+    return f"values from {float(flat.min()):.6g} to {float(flat.max()):.6g}"
+
+
+def _classify_cls_bias(reference: Dump, head, level: int, stride: float, nc, cand: torch.Tensor,
+                       stored: torch.Tensor, f32: torch.Tensor, f64: torch.Tensor, fresh: dict):
+    """(verdict text, signature or None, message, evidence)."""
+    ev: dict[str, Any] = {"level": level, "stride": stride, "nc": nc,
+                          "reference": float(stored.flatten()[0]) if stored.numel() else None,
+                          "float32": float(f32.flatten()[0]) if f32.numel() else None,
+                          "float64": float(f64.flatten()[0]) if f64.numel() else None}
+    if cand.shape != stored.shape:
+        ev["candidate_shape"] = list(cand.shape)
+        return (f"shape {list(cand.shape)} vs {list(stored.shape)}", "bias-init-formula",
+                f"stride {stride:g}: the class bias has shape {list(cand.shape)}, ultralytics {list(stored.shape)} "
+                f"(nc={nc})", ev)
+    cand = cand.float()
+    ev["candidate"] = _describe_values(cand)
+    nonfinite = ~torch.isfinite(cand)
+    if bool(nonfinite.any()):
+        neg_inf = bool(torch.isneginf(cand).any())
+        hint = (" -inf is log(0): with C/C++ integer division 5 / nc is 0 for nc > 5; divide in floating point"
+                if neg_inf else "")
+        return ("non-finite", "bias-init-nonfinite",
+                f"stride {stride:g}: the class bias is {_describe_values(cand)} ({int(nonfinite.sum())} of "
+                f"{cand.numel()} non-finite); ultralytics {ev['reference']:.9g}.{hint} A non-finite logit makes the "
+                f"class loss infinite or NaN from the first step.", ev)
+    if _bitwise(cand, stored):
+        same = _bitwise(stored, f32) and _bitwise(stored, f64)
+        return ("bitwise equal" + (" (float32/float64 indistinguishable at this nc)" if same else ""), None, "", ev)
+    ulp = _ulps(stored, cand)
+    ev["ulp_from_reference"] = ulp
+    is32, is64 = _bitwise(cand, f32), _bitwise(cand, f64)
+    if is32 or is64:
+        both = is32 and is64
+        ev["matches"] = [v for v, hit in (("float32", is32), ("float64", is64)) if hit]
+        tail = (f"ultralytics stores {ev['reference']:.9g} ({ulp} ULP apart): it divides and squares in float32 (the "
+                f"stride is a float32 tensor element) but takes the log in float64 (math.log)."
+                + (f" At nc={nc} and stride {stride:g} pure float32 and pure float64 give the same value, so either "
+                   f"arithmetic explains it." if both else "")
+                + " One ULP of a bias cannot move a loss visibly.")
+        found = []
+        for variant, hit in (("float32", is32), ("float64", is64)):
+            if hit:
+                found.append((f"bias-init-{variant}",
+                              f"stride {stride:g}: bias init matches {variant} arithmetic ({ev[variant]:.9g}); {tail}"))
+        verdict = "matches " + " and ".join(f"{v} arithmetic" for v in ev["matches"])
+        return (verdict, [f[0] for f in found], [f[1] for f in found], ev)
+    # not applied: PyTorch's default conv bias init (uniform within 1/sqrt(fan_in)) or zeros
+    weight_key = (final_conv_bias_key(reference, head, "cv3", level) or "")[: -len("bias")] + "weight"
+    fan_in = None
+    if weight_key in reference:
+        shape = reference.index[weight_key]["shape"]
+        fan_in = int(math.prod(shape[1:]))
+    bound = default_conv_bias_bound(fan_in) if fan_in else None
+    ev["default_init_bound"] = bound
+    constant = bool((cand == cand.flatten()[0]).all())
+    if bool((cand == 0).all()) or (bound is not None and not constant and float(cand.abs().max()) <= bound * (1 + 1e-6)):
+        what = "zeros" if bool((cand == 0).all()) else f"uniform within +-1/sqrt(fan_in) = +-{bound:.4g}"
+        return ("not applied (default conv init)", "bias-init-skipped",
+                f"stride {stride:g}: bias init not applied (default conv init: {what}, {_describe_values(cand)}); "
+                f"ultralytics sets {ev['reference']:.9g} = log(5 / nc / (640 / stride) ** 2). The class loss at the "
+                f"first step is then orders of magnitude larger than ultralytics'.", ev)
+    # another level's value: levels or strides swapped
+    for other, other_stride in enumerate(reference.model.get("strides") or []):
+        if other == level:
+            continue
+        o = reference.get_optional(names.init_bias("cls_bias", other, "stored"))
+        if o is not None and o.shape == cand.shape and _bitwise(o, cand):
+            ev["matches_stride"] = other_stride
+            return (f"stride {other_stride:g}'s value", "bias-init-formula",
+                    f"stride {stride:g}: the class bias equals ultralytics' value for stride {other_stride:g} "
+                    f"({float(o.flatten()[0]):.9g}): levels or strides are in another order", ev)
+    if constant:
+        value = float(cand.flatten()[0])
+        prior = math.exp(value) if value < 50 else math.inf
+        ev["implied_prior"] = prior
+        return ("different formula", "bias-init-formula",
+                f"stride {stride:g}: bias init follows a different formula: {value:.9g} everywhere (exp = {prior:.4g}), "
+                f"ultralytics {ev['reference']:.9g} = log(5 / nc / (640 / stride) ** 2) ({ulp} ULP apart)", ev)
+    return ("different formula", "bias-init-formula",
+            f"stride {stride:g}: bias init follows a different formula ({_describe_values(cand)}); ultralytics sets "
+            f"{ev['reference']:.9g} for every class", ev)
+
+
+# ------------------------------------------------------------------------------------------- upsample
+def diagnose_upsample(index: int, inputs: list[torch.Tensor], cand_out: torch.Tensor, ref_out: torch.Tensor,
+                      tol: Tolerance) -> Finding | None:
+    """Does another interpolation of the layer's (reference) input explain the candidate's output?"""
+    if len(inputs) != 1 or cand_out.dim() != 4 or inputs[0].dim() != 4:
+        return None
+    x = inputs[0].float()
+    size = tuple(cand_out.shape[-2:])
+    tried = {
+        "nearest": lambda: F.interpolate(x, size=size, mode="nearest"),
+        "nearest-exact": lambda: F.interpolate(x, size=size, mode="nearest-exact"),
+        "bilinear (align_corners=False)": lambda: F.interpolate(x, size=size, mode="bilinear", align_corners=False),
+        "bilinear (align_corners=True)": lambda: F.interpolate(x, size=size, mode="bilinear", align_corners=True),
+        "bicubic (align_corners=False)": lambda: F.interpolate(x, size=size, mode="bicubic", align_corners=False),
+    }
+    matched = None
+    for mode, make in tried.items():
+        try:
+            guess = make()
+        except RuntimeError:
+            continue
+        if compare_tensors(guess, cand_out.float().cpu(), tol).passed:
+            matched = mode
+            break
+    if matched is None or matched == "nearest":
+        return None
+    reference_is_nearest = compare_tensors(ref_out, tried["nearest"](), tol).passed
+    return Finding(
+        "upsample-mode", layer_where(index),
+        f"layer {index} (Upsample): the candidate's output is {matched} interpolation of the layer's input; "
+        f"ultralytics uses {'nearest' if reference_is_nearest else 'another mode'} (nn.Upsample(scale_factor=2, "
+        f"mode='nearest'))",
+        evidence={"layer": index, "candidate_mode": matched, "reference_mode": "nearest" if reference_is_nearest else None})
+
+
+# ------------------------------------------------------------------------------------------- hints
+def affine_hint(ref: torch.Tensor, cand: torch.Tensor) -> str:
+    """Words for a divergence that is a scale, an offset or a per-channel affine change of the reference."""
+    if ref.shape != cand.shape or not ref.is_floating_point() or ref.numel() < 4:
+        return ""
+    r = ref.double().flatten()
+    c = cand.double().flatten()
+    if not (torch.isfinite(r).all() and torch.isfinite(c).all()):
+        return ""
+    rc = r - r.mean()
+    var = float((rc * rc).sum())
+    if var == 0:
+        return ""
+    a = float((rc * (c - c.mean())).sum()) / var
+    b = float(c.mean()) - a * float(r.mean())
+    resid = c - (a * r + b)
+    spread = float((c - c.mean()).abs().max()) or 1.0
+    if float(resid.abs().max()) <= 1e-6 * spread and (abs(a - 1) > 1e-6 or abs(b) > 1e-6 * spread):
+        return f"the candidate is {a:.6g} x reference {b:+.6g} everywhere (a global scale/offset error)"
+    if ref.dim() >= 2 and ref.shape[1] > 1:
+        # per channel (dim 1)
+        rr = ref.double().transpose(0, 1).reshape(ref.shape[1], -1)
+        cc = cand.double().transpose(0, 1).reshape(ref.shape[1], -1)
+        rm, cm = rr.mean(1, keepdim=True), cc.mean(1, keepdim=True)
+        v = ((rr - rm) ** 2).sum(1)
+        ok = v > 0
+        if bool(ok.all()):
+            a = ((rr - rm) * (cc - cm)).sum(1) / v
+            res = cc - (a[:, None] * (rr - rm) + cm)
+            if float(res.abs().max()) <= 1e-5 * spread and float((a - 1).abs().max()) > 1e-6:
+                return (f"each channel of the candidate is an affine map of the reference's (scales "
+                        f"{float(a.min()):.6g}..{float(a.max()):.6g}): a normalisation difference (BatchNorm eps, "
+                        f"statistics or affine parameters)")
+    return ""

@@ -1,0 +1,233 @@
+"""Show a `parity.report.Report`: a rich terminal table, or the versioned JSON document (docs/report-format.md).
+
+Terminal layout, top to bottom: a verdict line, a summary line that puts failures first (how many checks
+failed, the first divergent layer per mode), the findings (signature, where, message; errors first), then one
+row per layer (type, parameters, output shape, isolated and chained results) or, for a drill-down or a loss
+report, one row per tensor, and finally what the comparison could not cover.
+
+Exit codes (`exit_code`): 0 parity, 1 divergence, 2 bad input (raised as `ParityError`, handled by the CLI).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+from parity.report import Report, Row
+
+EXIT_PARITY, EXIT_DIVERGENCE, EXIT_BAD_INPUT = 0, 1, 2
+_LAYER = re.compile(r"^layer (\d+)$")
+_SEVERITY_ORDER = {"error": 0, "warning": 1, "info": 2}
+_SEVERITY_STYLE = {"error": "bold red", "warning": "yellow", "info": "cyan"}
+
+
+def exit_code(report: Report) -> int:
+    return EXIT_PARITY if report.verdict == "parity" else EXIT_DIVERGENCE
+
+
+# ------------------------------------------------------------------------------------------------ JSON
+def _strict(value: Any) -> Any:
+    """JSON without NaN/Infinity: non-finite floats become "nan", "inf", "-inf"; tuples become lists."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return "nan" if math.isnan(value) else ("inf" if value > 0 else "-inf")
+    if isinstance(value, dict):
+        return {str(k): _strict(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_strict(v) for v in value]
+    if hasattr(value, "item") and callable(value.item) and getattr(value, "numel", lambda: 2)() == 1:
+        return _strict(value.item())  # a 0-d tensor that slipped into evidence
+    if isinstance(value, (str, int, bool)) or value is None or isinstance(value, float):
+        return value
+    return str(value)
+
+
+def report_json(report: Report) -> dict:
+    document = _strict(report.to_dict())
+    document["summary"] = summary_counts(report)
+    return document
+
+
+def to_json(report: Report, path: str | os.PathLike | None = None) -> str:
+    """The report as strict JSON (docs/report-format.md); written to `path` when given. Returns the text."""
+    text = json.dumps(report_json(report), indent=1, allow_nan=False) + "\n"
+    if path is not None:
+        path = Path(path)
+        if path.parent and not path.parent.exists():
+            path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+    return text
+
+
+def summary_counts(report: Report) -> dict:
+    failed = report.failed_rows
+    first = (report.context or {}).get("first_divergent_layer") or {}
+    return {
+        "checks": len(report.rows),
+        "failed": len(failed),
+        "errors": len(report.errors),
+        "warnings": sum(1 for f in report.findings if f.severity == "warning"),
+        "first_divergent_layer": first,
+        "sections": {s: {"checks": sum(1 for r in report.rows if r.section == s),
+                         "failed": sum(1 for r in failed if r.section == s)}
+                     for s in dict.fromkeys(r.section for r in report.rows)},
+    }
+
+
+# -------------------------------------------------------------------------------------------- terminal
+def summary_line(report: Report) -> str:
+    counts = summary_counts(report)
+    if report.verdict == "parity":
+        text = f"PARITY: all {counts['checks']} checks passed under profile {report.profile}"
+        if counts["warnings"]:
+            text += f" ({counts['warnings']} warning(s))"
+        return text
+    parts = [f"DIVERGENCE: {counts['failed']} of {counts['checks']} checks failed",
+             f"{counts['errors']} error finding(s)"]
+    first = counts["first_divergent_layer"]
+    where = ", ".join(f"{mode} layer {i}" for mode, i in first.items() if i is not None)
+    if where:
+        parts.append(f"first divergent: {where}")
+    row = report.first_divergence()
+    if row is not None:
+        parts.append(f"first failed check: [{row.section}] {row.where} {row.name}")
+    return "; ".join(parts)
+
+
+def _e(text) -> str:
+    from rich.markup import escape
+
+    return escape(str(text))
+
+
+def _param_cell(row: Row | None) -> str:
+    if row is None:
+        return ""
+    if row.passed:
+        match = re.search(r"reference (\d[\d,]*\d|\d)", row.note)
+        return f"[green]{match.group(1) if match else 'ok'}[/green]"
+    return f"[bold red]{_e(_short(row.note, 44))}[/bold red]"
+
+
+def _cell(row: Row | None) -> str:
+    if row is None:
+        return ""
+    m = row.metrics or {}
+    if row.passed:
+        if m.get("exact"):
+            return "[green]bitwise[/green]"
+        if m.get("max_abs") is not None:
+            return f"[green]ok[/green] {_num(m.get('max_abs'))}"
+        return "[green]ok[/green]"
+    if m and m.get("ref_shape") != m.get("cand_shape"):
+        return f"[bold red]shape[/bold red] {_e(m.get('cand_shape'))}"
+    if m.get("max_abs") is not None:
+        frac = m.get("mismatched_fraction")
+        extra = f" {frac:.1%} out" if isinstance(frac, float) else ""
+        return f"[bold red]FAIL[/bold red] {_num(m.get('max_abs'))}{extra}"
+    return f"[bold red]FAIL[/bold red] {_e(_short(row.note, 40))}"
+
+
+def _num(value) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, str):
+        return value
+    return "0" if value == 0 else f"{value:.2g}"
+
+
+def _short(text: str, width: int) -> str:
+    text = " ".join(str(text).split())
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+def _worst(rows: list[Row]) -> Row | None:
+    if not rows:
+        return None
+    failing = [r for r in rows if not r.passed]
+    return failing[0] if failing else rows[0]
+
+
+def render(report: Report, console=None, *, verbose: bool = False) -> None:
+    """Print the report to a rich console (stdout by default)."""
+    from rich.console import Console
+    from rich.table import Table
+
+    console = console or Console()
+    style = "bold green" if report.verdict == "parity" else "bold red"
+    console.print(f"[bold]{_e(report.command)}[/bold]  reference {_e(report.reference)}  candidate "
+                  f"{_e(report.candidate)}  profile {_e(report.profile)}", highlight=False)
+    console.print(f"[{style}]{_e(summary_line(report))}[/{style}]", highlight=False)
+
+    if report.findings:
+        table = Table(title="findings", show_lines=False, expand=True)
+        table.add_column("severity", no_wrap=True)
+        table.add_column("signature", no_wrap=True)
+        table.add_column("where", no_wrap=True)
+        table.add_column("message")
+        for f in sorted(report.findings, key=lambda f: _SEVERITY_ORDER.get(f.severity, 3)):
+            st = _SEVERITY_STYLE.get(f.severity, "")
+            table.add_row(f"[{st}]{f.severity}[/{st}]", _e(f.signature), _e(f.where), _e(f.message))
+        console.print(table)
+
+    layer_rows: dict[int, list[Row]] = {}
+    other: list[Row] = []
+    drill: list[Row] = []
+    for row in report.rows:
+        match = _LAYER.match(row.where)
+        if "/" in row.section:
+            drill.append(row)
+        elif match and row.section in ("structure", "isolated", "chained"):
+            layer_rows.setdefault(int(match.group(1)), []).append(row)
+        else:
+            other.append(row)
+
+    if layer_rows:
+        types = {e.get("index"): e.get("type") for e in (report.context.get("layers") or [])}
+        table = Table(title="layers", expand=False)
+        for column in ("#", "type", "parameters", "shape", "isolated", "chained", "notes"):
+            table.add_column(column, no_wrap=column != "notes")
+        for index in sorted(layer_rows):
+            rows = layer_rows[index]
+            if not verbose and all(r.passed for r in rows) and len(layer_rows) > 40:
+                continue
+            params = next((r for r in rows if r.name == "parameters"), None)
+            shape = next((r for r in rows if r.name == "output shape"), None)
+            iso = _worst([r for r in rows if r.section == "isolated"])
+            ch = _worst([r for r in rows if r.section == "chained"])
+            notes = [r.note for r in rows if r.section == "structure" and not r.passed
+                     and r.name not in ("parameters", "output shape")]
+            table.add_row(
+                str(index), _e(types.get(index, "")), _param_cell(params),
+                "" if shape is None else ("[green]ok[/green]" if shape.passed
+                                          else f"[bold red]{_e(_short(shape.note, 44))}[/bold red]"),
+                _cell(iso), _cell(ch), _e(_short("; ".join(notes), 60)))
+        console.print(table)
+
+    for title, rows in (("checks", other), ("sub-blocks", drill)):
+        if not rows:
+            continue
+        table = Table(title=title, expand=False)
+        for column in ("section", "where", "tensor / check", "result", "detail"):
+            table.add_column(column, no_wrap=column not in ("detail",))
+        shown = rows if verbose else [r for r in rows if not r.passed] + [r for r in rows if r.passed][:60]
+        for row in sorted(shown, key=lambda r: rows.index(r)):
+            table.add_row(_e(row.section), _e(row.where), _e(row.name), _cell(row), _e(_short(row.note, 80)))
+        console.print(table)
+
+    not_checked = (report.coverage or {}).get("not_checked") or []
+    left = []
+    for mode in ("isolated", "chained"):
+        cov = (report.coverage or {}).get(mode) or {}
+        if cov.get("left_out"):
+            left.append(f"{mode}: {len(cov['left_out'])} of {cov.get('reference_tensors')} reference tensors not "
+                        f"compared (first: {', '.join(cov['left_out'][:4])})")
+    sub = (report.coverage or {}).get("sub_blocks") or {}
+    if sub.get("left_out"):
+        left.append(f"layer {sub.get('layer')} sub-blocks: {len(sub['left_out'])} of {sub.get('reference')} not "
+                    f"provided by the candidate (first: {', '.join(sub['left_out'][:4])})")
+    for line in list(not_checked) + left:
+        console.print(f"[yellow]not covered:[/yellow] {_e(line)}", highlight=False)

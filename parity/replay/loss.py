@@ -1,0 +1,1272 @@
+"""Loss replay: compare a candidate detection loss with a reference dump's, stage by stage and end to end.
+
+Three passes per loss case in the dump (`manifest.loss.cases`):
+
+1. stage cross-replay (section `loss/{case}`): every stage the candidate exposes is fed the REFERENCE's inputs
+   for that stage and its outputs are compared with the reference's. A wrong stage shows up on its own row,
+   however wrong the stages before it are; every stage after the assignment runs on the reference
+   assignment, so a tie-break flip in the assigner cannot turn later numbers red.
+2. end to end (section `loss/{case} end-to-end`): the reference head outputs and ground truth go through the
+   whole candidate loss; each term (box, cls, dfl) gets its own verdict, under the batch-size convention the
+   candidate declares (stated on the row), plus every intermediate the candidate returns.
+3. gradients (section `loss/{case} gradients`): per term, the gradient w.r.t. the head outputs, end to end
+   and (when the candidate exposes the stages) conditioned on the reference assignment.
+
+Discrete outputs are judged as discrete: foreground anchors and their ground-truth index per image and per
+box (positives on both sides, anchors added and removed), each flip classified as a near-tie (its alignment
+metric within tolerance of the top-k boundary, or equal overlaps in a conflict: a harmless tie-break) or real.
+
+A candidate loss is a `LossAdapter` (docs/loss-adapter.md): `builtin` (the clean-room loss, optionally with an
+injected bug), `package.module:factory`, or an adapter object; or a candidate DUMP, whose recorded stages are
+checked against ultralytics' arithmetic on the candidate's own inputs. `parity.diagnose.loss` turns what the replay saw
+into findings.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+import torch
+
+from parity import names
+from parity.compare.metrics import compare_tensors
+from parity.compare.tolerances import BITWISE, Profile, Tolerance, get_profile, profile_for_environment
+from parity.diagnose.loss import (BroadcastWatch, CaseEvidence, LossEvidence, StageEvidence, diagnose_loss)
+from parity.dumpfile import Dump
+from parity.errors import ParityError
+from parity.reimpl.loss import INPUT_SOURCES, STAGE_INPUTS, LossConfig, build_loss
+from parity.report import Report, Row
+
+TERMS = names.LOSS_TERMS
+# Stage replay order: `assigner` (the assigner proper, fed the reference's assigner inputs) follows `assign`.
+REPLAY_STAGES = ("anchors", "preprocess", "decode", "assign", "assigner", "normalize", "classify", "box", "gains",
+                 "output")
+ASSIGNER_INPUT_NAMES = ("pd_scores", "pd_bboxes", "anc_points")
+REFERENCE_STAGE = {"assigner": "assign"}  # where the reference keeps a replay stage's outputs
+STAGE_OUTPUTS: dict[str, tuple[str, ...]] = {
+    **names.LOSS_STAGES,
+    "assigner": tuple(n for n in names.LOSS_STAGES["assign"] if n not in ASSIGNER_INPUT_NAMES),
+    "output": names.LOSS_OUTPUT,
+}
+# What a wrong stage means, in the words of the summary table.
+CATEGORY = {"head": "head outputs", "anchors": "anchors", "preprocess": "targets", "decode": "head decode", "assign": "assigner",
+            "assigner": "assigner", "normalize": "normalizer", "classify": "loss math", "box": "loss math",
+            "gains": "gain", "output": "batch scaling"}
+DISCRETE = ("mask_in_gts", "mask_pos", "fg_mask", "target_gt_idx", "target_labels")
+ON_FOREGROUND = ("target_labels", "target_bboxes", "target_gt_idx")  # filler on background anchors
+AFTER_ASSIGNMENT = ("normalize", "classify", "box", "gains", "output")
+
+
+# ------------------------------------------------------------------------------------------- the spec
+@dataclass
+class LossSpec:
+    """What a candidate loss factory is told about the reference it will be compared with."""
+
+    nc: int
+    reg_max: int
+    strides: tuple[float, ...]
+    end2end: bool
+    branches: tuple[str, ...]
+    batch_size: int
+    imgsz: tuple[int, int]
+    feat_shapes: list[tuple[int, int]]
+    hyperparameters: dict
+    branch_weights: dict
+    config: LossConfig
+    manifest: dict = field(repr=False, default_factory=dict)
+
+    @classmethod
+    def from_dump(cls, dump: Dump) -> "LossSpec":
+        model = dump.model
+        if "nc" not in model or "head_index" not in model:
+            raise ParityError(f"{dump.path}: the manifest's `model` section lacks nc/head_index; a loss comparison "
+                              f"needs a reference dump (docs/dump-format.md)")
+        head = int(model["head_index"])
+        end2end = bool(model.get("end2end", False))
+        branches = tuple((dump.manifest.get("loss") or {}).get("branches") or (names.E2E_BRANCHES if end2end else ()))
+        scores = names.act(head, branches[0], "scores") if end2end else names.act(head, "scores")
+        if scores not in dump:
+            raise ParityError(f"{dump.path}: no {scores}: the loss replay needs the head's train outputs")
+        batch_size = int(dump.index[scores]["shape"][0])
+        feat_shapes = _feature_shapes(dump, head)
+        strides = tuple(float(s) for s in model.get("strides", (8, 16, 32)))
+        if names.batch_img() in dump:
+            imgsz = tuple(int(v) for v in dump.index[names.batch_img()]["shape"][2:])
+        else:
+            imgsz = (int(feat_shapes[0][0] * strides[0]), int(feat_shapes[0][1] * strides[0]))
+        loss = dump.manifest.get("loss") or {}
+        return cls(nc=int(model["nc"]), reg_max=int(model.get("reg_max", 16)), strides=strides, end2end=end2end,
+                   branches=branches, batch_size=batch_size, imgsz=imgsz, feat_shapes=feat_shapes,
+                   hyperparameters=dict(dump.manifest.get("hyperparameters") or {}),
+                   branch_weights=dict(loss.get("branch_weights") or {}),
+                   config=LossConfig.from_manifest(dump.manifest), manifest=dump.manifest)
+
+    @property
+    def gains(self) -> tuple[float, float, float]:
+        return self.config.gains
+
+    def branch_weight(self, branch: str | None) -> float | None:
+        if branch is None:
+            return None
+        default = {"one2many": 0.8, "one2one": 1.0 - 0.8}
+        return float(self.branch_weights.get(branch, default[branch]))
+
+
+def _feature_shapes(dump: Dump, head: int) -> list[tuple[int, int]]:
+    """(H, W) of each level: the outputs of the layers feeding the head (feats are not stored)."""
+    layers = dump.layers
+    if head < len(layers) and layers[head].get("from"):
+        shapes = []
+        for source in layers[head]["from"]:
+            shape = (layers[source].get("outputs") or {}).get(names.act(source))
+            if shape is None and names.act(source) in dump:
+                shape = dump.index[names.act(source)]["shape"]
+            if shape is None:
+                break
+            shapes.append((int(shape[2]), int(shape[3])))
+        else:
+            return shapes
+    # Fall back: square levels at the strides, from the image size.
+    img = dump.index.get(names.batch_img())
+    if img is None:
+        raise ParityError(f"{dump.path}: cannot tell the head's feature map sizes (no layer table, no batch.img)")
+    h, w = img["shape"][2:]
+    return [(int(h // s), int(w // s)) for s in dump.model.get("strides", (8, 16, 32))]
+
+
+# -------------------------------------------------------------------------------------------- adapter
+@dataclass
+class CandidateResult:
+    terms: torch.Tensor | None  # (3,) box, cls, dfl as returned, or None when only a total was returned
+    total: torch.Tensor
+    items: torch.Tensor | None
+    tensors: dict[str, torch.Tensor]
+
+
+class LossAdapter:
+    """How to drive a candidate loss: docs/loss-adapter.md describes every option.
+
+    loss          callable(preds, batch) -> loss vector, (loss, items), (loss, items, intermediates), a dict
+                  {"box", "cls", "dfl"} or an object with `.loss` / `.items` / `.tensors`
+    predictions   "dict": {"boxes": (B, 4*reg_max, A), "scores": (B, nc, A), "feats": [...]} (ultralytics 8.4);
+                  "levels": a list of (B, 4*reg_max + nc, H, W) maps (ultralytics 8.3 and most ports)
+    level_order   "fine-first" (P3 first, the reference's order) or "coarse-first"
+    targets       "xywh" or "xyxy" boxes; `normalized` True for fractions of the image, False for pixels
+    batch_scaled  True: the loss vector is multiplied by the batch size (ultralytics); False: per-image mean
+    terms         order of the returned vector's terms, names from ("box", "cls", "dfl")
+    stages        {stage: fn(**inputs) -> {name: tensor}} under the dump's stage and tensor names
+                  (end-to-end heads: {branch: {stage: fn}}); `assigner` is the assigner alone
+    batch_fn      optional callable(batch dict) -> whatever the loss takes as its batch (after `targets`)
+    preds_fn      optional callable(head dict) -> whatever the loss takes as predictions
+    """
+
+    def __init__(self, loss: Callable | None = None, *, predictions: str = "dict", level_order: str = "fine-first",
+                 targets: str = "xywh", normalized: bool = True, batch_scaled: bool = True,
+                 terms: Sequence[str] = TERMS, stages: Mapping | None = None, name: str | None = None,
+                 batch_fn: Callable | None = None, preds_fn: Callable | None = None):
+        if predictions not in ("dict", "levels"):
+            raise ParityError(f"loss adapter: predictions={predictions!r}, expected 'dict' or 'levels'")
+        if level_order not in ("fine-first", "coarse-first"):
+            raise ParityError(f"loss adapter: level_order={level_order!r}, expected 'fine-first' or 'coarse-first'")
+        if targets not in ("xywh", "xyxy"):
+            raise ParityError(f"loss adapter: targets={targets!r}, expected 'xywh' or 'xyxy'")
+        unknown = [t for t in terms if t not in TERMS]
+        if unknown or len(set(terms)) != len(terms):
+            raise ParityError(f"loss adapter: terms={list(terms)}, expected an order of {', '.join(TERMS)}")
+        self.loss = loss
+        self.predictions = predictions
+        self.level_order = level_order
+        self.targets = targets
+        self.normalized = normalized
+        self.batch_scaled = batch_scaled
+        self.terms = tuple(terms)
+        self.stages = dict(stages or {})
+        self.name = name or getattr(loss, "__name__", None) or type(loss).__name__
+        self.batch_fn = batch_fn
+        self.preds_fn = preds_fn
+
+    # -- stages
+    def stage(self, name: str, branch: str | None = None) -> Callable | None:
+        table = self.stages.get(branch, {}) if branch is not None and branch in self.stages else self.stages
+        fn = table.get(name) if isinstance(table, Mapping) else None
+        return fn if callable(fn) else None
+
+    def exposed(self, branch: str | None = None) -> list[str]:
+        return [s for s in REPLAY_STAGES if self.stage(s, branch) is not None]
+
+    # -- inputs
+    def convert_preds(self, head: dict, spec: LossSpec) -> Any:
+        """head: {"boxes", "scores"} (or {branch: {...}}), reference layout. Differentiable conversions only."""
+        if self.preds_fn is not None:
+            return self.preds_fn(head)
+        if spec.end2end:
+            return {b: self._one_head(head[b], spec) for b in spec.branches}
+        return self._one_head(head, spec)
+
+    def _one_head(self, head: dict, spec: LossSpec) -> Any:
+        feats = [torch.zeros(spec.batch_size, 1, h, w) for h, w in spec.feat_shapes]
+        if self.predictions == "dict":
+            return {"boxes": head["boxes"], "scores": head["scores"], "feats": feats,
+                    "feat_shapes": list(spec.feat_shapes)}
+        levels, start = [], 0
+        for h, w in spec.feat_shapes:
+            end = start + h * w
+            level = torch.cat((head["boxes"][..., start:end], head["scores"][..., start:end]), 1)
+            levels.append(level.reshape(level.shape[0], level.shape[1], h, w))
+            start = end
+        return levels[::-1] if self.level_order == "coarse-first" else levels
+
+    def convert_batch(self, batch: dict, spec: LossSpec) -> Any:
+        boxes = batch["bboxes"]
+        if self.targets == "xyxy":
+            centre, half = boxes[:, :2], boxes[:, 2:] / 2
+            boxes = torch.cat((centre - half, centre + half), 1)
+        if not self.normalized:
+            h, w = spec.imgsz
+            boxes = boxes * torch.tensor([w, h, w, h], dtype=boxes.dtype)
+        out = {**batch, "bboxes": boxes}
+        return self.batch_fn(out) if self.batch_fn is not None else out
+
+    # -- the call
+    def call(self, preds: Any, batch: Any) -> CandidateResult:
+        if self.loss is None:
+            raise ParityError(f"loss candidate {self.name}: the adapter has no loss callable, only stages")
+        return self.parse(self.loss(preds, batch))
+
+    def parse(self, value: Any) -> CandidateResult:
+        tensors: dict[str, torch.Tensor] = {}
+        items = None
+        if hasattr(value, "loss") and not isinstance(value, (tuple, list, dict, torch.Tensor)):
+            tensors = dict(getattr(value, "tensors", None) or {})
+            items = getattr(value, "items", None)
+            value = value.loss
+        elif isinstance(value, (tuple, list)):
+            if len(value) >= 3 and isinstance(value[2], Mapping):
+                tensors = dict(value[2])
+            items = value[1] if len(value) >= 2 else None
+            value = value[0]
+        if isinstance(value, Mapping):
+            if all(t in value for t in TERMS):
+                value = torch.stack([torch.as_tensor(value[t]) for t in TERMS])
+                return CandidateResult(value, value.sum(), _as_items(items), tensors)
+            raise ParityError(f"loss candidate {self.name}: returned a dict without the keys {', '.join(TERMS)}")
+        if not isinstance(value, torch.Tensor):
+            raise ParityError(f"loss candidate {self.name}: returned {type(value).__name__}, expected a tensor")
+        if value.numel() == 3:
+            ordered = value.reshape(3)
+            terms = torch.stack([ordered[self.terms.index(t)] for t in TERMS])
+            items = _as_items(items)
+            if items is not None and items.numel() == 3:
+                items = torch.stack([items.reshape(3)[self.terms.index(t)] for t in TERMS])
+            return CandidateResult(terms, terms.sum(), items, tensors)
+        return CandidateResult(None, value.reshape(()), _as_items(items), tensors)
+
+
+def _as_items(items: Any) -> torch.Tensor | None:
+    if items is None:
+        return None
+    if isinstance(items, Mapping):
+        values = list(items.values())
+        return torch.stack([torch.as_tensor(v).detach().reshape(()) for v in values]) if values else None
+    if isinstance(items, torch.Tensor):
+        return items.detach()
+    return None
+
+
+def builtin_loss_adapter(spec: LossSpec, inject: str | None = None) -> LossAdapter:
+    """The clean-room loss (`parity.reimpl.loss`), every stage exposed; `inject` plants a known bug."""
+    try:
+        loss = build_loss(spec.manifest, inject=inject)
+    except KeyError as error:
+        raise ParityError(str(error).strip("'\"")) from None
+    except ValueError as error:
+        raise ParityError(str(error)) from None
+    if spec.end2end:
+        stages = {b: {s: loss.branch(b).stage(s) for s in STAGE_INPUTS if s != "output"} for b in spec.branches}
+    else:
+        stages = {s: loss.stage(s) for s in STAGE_INPUTS}
+    return LossAdapter(loss.run, predictions="dict", stages=stages,
+                       name="builtin" + (f" (inject {inject})" if inject else ""))
+
+
+def load_loss_candidate(candidate: Any, spec: LossSpec, *, inject: str | None = None) -> LossAdapter:
+    """`builtin`, `package.module:factory` (factory(spec) or factory(nc=..., reg_max=..., strides=...)),
+    a LossAdapter, or a plain callable loss."""
+    if isinstance(candidate, LossAdapter):
+        return candidate
+    if candidate is None or candidate == "builtin":
+        return builtin_loss_adapter(spec, inject)
+    if inject:
+        raise ParityError("--inject plants a bug in the built-in candidate; it cannot be combined with a user loss")
+    if isinstance(candidate, str):
+        factory, module = _import(candidate)
+        made = _call_factory(factory, spec, candidate)
+        options = getattr(module, "LOSS_ADAPTER", None) or {}
+        return _as_adapter(made, options, candidate)
+    if callable(candidate):
+        return _as_adapter(candidate, {}, getattr(candidate, "__name__", type(candidate).__name__))
+    raise ParityError(f"loss candidate {candidate!r}: expected 'builtin', 'package.module:factory' or a LossAdapter")
+
+
+def _import(spec: str):
+    module_name, _, attr = spec.partition(":")
+    if not module_name or not attr:
+        raise ParityError(f"loss candidate {spec!r}: expected 'builtin' or 'package.module:factory'")
+    if str(Path.cwd()) not in sys.path:
+        sys.path.insert(0, str(Path.cwd()))
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as error:
+        raise ParityError(f"loss candidate {spec!r}: cannot import {module_name!r} ({error})") from None
+    target = module
+    for part in attr.split("."):
+        if not hasattr(target, part):
+            raise ParityError(f"loss candidate {spec!r}: module {module_name!r} has no attribute {attr!r}")
+        target = getattr(target, part)
+    if not callable(target):
+        raise ParityError(f"loss candidate {spec!r}: {attr!r} is not callable")
+    return target, module
+
+
+def _call_factory(factory: Callable, spec: LossSpec, label: str) -> Any:
+    try:
+        params = inspect.signature(factory).parameters
+    except (TypeError, ValueError):
+        params = {}
+    kwargs = {k: getattr(spec, k) for k in ("nc", "reg_max", "strides", "hyperparameters", "end2end") if k in params}
+    try:
+        if "spec" in params:
+            return factory(spec=spec, **kwargs)
+        if kwargs:
+            return factory(**kwargs)
+        required = [p for p in params.values() if p.default is p.empty and p.kind in (p.POSITIONAL_ONLY,
+                                                                                      p.POSITIONAL_OR_KEYWORD)]
+        return factory(spec) if required else factory()
+    except ParityError:
+        raise
+    except Exception as error:  # noqa: BLE001 - a user factory may raise anything; say whose it was
+        raise ParityError(f"loss candidate {label}: the factory raised {type(error).__name__}: {error}") from None
+
+
+def _as_adapter(made: Any, options: Mapping, label: str) -> LossAdapter:
+    if isinstance(made, LossAdapter):
+        if made.name in (None, "", "function"):
+            made.name = label
+        return made
+    options = {**dict(options), **dict(getattr(made, "loss_adapter", None) or {})}
+    if not callable(made):
+        raise ParityError(f"loss candidate {label}: the factory returned {type(made).__name__}, not a callable loss")
+    return LossAdapter(made, name=options.pop("name", label), **options)
+
+
+class RecordedLoss:
+    """A candidate DUMP (docs/dump-format.md; a port in any language): its own loss tensors, recorded under the
+    dump's names, instead of code to run. `manifest.loss.batch_scaled: false` declares a per-image-mean
+    `output.loss`."""
+
+    def __init__(self, dump: Dump):
+        self.dump = dump
+        self.name = str(dump.path)
+        self.batch_scaled = bool((dump.manifest.get("loss") or {}).get("batch_scaled", True))
+        self.loss = None
+
+    def exposed(self, branch: str | None = None) -> list[str]:
+        """Stages with at least one recorded output (in any case)."""
+        recorded = set()
+        for name in self.dump.names("loss."):
+            parts = name.split(".")[2:]
+            if branch and parts and parts[0] == branch:
+                parts = parts[1:]
+            elif parts and parts[0] in names.E2E_BRANCHES:
+                continue
+            if parts:
+                recorded.add(parts[0])
+        return [s for s in REPLAY_STAGES if REFERENCE_STAGE.get(s, s) in recorded]
+
+
+def _as_candidate_dump(candidate: Any) -> Dump | None:
+    if isinstance(candidate, Dump):
+        return candidate
+    if isinstance(candidate, (str, Path)) and Path(candidate).is_dir() and (Path(candidate) / "manifest.json").exists():
+        return Dump(candidate)
+    return None
+
+
+# ---------------------------------------------------------------------------------------- reference view
+class _Case:
+    """One dump's tensors for one loss case, by stage and name (the reference's, or a candidate dump's, whose
+    missing batch tensors and head index come from `fallback`, the reference)."""
+
+    def __init__(self, dump: Dump, spec: LossSpec, case: str, fallback: Dump | None = None):
+        self.dump, self.spec, self.case, self.fallback = dump, spec, case, fallback
+        self.head_index = int((fallback or dump).model["head_index"])
+
+    def _get(self, name: str) -> torch.Tensor:
+        if name not in self.dump and self.fallback is not None and name.startswith("batch."):
+            return self.fallback.get(name)
+        return self.dump.get(name)
+
+    def name(self, stage: str, tensor: str, branch: str | None = None) -> str:
+        if stage == "output":
+            return names.loss_output(self.case, tensor)
+        return names.loss(self.case, stage, tensor, branch)
+
+    def ref(self, stage: str, tensor: str, branch: str | None = None) -> torch.Tensor | None:
+        return self.dump.get_optional(self.name(stage, tensor, branch))
+
+    def head(self, branch: str | None) -> dict[str, torch.Tensor]:
+        path = (branch,) if branch else ()
+        return {o: self.dump.get(names.act(self.head_index, *path, o)) for o in names.HEAD_OUTPUTS}
+
+    def has_head(self, branch: str | None) -> bool:
+        path = (branch,) if branch else ()
+        return all(names.act(self.head_index, *path, o) in self.dump for o in names.HEAD_OUTPUTS)
+
+    def batch(self) -> dict[str, torch.Tensor]:
+        out = {f: self._get(names.batch_target(self.case, f)) for f in ("cls", "bboxes", "batch_idx")}
+        if names.batch_img() in self.dump or (self.fallback is not None and names.batch_img() in self.fallback):
+            out["img"] = self._get(names.batch_img())
+        return out
+
+    def given(self, branch: str | None) -> dict[str, Any]:
+        """Stage inputs that come from the head and the batch rather than from an earlier stage."""
+        batch = self.batch()
+        h, w = self.spec.imgsz
+        return {"feat_shapes": list(self.spec.feat_shapes), "batch_size": self.spec.batch_size,
+                "imgsz": torch.tensor([h, w], dtype=torch.float32), **self.head(branch),
+                "batch_idx": batch["batch_idx"], "cls": batch["cls"], "bboxes": batch["bboxes"]}
+
+    def stage_inputs(self, stage: str, branch: str | None) -> dict[str, Any]:
+        given = self.given(branch)
+        out = {}
+        for name in STAGE_INPUTS[stage]:
+            source = INPUT_SOURCES[name]
+            group, tensor = source.split(".", 1)
+            if group in ("head", "batch"):
+                out[name] = given[name]
+                continue
+            value = self.ref(group, tensor, branch)
+            if value is None:
+                raise KeyError(self.name(group, tensor, branch))
+            out[name] = value
+        return out
+
+
+# --------------------------------------------------------------------------------------------- compare
+def compare_loss(reference: Dump | str | Path, candidate_loss: Any = "builtin", *,
+                 profile: str | Profile | None = None, cases: Sequence[str] | None = None, progress: bool = True,
+                 inject: str | None = None) -> Report:
+    """Compare a candidate loss with the reference dump's loss: stage cross-replay, end to end, gradients.
+
+    candidate_loss: "builtin", "package.module:factory", a LossAdapter, a callable loss, or a candidate dump
+    (directory or Dump) holding the loss tensors a port recorded. Returns a Report (rows per case and stage, findings from `parity.diagnose.loss`).
+    """
+    dump = reference if isinstance(reference, Dump) else Dump(reference)
+    spec = LossSpec.from_dump(dump)
+    recorded = _as_candidate_dump(candidate_loss)
+    if recorded is not None and inject:
+        raise ParityError("--inject plants a bug in the built-in candidate; a candidate dump is compared as recorded")
+    adapter = RecordedLoss(recorded) if recorded is not None else load_loss_candidate(candidate_loss, spec,
+                                                                                       inject=inject)
+    profile = get_profile(profile or profile_for_environment(dump.manifest.get("environment"),
+                                                             dump.config.get("precision")))
+    present = [c["name"] if isinstance(c, Mapping) else str(c) for c in (dump.manifest.get("loss") or {}).get("cases", [])]
+    if not present:
+        raise ParityError(f"{dump.path}: the manifest lists no loss cases (manifest.loss.cases)")
+    chosen = list(cases) if cases else present
+    missing = [c for c in chosen if c not in present]
+    if missing:
+        raise ParityError(f"loss case(s) {', '.join(missing)} not in {dump.path} (it has {', '.join(present)})")
+
+    report = Report(command="compare --what loss", reference=str(dump.path), candidate=adapter.name,
+                    profile=profile.name)
+    evidence = LossEvidence(gains=spec.gains, batch_scaled=adapter.batch_scaled,
+                            tolerance=profile.for_kind("loss"))
+    summary: dict[str, dict[str, str]] = {}
+    with _progress(progress, len(chosen)) as advance:
+        for case in chosen:
+            advance(f"loss case {case}")
+            kind = _RecordedCaseReplay if isinstance(adapter, RecordedLoss) else _CaseReplay
+            replay = kind(dump, spec, adapter, profile, report, case)
+            evidence.cases.append(replay.run())
+            summary[case] = replay.summary
+    diagnose_loss(evidence, report)
+
+    branches = list(spec.branches) or [None]
+    report.coverage["loss"] = {
+        "cases": chosen,
+        "stages_exposed": {str(b or "all"): adapter.exposed(b) for b in branches},
+        "stages_not_exposed": {str(b or "all"): [s for s in REPLAY_STAGES if s not in adapter.exposed(b)]
+                               for b in branches},
+        "intermediates_returned": sorted(set().union(*[set(s.get("intermediates", [])) for s in summary.values()]))
+        if summary else [],
+        "batch_convention": _convention(adapter, spec),
+    }
+    report.context["loss"] = {
+        "criterion": (dump.manifest.get("loss") or {}).get("criterion"),
+        "end2end": spec.end2end,
+        "stages": {case: {k: v for k, v in s.items() if k != "intermediates"} for case, s in summary.items()},
+        "first_wrong_stage": _first_wrong(report),
+        "categories": CATEGORY,
+    }
+    return report
+
+
+def _convention(adapter: "LossAdapter | RecordedLoss", spec: LossSpec) -> str:
+    if adapter.batch_scaled:
+        return f"loss vector multiplied by the batch size (B = {spec.batch_size}), as ultralytics returns it"
+    return (f"candidate declares the per-image mean (batch_scaled=False); its values and gradients are multiplied "
+            f"by B = {spec.batch_size} before comparison, and every such row says so")
+
+
+def _first_wrong(report: Report) -> dict | None:
+    for row in report.rows:
+        if not row.passed and row.section.startswith("loss/"):
+            stage = row.where.split(" (")[0].split()[-1]
+            return {"section": row.section, "stage": stage, "category": CATEGORY.get(stage, stage), "name": row.name}
+    return None
+
+
+class _progress:
+    def __init__(self, enabled: bool, total: int):
+        self.enabled = enabled and sys.stderr.isatty()
+        self.total = total
+        self.bar = None
+
+    def __enter__(self):
+        if not self.enabled:
+            return lambda step: None
+        from rich.progress import Progress
+
+        self.bar = Progress(transient=True)
+        self.bar.__enter__()
+        task = self.bar.add_task("loss replay", total=self.total)
+
+        def advance(step: str) -> None:
+            self.bar.update(task, description=step)
+            self.bar.advance(task)
+
+        return advance
+
+    def __exit__(self, *exc):
+        if self.bar is not None:
+            self.bar.__exit__(*exc)
+
+
+# ------------------------------------------------------------------------------------------- one case
+class _CaseReplay:
+    def __init__(self, dump: Dump, spec: LossSpec, adapter: LossAdapter, profile: Profile, report: Report,
+                 case: str):
+        self.dump, self.spec, self.adapter, self.profile, self.report = dump, spec, adapter, profile, report
+        self.case = case
+        self.ref = _Case(dump, spec, case)
+        self.evidence = CaseEvidence(case, spec.batch_size)
+        self.branches = list(spec.branches) or [None]
+        self.summary: dict[str, Any] = {}
+        self.section = f"loss/{case}"
+        # stages whose conditioned replay passed, per branch (decides whether near-tie explanations hold)
+        self.conditioned_ok: dict[tuple[str | None, str], bool] = {}
+        # the end-to-end run's assignment against the reference's, per branch
+        self.evidence_diff: dict[str | None, AssignmentDiff | None] = {}
+
+    def run(self) -> CaseEvidence:
+        for branch in self.branches:
+            for stage in REPLAY_STAGES:
+                if stage == "output" and self.spec.end2end:
+                    continue  # the end-to-end output combines both branches: compared in the whole run
+                self.replay_stage(stage, branch)
+        self.whole_run()
+        self.conditioned_gradients()
+        return self.evidence
+
+    # -- tolerances
+    def tol(self, name: str) -> Tolerance:
+        return self.profile.for_name(name)
+
+    def where(self, stage: str, branch: str | None) -> str:
+        text = f"{branch} {stage}" if branch else stage
+        return f"{text} ({CATEGORY.get(stage, stage)})"
+
+    def _mark(self, stage: str, branch: str | None, verdict: str) -> None:
+        key = f"{branch}.{stage}" if branch else stage
+        previous = self.summary.get(key)
+        if previous in (None, "pass") or verdict == "fail":
+            self.summary[key] = verdict
+
+    # -- 1. stage cross-replay
+    def replay_stage(self, stage: str, branch: str | None) -> None:
+        fn = self.adapter.stage(stage, branch)
+        if fn is None:
+            self._mark(stage, branch, "not exposed")
+            return
+        ref_stage = REFERENCE_STAGE.get(stage, stage)
+        outputs_ref = {n: self.ref.ref(ref_stage, n, None if stage == "output" else branch) for n in STAGE_OUTPUTS[stage]}
+        outputs_ref = {n: t for n, t in outputs_ref.items() if t is not None}
+        try:
+            inputs = self.ref.stage_inputs(stage, branch)
+        except KeyError as missing:
+            self._row(stage, branch, f"{self.ref.name(stage, '*', branch)}", True,
+                      note=f"not replayed: the reference lacks {missing.args[0]}")
+            self._mark(stage, branch, "no reference")
+            return
+        ev = StageEvidence(self.case, branch, stage, reference=outputs_ref, inputs=inputs)
+        call_inputs = dict(inputs)
+        if stage == "assign":
+            # fed head outputs that carry gradients: the assignment must come out as constants
+            for key in ("scores", "pred_bboxes"):
+                if key in call_inputs and call_inputs[key].is_floating_point():
+                    call_inputs[key] = call_inputs[key].detach().clone().requires_grad_(True)
+        watch = BroadcastWatch()
+        try:
+            with watch:
+                produced = fn(**call_inputs)
+            if not isinstance(produced, Mapping):
+                raise TypeError(f"stage {stage} returned {type(produced).__name__}, expected a dict of tensors")
+        except Exception as error:  # noqa: BLE001 - a candidate stage may raise anything; that is the finding
+            ev.error = f"{type(error).__name__}: {error}"
+            ev.broadcasts = watch.events
+            ev.failed = list(outputs_ref)
+            self._row(stage, branch, self.ref.name(stage, "*", None if stage == "output" else branch), False,
+                      note=f"the candidate's {stage} stage raised {ev.error}")
+            self.evidence.stages.append(ev)
+            self._mark(stage, branch, "fail")
+            self.conditioned_ok[(branch, stage)] = False
+            return
+        ev.broadcasts = watch.events
+        ev.outputs = {k: v for k, v in produced.items() if isinstance(v, torch.Tensor)}
+        if stage == "assign":
+            ev.carries_grad = [k for k, v in ev.outputs.items()
+                               if v.requires_grad and k not in ASSIGNER_INPUT_NAMES]
+            self._row(stage, branch, f"{stage}: outputs are constants", not ev.carries_grad,
+                      note=("assignment outputs carry gradients: " + ", ".join(ev.carries_grad)) if ev.carries_grad
+                      else "assignment outputs carry no gradient (assigner inputs detached)")
+        diff = None
+        if "fg_mask" in outputs_ref and "fg_mask" in ev.outputs:
+            diff = self._assignment(branch, ev.outputs, lambda n: outputs_ref.get(n) if n in outputs_ref
+                                    else self.ref.ref("assign", n, branch))
+        ok = True
+        for name, ref in outputs_ref.items():
+            cand = ev.outputs.get(name)
+            passed = self._compare(stage, branch, name, ref, cand, ev, diff,
+                                   batch_note=(stage == "output" and name == "loss"))
+            ok &= passed
+        self.evidence.stages.append(ev)
+        self.conditioned_ok[(branch, stage)] = ok and not ev.carries_grad
+        self._mark(stage, branch, "pass" if ok and not ev.carries_grad else "fail")
+
+    def _compare(self, stage: str, branch: str | None, name: str, ref: torch.Tensor, cand: Any,
+                 ev: StageEvidence, diff: "AssignmentDiff | None", *, batch_note: bool = False,
+                 section: str | None = None, end_to_end: bool = False, extra_note: str = "") -> bool:
+        full = self.ref.name(REFERENCE_STAGE.get(stage, stage), name, None if stage == "output" else branch)
+        tol = BITWISE if name in DISCRETE else self.tol(full)
+        if cand is None:
+            self._row(stage, branch, full, False, note="the candidate did not return it", section=section)
+            ev.failed.append(name)
+            return False
+        if not isinstance(cand, torch.Tensor):
+            cand = torch.as_tensor(cand)
+        cand_d = cand.detach()
+        note = ""
+        if batch_note and not self.adapter.batch_scaled:
+            cand_d = cand_d * self.spec.batch_size
+            note = f"candidate declares the per-image mean: its value x B={self.spec.batch_size} is compared"
+        fg_names = ("fg_mask", "target_gt_idx", "mask_pos", "target_labels", "target_bboxes", "target_scores")
+        if diff is not None and name in fg_names:
+            passed, metrics, note2 = self._compare_assignment_tensor(name, ref, cand_d, diff, tol)
+            note = "; ".join(filter(None, [note, note2]))
+        else:
+            metrics = compare_tensors(ref, cand_d, tol)
+            passed = metrics.passed
+            if not passed and end_to_end and self._explained_by_ties(stage, branch):
+                passed = True
+                note = "; ".join(filter(None, [note, self._tie_note(branch)]))
+        if not passed:
+            ev.failed.append(name)
+        note = "; ".join(filter(None, [note, extra_note]))
+        self._row(stage, branch, full, passed, metrics=metrics.as_dict(), tolerance=tol.as_dict(), note=note,
+                  section=section)
+        return passed
+
+    # -- assignment as discrete data
+    def _assignment(self, branch: str | None, cand: Mapping, ref_of: Callable[[str], torch.Tensor | None]
+                    ) -> "AssignmentDiff | None":
+        ref_fg, ref_idx = ref_of("fg_mask"), ref_of("target_gt_idx")
+        metric, overlaps = ref_of("align_metric"), ref_of("overlaps")
+        cand_fg, cand_idx = cand.get("fg_mask"), cand.get("target_gt_idx")
+        if ref_fg is None or ref_idx is None or cand_fg is None or cand_idx is None:
+            return None
+        if cand_fg.shape != ref_fg.shape or cand_idx.shape != ref_idx.shape:
+            return None
+        tol = self.tol(self.ref.name("assign", "align_metric", branch))
+        return compare_assignment(ref_fg, ref_idx, cand_fg.detach(), cand_idx.detach(), metric, overlaps, tol,
+                                  self.tol(self.ref.name("assign", "overlaps", branch)))
+
+    def _compare_assignment_tensor(self, name: str, ref: torch.Tensor, cand: torch.Tensor, diff: "AssignmentDiff",
+                                   tol: Tolerance):
+        """fg_mask and target_gt_idx are judged per box (AssignmentDiff); the others on the anchors whose
+        assignment both sides agree on (background rows are filler, flipped anchors are the diff's business)."""
+        if name == "fg_mask":
+            metrics = compare_tensors(ref.bool(), cand.bool(), BITWISE)
+            return not diff.real, metrics, diff.summary()
+        if cand.shape != ref.shape:
+            return False, compare_tensors(ref, cand, tol), ""
+        if name == "target_gt_idx":
+            common = diff.common_mask  # foreground on both sides: the box index is no filler there
+            metrics = compare_tensors(ref[common], cand[common], BITWISE)
+            moved_real = [f for f in diff.real if f.kind == "moved"]
+            return not moved_real, metrics, (f"compared on the {int(common.sum())} anchors foreground on both "
+                                             f"sides; {len(diff.flips) - len(diff.real)} near-tie flip(s)"
+                                             if diff.flips else f"compared on the {int(common.sum())} foreground "
+                                                                f"anchors")
+        if name in ON_FOREGROUND:
+            agree = diff.agree_mask  # same box on both sides: label and box must match
+            metrics = compare_tensors(ref[agree], cand[agree], tol)
+            return metrics.passed, metrics, f"compared on the {int(agree.sum())} anchors assigned the same box"
+        if not diff.flips:
+            metrics = compare_tensors(ref, cand, tol)
+            return metrics.passed, metrics, ""
+        # mask_pos (B, M, A) and target_scores (B, A, C): leave the flipped anchors out
+        keep = ~diff.flipped_mask
+        r, c = (ref.transpose(1, 2)[keep], cand.transpose(1, 2)[keep]) if name == "mask_pos" else (ref[keep], cand[keep])
+        metrics = compare_tensors(r, c, tol)
+        note = f"compared outside the {int(diff.flipped_mask.sum())} flipped anchor(s)"
+        if diff.real:
+            note += f"; {len(diff.real)} real flip(s) (see fg_mask)"
+        return metrics.passed and not diff.real, metrics, note
+
+    def _explained_by_ties(self, stage: str, branch: str | None) -> bool:
+        """An end-to-end number after the assignment that differs only because of near-tie flips: the flips are
+        all near-ties, and the stage(s) behind the number match when fed the reference assignment."""
+        if stage not in AFTER_ASSIGNMENT:
+            return False
+        diffs = self.evidence_diff
+        relevant = [diffs.get(b) for b in (self.branches if stage == "output" else [branch])]
+        relevant = [d for d in relevant if d is not None]
+        if not relevant or not any(d.flips for d in relevant) or any(d.real for d in relevant):
+            return False
+        needed = [(b, s) for b in self.branches for s in ("normalize", "classify", "box", "gains")] \
+            if stage == "output" else [(branch, stage)]
+        return all(self.conditioned_ok.get(key, False) for key in needed)
+
+    def _tie_note(self, branch: str | None) -> str:
+        count = sum(len(d.flips) for d in self.evidence_diff.values() if d is not None)
+        return (f"differs only through {count} near-tie assignment flip(s); the stages match when fed the "
+                f"reference assignment")
+
+    # -- 2. the whole candidate loss
+    def whole_run(self) -> None:
+        section = f"{self.section} end-to-end"
+        if self.adapter.loss is None:
+            self._row("output", None, names.loss_output(self.case, "loss"), True, section=section,
+                      note="not run: the candidate exposes stages only")
+            return
+        leaves = self._head_leaves()
+        head = leaves if self.spec.end2end else leaves[None]
+        batch = self.ref.batch()
+        watch = BroadcastWatch()
+        try:
+            with watch:
+                result = self.adapter.call(self.adapter.convert_preds(head, self.spec),
+                                           self.adapter.convert_batch(batch, self.spec))
+        except ParityError:
+            raise
+        except Exception as error:  # noqa: BLE001
+            self.evidence.run_error = f"{type(error).__name__}: {error}"
+            self.evidence.run_broadcasts = watch.events
+            self.evidence.values_passed = False
+            self._row("output", None, names.loss_output(self.case, "loss"), False, section=section,
+                      note=f"the candidate loss raised {self.evidence.run_error}")
+            self._mark("end-to-end", None, "fail")
+            return
+        self.evidence.run_broadcasts = watch.events
+        self._leaves, self._result = leaves, result
+        self.summary["intermediates"] = sorted(result.tensors)
+
+        values_ok = self._compare_intermediates(result.tensors, section)
+        scale = 1 if self.adapter.batch_scaled else self.spec.batch_size
+        values_ok &= self._compare_terms(result, scale, section)
+        self.evidence.values_passed = values_ok
+        self._mark("end-to-end", None, "pass" if values_ok else "fail")
+        ref_loss, cand = self.evidence.ref_loss, self.evidence.cand_loss
+        if not bool(torch.isfinite(cand).all()) and ref_loss is not None and bool(torch.isfinite(ref_loss).all()):
+            self.evidence.positive_logits_finite = self._probe_positive_logits(head, batch)
+        self.end_to_end_gradients(section.replace("end-to-end", "gradients"))
+
+    def _compare_intermediates(self, tensors: Mapping[str, torch.Tensor], section: str, note: str = "") -> bool:
+        """Every intermediate the candidate returned, per branch, against the reference (unconditioned)."""
+        values_ok = True
+        for branch in self.branches:
+            prefix = f"{branch}." if branch else ""
+            mine = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)} if branch else dict(tensors)
+            ev = StageEvidence(self.case, branch, "end-to-end")
+            ev.outputs = {k: v for k, v in mine.items() if isinstance(v, torch.Tensor)}
+            ev.carries_grad = [k for k, v in ev.outputs.items() if k.startswith("assign.") and v.requires_grad
+                               and k.split(".", 1)[1] not in ASSIGNER_INPUT_NAMES]
+            diff = None
+            if "assign.fg_mask" in ev.outputs and "assign.target_gt_idx" in ev.outputs:
+                diff = self._assignment(branch, {"fg_mask": ev.outputs["assign.fg_mask"],
+                                                 "target_gt_idx": ev.outputs["assign.target_gt_idx"]},
+                                        lambda n, b=branch: self.ref.ref("assign", n, b))
+            self.evidence_diff[branch] = diff
+            for key in sorted(ev.outputs, key=_pipeline_key):
+                stage, _, name = key.partition(".")
+                if stage not in names.LOSS_STAGES or stage == "output":
+                    continue
+                ref = self.ref.ref(stage, name, branch)
+                if ref is None:
+                    continue
+                ev.reference[key] = ref
+                sub = StageEvidence(self.case, branch, stage, reference={name: ref})
+                passed = self._compare(stage, branch, name, ref, ev.outputs[key], sub,
+                                       diff if stage == "assign" else None, section=section, end_to_end=True,
+                                       extra_note=note)
+                if not passed:
+                    ev.failed.append(key)
+                    values_ok = False
+            self.evidence.run[branch] = ev
+        return values_ok
+
+    def _compare_terms(self, result: CandidateResult, scale: int, section: str, note: str = "") -> bool:
+        """The loss itself: one verdict per term (or on the total), and the items."""
+        values_ok = True
+        ref_loss = self.ref.ref("output", "loss")
+        self.evidence.ref_loss = ref_loss
+        cand = result.terms if result.terms is not None else result.total
+        self.evidence.cand_loss = cand.detach() * scale  # in the reference's convention, as the rows compare it
+        convention = ("" if scale == 1 else
+                      f"candidate declares the per-image mean: its value x B={self.spec.batch_size} is compared")
+        convention = "; ".join(filter(None, [convention, note]))
+        if ref_loss is not None and result.terms is not None:
+            for t, term in enumerate(TERMS):
+                name = f"{names.loss_output(self.case, 'loss')}[{term}]"
+                tol = self.tol(names.loss_output(self.case, "loss"))
+                metrics = compare_tensors(ref_loss[t:t + 1], result.terms[t:t + 1].detach() * scale, tol)
+                passed, row_note = metrics.passed, convention
+                if not passed and self._explained_by_ties("output", None):
+                    passed, row_note = True, "; ".join(filter(None, [row_note, self._tie_note(None)]))
+                values_ok &= passed
+                self._row("output", None, name, passed, metrics=metrics.as_dict(), tolerance=tol.as_dict(),
+                          note=row_note, section=section, where=f"output ({term} term)")
+        elif ref_loss is not None:
+            tol = self.tol(names.loss_output(self.case, "loss"))
+            metrics = compare_tensors(ref_loss.sum().reshape(1), result.total.detach().reshape(1) * scale, tol)
+            values_ok &= metrics.passed
+            self._row("output", None, names.loss_output(self.case, "loss") + "[sum]", metrics.passed,
+                      metrics=metrics.as_dict(), tolerance=tol.as_dict(), section=section,
+                      note="; ".join(filter(None, [convention, "the candidate returns only a total: no per-term "
+                                                               "verdict (return (box, cls, dfl) to get one)"])))
+        ref_items = self.ref.ref("output", "items")
+        if ref_items is not None and result.items is not None and result.items.numel() == 3:
+            tol = self.tol(names.loss_output(self.case, "items"))
+            metrics = compare_tensors(ref_items, result.items.detach().reshape(3).to(ref_items.dtype), tol)
+            passed = metrics.passed or self._explained_by_ties("output", None)
+            values_ok &= passed
+            self._row("output", None, names.loss_output(self.case, "items"), passed, metrics=metrics.as_dict(),
+                      tolerance=tol.as_dict(), section=section,
+                      note="; ".join(filter(None, [note, "" if metrics.passed or not passed else self._tie_note(None)])))
+        return values_ok
+
+    def _probe_positive_logits(self, head: Any, batch: dict) -> bool | None:
+        """Rerun the candidate with |logits| instead of the (negative, at initialisation) class logits: a loss that
+        turns finite was taking a fractional power of raw logits. None when the probe itself fails."""
+        def positive(h):
+            return {"boxes": h["boxes"].detach(), "scores": h["scores"].detach().abs()}
+
+        probe = {b: positive(head[b]) for b in self.spec.branches} if self.spec.end2end else positive(head)
+        try:
+            with torch.no_grad():
+                result = self.adapter.call(self.adapter.convert_preds(probe, self.spec),
+                                           self.adapter.convert_batch(batch, self.spec))
+        except Exception:  # noqa: BLE001 - a probe that fails proves nothing
+            return None
+        value = result.terms if result.terms is not None else result.total
+        return bool(torch.isfinite(value).all())
+
+    def _head_leaves(self) -> dict[str | None, dict[str, torch.Tensor]]:
+        leaves: dict[str | None, dict[str, torch.Tensor]] = {}
+        for branch in self.branches:
+            leaves[branch] = {k: v.detach().clone().requires_grad_(True) for k, v in self.ref.head(branch).items()}
+        return leaves
+
+    # -- 3. gradients
+    def end_to_end_gradients(self, section: str) -> None:
+        result, leaves = self._result, self._leaves
+        if result.terms is None:
+            self._total_gradients(section)
+            return
+        if not result.terms.requires_grad:
+            self._row("gradients", None, f"grad.head.{self.case}.*", False, section=section, where="end-to-end",
+                      note="the candidate's loss carries no gradient to the head outputs")
+            self.evidence.grads_passed = False
+            return
+        wanted = [(b, o) for b in self.branches for o in names.HEAD_OUTPUTS
+                  if self.dump.get_optional(names.grad_head(self.case, TERMS[0], o, b)) is not None]
+        if not wanted:
+            return
+        ok = True
+        failures = []
+        scale = 1 if self.adapter.batch_scaled else self.spec.batch_size
+        for t, term in enumerate(TERMS):
+            tensors = [leaves[b][o] for b, o in wanted]
+            grads = torch.autograd.grad(result.terms[t] * scale if scale != 1 else result.terms[t], tensors,
+                                        retain_graph=True, allow_unused=True)
+            for (branch, output), grad, leaf in zip(wanted, grads, tensors):
+                ref = self.dump.get(names.grad_head(self.case, term, output, branch))
+                grad = torch.zeros_like(leaf) if grad is None else grad
+                name = names.grad_head(self.case, term, output, branch)
+                tol = self.tol(name)
+                metrics = compare_tensors(ref, grad.detach(), tol)
+                passed = metrics.passed
+                note = "" if scale == 1 else f"candidate gradient x B={self.spec.batch_size} (per-image mean)"
+                if not passed and self._explained_by_ties("output", None):
+                    passed, note = True, "; ".join(filter(None, [note, self._tie_note(None)]))
+                if not passed:
+                    failures.append(name)
+                ok &= passed
+                self._row("gradients", branch, name, passed, metrics=metrics.as_dict(), tolerance=tol.as_dict(),
+                          note=note, section=section, where=f"end-to-end ({term} term)")
+        self.evidence.grads_passed = ok
+        self.evidence.grad_failures = failures
+
+    def _total_gradients(self, section: str) -> None:
+        """A candidate returning only a total: its gradient against the sum of the reference's term gradients."""
+        result, leaves = self._result, self._leaves
+        if not result.total.requires_grad:
+            return
+        wanted = [(b, o) for b in self.branches for o in names.HEAD_OUTPUTS
+                  if all(self.dump.get_optional(names.grad_head(self.case, t, o, b)) is not None for t in TERMS)]
+        if not wanted:
+            return
+        scale = 1 if self.adapter.batch_scaled else self.spec.batch_size
+        grads = torch.autograd.grad(result.total * scale, [leaves[b][o] for b, o in wanted], retain_graph=True,
+                                    allow_unused=True)
+        ok = True
+        for (branch, output), grad in zip(wanted, grads):
+            ref = sum(self.dump.get(names.grad_head(self.case, t, output, branch)) for t in TERMS)
+            grad = torch.zeros_like(ref) if grad is None else grad.detach()
+            name = names.grad_head(self.case, "total", output, branch)
+            tol = self.tol(names.grad_head(self.case, TERMS[0], output, branch))
+            metrics = compare_tensors(ref, grad, tol)
+            ok &= metrics.passed
+            self._row("gradients", branch, name, metrics.passed, metrics=metrics.as_dict(), tolerance=tol.as_dict(),
+                      section=section, where="end-to-end (total)",
+                      note="the candidate returns only a total: compared with the sum of the reference's term "
+                           "gradients (not bitwise by construction)")
+        self.evidence.grads_passed = ok
+
+    def conditioned_gradients(self) -> None:
+        """Per term, d(stage loss)/d(head output) with the reference assignment fed in, scaled like the full
+        graph scales it (branch weight, batch size, gain): isolates the loss math's gradients."""
+        section = f"{self.section} gradients"
+        results = []
+        for branch in self.branches:
+            weight = self.spec.branch_weight(branch)
+            for stage, terms in (("classify", ("cls",)), ("box", ("box", "dfl"))):
+                fn = self.adapter.stage(stage, branch)
+                if fn is None or (stage == "box" and self.adapter.stage("decode", branch) is None):
+                    continue
+                if not self.conditioned_ok.get((branch, stage), False):
+                    continue  # values already differ: the gradient row would only repeat that
+                try:
+                    inputs = self.ref.stage_inputs(stage, branch)
+                except KeyError:
+                    continue
+                output = "scores" if stage == "classify" else "boxes"
+                leaf = inputs[output].detach().clone().requires_grad_(True)
+                inputs[output] = leaf
+                if stage == "box":
+                    decoded = self.adapter.stage("decode", branch)(boxes=leaf, anchor_points=inputs["anchor_points"])
+                    inputs["pred_bboxes"] = decoded["pred_bboxes"]
+                produced = fn(**inputs)
+                for term in terms:
+                    ref = self.dump.get_optional(names.grad_head(self.case, term, output, branch))
+                    key = {"cls": "loss", "box": "loss_iou", "dfl": "loss_dfl"}[term]
+                    if ref is None or key not in produced or not produced[key].requires_grad:
+                        continue
+                    seed = torch.ones((), dtype=produced[key].dtype)
+                    if weight is not None:
+                        seed = seed * weight
+                    seed = seed * self.spec.batch_size * self.spec.gains[TERMS.index(term)]
+                    (grad,) = torch.autograd.grad(produced[key], leaf, grad_outputs=seed, retain_graph=True)
+                    name = names.grad_head(self.case, term, output, branch)
+                    tol = self.tol(name)
+                    metrics = compare_tensors(ref, grad.detach(), tol)
+                    results.append(metrics.passed)
+                    self._row(stage, branch, name, metrics.passed, metrics=metrics.as_dict(), tolerance=tol.as_dict(),
+                              section=section, where=f"{branch + ' ' if branch else ''}{stage} ({term} term, "
+                                                     f"conditioned)",
+                              note="fed the reference assignment (conditioned)")
+        if results:
+            self.evidence.conditioned_grads_passed = all(results)
+
+    # -- rows
+    def _row(self, stage: str, branch: str | None, name: str, passed: bool, *, metrics=None, tolerance=None,
+             note: str = "", section: str | None = None, where: str | None = None) -> Row:
+        return self.report.add(Row(section=section or self.section, where=where or self.where(stage, branch),
+                                   name=name, passed=bool(passed), metrics=metrics, tolerance=tolerance, note=note))
+
+
+class _RecordedCaseReplay(_CaseReplay):
+    """A candidate dump: nothing to run, so each recorded stage is checked against ultralytics' arithmetic (the
+    built-in loss, bitwise equal to it on CPU) fed the CANDIDATE's own recorded inputs, the recorded
+    intermediates and loss against the reference's, and the recorded head gradients against the reference's."""
+
+    ORACLE_NOTE = "checked against ultralytics' arithmetic (built-in loss) on the candidate's own inputs"
+
+    def __init__(self, dump: Dump, spec: LossSpec, adapter: RecordedLoss, profile: Profile, report: Report,
+                 case: str):
+        super().__init__(dump, spec, adapter, profile, report, case)
+        self.cand = _Case(adapter.dump, spec, case, fallback=dump)
+        self.oracle = builtin_loss_adapter(spec)
+
+    def run(self) -> CaseEvidence:
+        for branch in self.branches:
+            self.head_rows(branch)
+            for stage in REPLAY_STAGES:
+                if not (stage == "output" and self.spec.end2end):
+                    self.replay_recorded(stage, branch)
+        self.whole_recorded()
+        return self.evidence
+
+    def head_rows(self, branch: str | None) -> None:
+        """The head outputs the candidate's loss ran on: a loss difference may start here."""
+        if not self.cand.has_head(branch):
+            return
+        mine, ref = self.cand.head(branch), self.ref.head(branch)
+        ok = True
+        for output in names.HEAD_OUTPUTS:
+            path = (branch,) if branch else ()
+            name = names.act(self.ref.head_index, *path, output)
+            tol = self.profile.for_name(name)
+            metrics = compare_tensors(ref[output], mine[output], tol)
+            ok &= metrics.passed
+            self._row("head", branch, name, metrics.passed, metrics=metrics.as_dict(), tolerance=tol.as_dict(),
+                      where=self.where("head", branch),
+                      note="the head outputs the candidate's loss was computed on")
+        self._mark("head", branch, "pass" if ok else "fail")
+
+    def replay_recorded(self, stage: str, branch: str | None) -> None:
+        ref_stage = REFERENCE_STAGE.get(stage, stage)
+        out_branch = None if stage == "output" else branch
+        produced = {n: self.cand.ref(ref_stage, n, out_branch) for n in STAGE_OUTPUTS[stage]}
+        produced = {n: t for n, t in produced.items() if t is not None}
+        if not produced:
+            self._mark(stage, branch, "not recorded")
+            return
+        try:
+            inputs = self.cand.stage_inputs(stage, branch)
+        except KeyError as missing:
+            self._row(stage, branch, self.ref.name(ref_stage, "*", out_branch), True,
+                      note=f"not checked: the candidate dump lacks {missing.args[0]}, an input of this stage")
+            self._mark(stage, branch, "not checked")
+            return
+        expected = self.oracle.stage(stage, branch)(**inputs)
+        expected = {n: t.detach() for n, t in expected.items() if n in produced and isinstance(t, torch.Tensor)}
+        ev = StageEvidence(self.case, branch, stage, reference=expected, inputs=inputs, outputs=produced)
+        diff = None
+        if "fg_mask" in expected:
+            ref_of = (lambda n: expected[n] if n in expected else self.oracle_assign(branch, inputs).get(n))
+            diff = self._assignment(branch, produced, ref_of)
+        ok = True
+        for name, value in expected.items():
+            ok &= self._compare(stage, branch, name, value, produced.get(name), ev, diff,
+                                batch_note=(stage == "output" and name == "loss"), extra_note=self.ORACLE_NOTE)
+        self.evidence.stages.append(ev)
+        self.conditioned_ok[(branch, stage)] = ok
+        self._mark(stage, branch, "pass" if ok else "fail")
+
+    def oracle_assign(self, branch: str | None, inputs: dict) -> dict:
+        """All assigner outputs (align_metric and overlaps decide near-ties) on the candidate's inputs."""
+        if "pd_scores" in inputs:
+            return self.oracle.stage("assigner", branch)(**inputs)
+        return self.oracle.stage("assign", branch)(**inputs)
+
+    def whole_recorded(self) -> None:
+        section = f"{self.section} end-to-end"
+        prefix = f"loss.{self.case}."
+        tensors = {n[len(prefix):]: self.adapter.dump.get(n) for n in self.adapter.dump.names(prefix)}
+        scale = 1 if self.adapter.batch_scaled else self.spec.batch_size
+        if tensors:
+            values_ok = self._compare_intermediates(tensors, section, note="as recorded by the candidate")
+            loss = tensors.get("output.loss")
+            if loss is not None:
+                items = tensors.get("output.items")
+                result = (CandidateResult(loss.reshape(3), loss.sum(), items, tensors) if loss.numel() == 3 else
+                          CandidateResult(None, loss.reshape(()), items, tensors))
+                values_ok &= self._compare_terms(result, scale, section, note="as recorded by the candidate")
+            self.evidence.values_passed = values_ok
+            self._mark("end-to-end", None, "pass" if values_ok else "fail")
+            self.recorded_gradients()
+            return
+        # Nothing recorded: ultralytics' loss applied to the candidate's head outputs, which is what its loss
+        # would be if it were right -- a difference here starts in the head.
+        if not all(self.cand.has_head(b) for b in self.branches):
+            self._row("output", None, names.loss_output(self.case, "loss"), True, section=section,
+                      note="not compared: the candidate dump holds neither loss tensors nor head outputs")
+            return
+        head = {b: self.cand.head(b) for b in self.branches}
+        head = head if self.spec.end2end else head[None]
+        result = self.oracle.call(self.oracle.convert_preds(head, self.spec),
+                                  self.oracle.convert_batch(self.ref.batch(), self.spec))
+        values_ok = self._compare_terms(result, 1, section, note=(
+            "the candidate dump holds no loss tensors: ultralytics' loss (built-in) applied to the candidate's "
+            "head outputs"))
+        self.evidence.values_passed = values_ok
+        self._mark("end-to-end", None, "pass" if values_ok else "fail")
+
+    def recorded_gradients(self) -> None:
+        section = f"{self.section} gradients"
+        scale = 1 if self.adapter.batch_scaled else self.spec.batch_size
+        ok, failures, seen = True, [], False
+        for term in TERMS:
+            for branch in self.branches:
+                for output in names.HEAD_OUTPUTS:
+                    name = names.grad_head(self.case, term, output, branch)
+                    mine, ref = self.adapter.dump.get_optional(name), self.dump.get_optional(name)
+                    if mine is None or ref is None:
+                        continue
+                    seen = True
+                    tol = self.tol(name)
+                    metrics = compare_tensors(ref, mine * scale, tol)
+                    ok &= metrics.passed
+                    if not metrics.passed:
+                        failures.append(name)
+                    self._row("gradients", branch, name, metrics.passed, metrics=metrics.as_dict(),
+                              tolerance=tol.as_dict(), section=section, where=f"end-to-end ({term} term)",
+                              note="as recorded by the candidate" + (
+                                  "" if scale == 1 else f"; x B={self.spec.batch_size} (per-image mean)"))
+        if seen:
+            self.evidence.grads_passed = ok
+            self.evidence.grad_failures = failures
+
+
+def _pipeline_key(name: str) -> tuple[int, int]:
+    stage, _, tensor = name.partition(".")
+    order = list(REPLAY_STAGES)
+    s = order.index(stage) if stage in order else len(order)
+    outputs = STAGE_OUTPUTS.get(stage, ())
+    return s, outputs.index(tensor) if tensor in outputs else len(outputs)
+
+
+# ---------------------------------------------------------------------------------- assignment differences
+@dataclass
+class Flip:
+    image: int
+    anchor: int
+    kind: str  # "added" (candidate only), "removed" (reference only), "moved" (another box)
+    ref_box: int | None
+    cand_box: int | None
+    gap: float  # distance of the deciding value from the boundary it crossed (metric, or overlap)
+    near_tie: bool
+
+
+@dataclass
+class AssignmentDiff:
+    boxes: list[dict]  # per image and box: positives on both sides, anchors added and removed
+    flips: list[Flip]
+    agree_mask: torch.Tensor  # (B, A) foreground on both sides, same box
+    flipped_mask: torch.Tensor  # (B, A)
+    common_mask: torch.Tensor  # (B, A) foreground on both sides
+
+    @property
+    def real(self) -> list[Flip]:
+        return [f for f in self.flips if not f.near_tie]
+
+    @property
+    def near_ties(self) -> list[Flip]:
+        return [f for f in self.flips if f.near_tie]
+
+    def summary(self) -> str:
+        if not self.flips:
+            total = sum(b["reference"] for b in self.boxes)
+            return f"same foreground anchors and boxes ({total} positives over {len(self.boxes)} boxes)"
+        changed = [b for b in self.boxes if b["added"] or b["removed"]]
+        parts = [f"image {b['image']} box {b['box']}: {b['reference']} -> {b['candidate']} positives "
+                 f"(+{len(b['added'])} -{len(b['removed'])})" for b in changed[:4]]
+        more = f", and {len(changed) - 4} more boxes" if len(changed) > 4 else ""
+        return (f"{len(self.flips)} anchor flip(s): {len(self.real)} real, {len(self.near_ties)} near-tie; "
+                + "; ".join(parts) + more)
+
+    def as_dict(self) -> dict:
+        return {"boxes": self.boxes, "flips": [f.__dict__ for f in self.flips[:50]], "real": len(self.real),
+                "near_tie": len(self.near_ties)}
+
+
+def compare_assignment(ref_fg: torch.Tensor, ref_idx: torch.Tensor, cand_fg: torch.Tensor, cand_idx: torch.Tensor,
+                       align_metric: torch.Tensor | None, overlaps: torch.Tensor | None,
+                       metric_tol: Tolerance, overlap_tol: Tolerance | None = None) -> AssignmentDiff:
+    """Foreground anchors and their boxes, reference against candidate, per image and per box.
+
+    A tie-break never changes how many anchors a box gets; it exchanges anchors the reference's own numbers
+    cannot tell apart. So, per box, the anchors the candidate added and removed are paired strongest with
+    strongest: a pair is a near-tie when the two alignment metrics are equal within tolerance. A box whose count
+    of positives changed has real flips. An anchor moved to another box is a near-tie when it overlaps both
+    boxes equally within tolerance (the conflict rule keeps the larger overlap).
+    """
+    overlap_tol = overlap_tol or metric_tol
+    ref_fg, cand_fg = ref_fg.bool(), cand_fg.bool()
+    ref_idx, cand_idx = ref_idx.long(), cand_idx.long()
+    b, a = ref_fg.shape
+    agree = ref_fg & cand_fg & (ref_idx == cand_idx)
+    flipped = (ref_fg | cand_fg) & ~agree
+    moved = ref_fg & cand_fg & (ref_idx != cand_idx)
+    if align_metric is not None:
+        m = align_metric.shape[1]
+    else:
+        m = int(max(ref_idx.max(), cand_idx.max())) + 1 if a else 0
+    flips: list[Flip] = []
+    for image, anchor in moved.nonzero().tolist():
+        r_box, c_box = int(ref_idx[image, anchor]), int(cand_idx[image, anchor])
+        gap, near = float("nan"), False
+        if overlaps is not None:
+            o_ref, o_cand = float(overlaps[image, r_box, anchor]), float(overlaps[image, c_box, anchor])
+            gap, near = abs(o_cand - o_ref), _within(o_cand, o_ref, overlap_tol)
+        flips.append(Flip(image, anchor, "moved", r_box, c_box, gap, near))
+
+    boxes: list[dict] = []
+    for image in range(b):
+        for box in range(m):
+            ref_pos = set((ref_fg[image] & (ref_idx[image] == box)).nonzero().flatten().tolist())
+            cand_pos = set((cand_fg[image] & (cand_idx[image] == box)).nonzero().flatten().tolist())
+            if not ref_pos and not cand_pos:
+                continue
+            added, removed = sorted(cand_pos - ref_pos), sorted(ref_pos - cand_pos)
+            boxes.append({"image": image, "box": box, "reference": len(ref_pos), "candidate": len(cand_pos),
+                          "added": added, "removed": removed})
+            flips += _swaps(image, box, [x for x in added if not bool(moved[image, x])],
+                            [x for x in removed if not bool(moved[image, x])], align_metric, metric_tol)
+    return AssignmentDiff(boxes, flips, agree, flipped, ref_fg & cand_fg)
+
+
+def _swaps(image: int, box: int, added: list[int], removed: list[int], metric: torch.Tensor | None,
+           tol: Tolerance) -> list[Flip]:
+    """Flips of one box: paired strongest-with-strongest by the reference's alignment metric."""
+    if metric is None:
+        return ([Flip(image, x, "added", None, box, float("nan"), False) for x in added]
+                + [Flip(image, x, "removed", box, None, float("nan"), False) for x in removed])
+    row = metric[image, box]
+    added = sorted(added, key=lambda x: -float(row[x]))
+    removed = sorted(removed, key=lambda x: -float(row[x]))
+    balanced = len(added) == len(removed)  # a tie-break swaps anchors; it never changes the count
+    out = []
+    for k in range(max(len(added), len(removed))):
+        a_val = float(row[added[k]]) if k < len(added) else None
+        r_val = float(row[removed[k]]) if k < len(removed) else None
+        near = balanced and _within(a_val, r_val, tol)
+        gap = abs(a_val - r_val) if a_val is not None and r_val is not None else float("inf")
+        if a_val is not None:
+            out.append(Flip(image, added[k], "added", None, box, gap, near))
+        if r_val is not None:
+            out.append(Flip(image, removed[k], "removed", box, None, gap, near))
+    return out
+
+
+def _within(value: float, boundary: float, tol: Tolerance) -> bool:
+    """Relative closeness only: alignment metrics are products of small powers (1e-6 is a typical size at
+    initialisation), so an absolute tolerance would call anything a tie. A bitwise profile admits exact ties."""
+    return value == boundary or abs(value - boundary) <= tol.rtol * max(abs(value), abs(boundary))

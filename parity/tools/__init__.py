@@ -1,0 +1,1 @@
+"""Maintenance scripts (measurements behind documented numbers)."""

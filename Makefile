@@ -65,3 +65,32 @@ bench: $(STAMP)
 
 clean:
 	rm -rf runs .pytest_cache
+
+# ---- porting examples (docs/porting-protocol.md): a C++/LibTorch Detect head and a numpy-only port
+EXAMPLES_OUT ?= runs/examples
+EXAMPLE_NC ?= 38
+BIAS ?= clean
+NUMPY_LAYERS ?= 0 9 11 12
+NUMPY_REF ?= fixtures/yolo11-narrow-nc80-96
+
+.PHONY: example-libtorch example-numpy
+example-libtorch: $(STAMP)
+	$(MAKE) -C examples/libtorch PYTHON=$(abspath $(PY)) BIAS=$(BIAS)
+	@test -f $(EXAMPLES_OUT)/ref-nc$(EXAMPLE_NC)/manifest.json || $(PY) -m parity dump \
+		--model fixtures/models/yolo11-narrow.yaml --nc $(EXAMPLE_NC) --imgsz 64 --out $(EXAMPLES_OUT)/ref-nc$(EXAMPLE_NC) --force
+	$(PY) -m parity export-layer --reference $(EXAMPLES_OUT)/ref-nc$(EXAMPLE_NC) --layer 23 \
+		--out $(EXAMPLES_OUT)/ref-nc$(EXAMPLE_NC)-layer23.safetensors
+	examples/libtorch/build/yp_detect_$(BIAS) --layer-file $(EXAMPLES_OUT)/ref-nc$(EXAMPLE_NC)-layer23.safetensors \
+		--out $(EXAMPLES_OUT)/libtorch-$(BIAS)-nc$(EXAMPLE_NC).safetensors
+	$(PY) -m parity check-layer --layer-file $(EXAMPLES_OUT)/ref-nc$(EXAMPLE_NC)-layer23.safetensors \
+		--output $(EXAMPLES_OUT)/libtorch-$(BIAS)-nc$(EXAMPLE_NC).safetensors
+
+example-numpy: $(STAMP)
+	@mkdir -p $(EXAMPLES_OUT)/numpy
+	for l in $(NUMPY_LAYERS); do $(PY) -m parity export-layer --reference $(NUMPY_REF) --layer $$l \
+		--out $(EXAMPLES_OUT)/numpy/layer$$l.safetensors || exit 2; done
+	$(PY) examples/numpy/yp_numpy.py --layer-file $(foreach l,$(NUMPY_LAYERS),$(EXAMPLES_OUT)/numpy/layer$(l).safetensors) \
+		--out-dir $(EXAMPLES_OUT)/numpy/out --dump $(EXAMPLES_OUT)/numpy/dump
+	for l in $(NUMPY_LAYERS); do $(PY) -m parity check-layer --layer-file $(EXAMPLES_OUT)/numpy/layer$$l.safetensors \
+		--output $(EXAMPLES_OUT)/numpy/out/layer$$l.safetensors || exit $$?; done
+	$(PY) -m parity compare --reference $(NUMPY_REF) --candidate $(EXAMPLES_OUT)/numpy/dump --what layers

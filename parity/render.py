@@ -151,6 +151,34 @@ def _worst(rows: list[Row]) -> Row | None:
     return failing[0] if failing else rows[0]
 
 
+LOSS_ROWS_SHOWN = 20
+
+
+def _render_loss_stages(report: Report, console) -> None:
+    """One row per loss stage, one column per case: which stage is wrong, at a glance."""
+    from rich.table import Table
+
+    loss = report.context["loss"]
+    stages_by_case = loss["stages"]
+    categories = loss.get("categories") or {}
+    cases = list(stages_by_case)
+    stages = list(dict.fromkeys(stage for case in cases for stage in stages_by_case[case]))
+    first = loss.get("first_wrong_stage") or {}
+    title = "loss stages" + (f": first wrong stage [bold red]{_e(first.get('stage'))}[/bold red] "
+                             f"({_e(first.get('category'))}) in {_e(first.get('name'))}" if first else "")
+    table = Table(title=title, expand=False)
+    table.add_column("stage", no_wrap=True)
+    table.add_column("part", no_wrap=True)
+    for case in cases:
+        table.add_column(case, no_wrap=True)
+    cell = {"pass": "[green]ok[/green]", "fail": "[bold red]FAIL[/bold red]"}
+    for stage in stages:
+        table.add_row(_e(stage), _e(categories.get(stage, "")),
+                      *(cell.get(stages_by_case[c].get(stage), _e(str(stages_by_case[c].get(stage, "-"))))
+                        for c in cases))
+    console.print(table)
+
+
 def render(report: Report, console=None, *, verbose: bool = False) -> None:
     """Print the report to a rich console (stdout by default)."""
     from rich.console import Console
@@ -206,6 +234,19 @@ def render(report: Report, console=None, *, verbose: bool = False) -> None:
                                           else f"[bold red]{_e(_short(shape.note, 44))}[/bold red]"),
                 _cell(iso), _cell(ch), _e(_short("; ".join(notes), 60)))
         console.print(table)
+
+    loss_stages = (report.context.get("loss") or {}).get("stages")
+    if loss_stages:
+        _render_loss_stages(report, console)
+        loss_rows = [r for r in drill if r.section.startswith("loss/")]
+        drill = [r for r in drill if not r.section.startswith("loss/")]
+        failing = [r for r in loss_rows if not r.passed]
+        if verbose:
+            drill += loss_rows
+        else:
+            drill += failing[:LOSS_ROWS_SHOWN]
+            if len(failing) > LOSS_ROWS_SHOWN:
+                console.print(f"{len(failing) - LOSS_ROWS_SHOWN} more failing loss rows (--json for all)")
 
     for title, rows in (("checks", other), ("sub-blocks", drill)):
         if not rows:

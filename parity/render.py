@@ -253,7 +253,8 @@ def render(report: Report, console=None, *, verbose: bool = False) -> None:
             continue
         table = Table(title=title, expand=False)
         for column in ("section", "where", "tensor / check", "result", "detail"):
-            table.add_column(column, no_wrap=column not in ("detail",))
+            # Only the verdict must stay on one line; names wrap rather than lose their ends.
+            table.add_column(column, no_wrap=column == "result", overflow="fold")
         shown = rows if verbose else [r for r in rows if not r.passed] + [r for r in rows if r.passed][:60]
         for row in sorted(shown, key=lambda r: rows.index(r)):
             table.add_row(_e(row.section), _e(row.where), _e(row.name), _cell(row), _e(_short(row.note, 80)))

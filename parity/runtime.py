@@ -27,6 +27,8 @@ def prepare(threads: int | None = None) -> int:
     threads = threads or int(os.environ.get("PARITY_THREADS", DEFAULT_THREADS))
     # ultralytics sets OMP_NUM_THREADS=1 when unset; we decide instead.
     os.environ.setdefault("OMP_NUM_THREADS", str(threads))
+    # cuBLAS reads this once, at its first call: deterministic CUDA matmuls need it set before any work.
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     import torch
 
     torch.set_num_threads(threads)
@@ -65,9 +67,9 @@ def environment(device: str) -> dict:
         "cuda": None,
         "cudnn": None,
         "driver": None,
-        "tf32_matmul": bool(torch.backends.cuda.matmul.allow_tf32),
-        "tf32_cudnn": bool(torch.backends.cudnn.allow_tf32),
+        **tf32_state(),
         "deterministic_algorithms": bool(torch.are_deterministic_algorithms_enabled()),
+        "deterministic_warn_only": bool(torch.is_deterministic_algorithms_warn_only_enabled()),
         "cudnn_deterministic": bool(torch.backends.cudnn.deterministic),
         "cudnn_benchmark": bool(torch.backends.cudnn.benchmark),
         "threads": torch.get_num_threads(),
@@ -76,13 +78,45 @@ def environment(device: str) -> dict:
     if device.startswith("cuda"):
         index = torch.device(device).index or 0
         info["device_name"] = torch.cuda.get_device_name(index)
+        info["compute_capability"] = ".".join(map(str, torch.cuda.get_device_capability(index)))
         info["cuda"] = torch.version.cuda
         info["cudnn"] = torch.backends.cudnn.version()
         info["driver"] = _nvidia_driver()
+        info["cuda_visible_devices"] = os.environ.get("CUDA_VISIBLE_DEVICES")
+        info["fp16_reduced_precision_reduction"] = bool(torch.backends.cuda.matmul.allow_fp16_reduced_precision_reduction)
+        info["bf16_reduced_precision_reduction"] = bool(torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction)
     else:
         info["tf32_matmul"] = False
         info["tf32_cudnn"] = False
     return info
+
+
+def tf32_state() -> dict:
+    """TF32 as torch's `fp32_precision` settings say. The legacy `allow_tf32` flags are never read: torch
+    refuses them (RuntimeError) once anything in the process has used the new API."""
+    import torch
+
+    matmul = torch.backends.cuda.matmul.fp32_precision
+    conv = torch.backends.cudnn.conv.fp32_precision
+    return {"tf32_matmul": matmul == "tf32", "tf32_cudnn": conv == "tf32",
+            "fp32_precision_matmul": matmul, "fp32_precision_cudnn_conv": conv}
+
+
+def set_tf32(enabled: bool) -> tuple[str, str]:
+    """Turn TF32 on or off for CUDA matmuls and cuDNN convolutions; returns the settings it replaced."""
+    import torch
+
+    saved = (torch.backends.cuda.matmul.fp32_precision, torch.backends.cudnn.conv.fp32_precision)
+    value = "tf32" if enabled else "ieee"
+    torch.backends.cuda.matmul.fp32_precision = value
+    torch.backends.cudnn.conv.fp32_precision = value
+    return saved
+
+
+def restore_tf32(saved: tuple[str, str]) -> None:
+    import torch
+
+    torch.backends.cuda.matmul.fp32_precision, torch.backends.cudnn.conv.fp32_precision = saved
 
 
 def _nvidia_driver() -> str | None:
@@ -106,7 +140,9 @@ def check_device(device: str) -> None:
 
     if device == "cpu":
         return
-    if device.startswith("cuda"):
+    import re
+
+    if re.fullmatch(r"cuda(:\d+)?", device):
         if not torch.cuda.is_available():
             raise ParityError(
                 f"--device {device} was requested but CUDA is not available on this machine "

@@ -93,7 +93,9 @@ def _letterbox(path: Path, imgsz: int):
     if bgr is None:
         raise ParityError(f"cannot read image {path}: not an image file, or corrupt")
     letterbox = LetterBox(new_shape=(imgsz, imgsz), auto=False, scaleup=True)
-    params = letterbox.get_params({"img": bgr})
+    from parity.capture import compat
+
+    params = compat.letterbox_params(letterbox, bgr)
     out = letterbox(image=bgr)
     rgb = np.ascontiguousarray(out[..., ::-1])
     return rgb, (params["ratio"][0], params["left"], params["top"], bgr.shape[0], bgr.shape[1])

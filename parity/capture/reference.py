@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from parity import names
+from parity.capture import compat
 from parity.capture.batch import Batch, calibration_images, load_batch
 from parity.errors import ParityError
 
@@ -364,73 +365,14 @@ class LossRecorder:
         self._undo.append(lambda: owner.__dict__.pop(method, None))
 
     def install(self) -> "LossRecorder":
-        crit, assigner = self.criterion, self.criterion.assigner
-        self._wrap(crit, "preprocess", lambda a, r: self.put("preprocess", "targets", r))
-        self._wrap(crit, "bbox_decode", self._after_decode)
-        self._wrap(assigner, "select_candidates_in_gts", lambda a, r: self.put("assign", "mask_in_gts", r))
-        self._wrap(assigner, "get_pos_mask", self._after_pos_mask)
-        self._wrap(assigner, "select_highest_overlaps", lambda a, r: self.put("assign", "mask_pos", r[2]))
-        self._wrap(crit, "get_assigned_targets_and_loss", lambda a, r: self.put("gains", "after", r[1]))
-        handles = [
-            assigner.register_forward_pre_hook(self._before_assign),
-            assigner.register_forward_hook(self._after_assign),
-            crit.bce.register_forward_hook(self._after_bce),
-            crit.bbox_loss.register_forward_pre_hook(self._before_bbox_loss),
-            crit.bbox_loss.register_forward_hook(self._after_bbox_loss),
-        ]
-        self._undo.extend(h.remove for h in handles)
+        """Wrap what exists in this ultralytics release (parity.capture.compat knows 8.3.x and 8.4.x)."""
+        compat.install_recorder(self)
         return self
 
     def remove(self) -> None:
         for undo in reversed(self._undo):
             undo()
         self._undo.clear()
-
-    def _after_decode(self, args, result):
-        self.put("anchors", "anchor_points", args[0])
-        self.put("decode", "pred_bboxes", result)
-
-    def _before_assign(self, _module, args):
-        pd_scores, pd_bboxes, anc_points, _labels, gt_bboxes, mask_gt = args[:6]
-        self.put("preprocess", "mask_gt", mask_gt)
-        self.put("assign", "pd_scores", pd_scores)
-        self.put("assign", "pd_bboxes", pd_bboxes)
-        self.put("assign", "anc_points", anc_points)
-        self._empty_shape = (pd_scores.shape[0], gt_bboxes.shape[1], pd_scores.shape[1])
-
-    def _after_pos_mask(self, args, result):
-        _mask_pos, align_metric, overlaps = result
-        self.put("assign", "align_metric", align_metric)
-        self.put("assign", "overlaps", overlaps)
-
-    def _after_assign(self, _module, _args, result):
-        target_labels, target_bboxes, target_scores, fg_mask, target_gt_idx = result
-        # With no boxes at all ultralytics returns before computing the pair tensors: record them empty.
-        for name in ("mask_in_gts", "align_metric", "overlaps", "mask_pos"):
-            key = names.loss(self.case, "assign", name, self.branch)
-            if key not in self.capture.tensors:
-                dtype = {"mask_in_gts": torch.bool, "mask_pos": torch.int8}.get(name, torch.float32)
-                self.capture.put(key, torch.zeros(self._empty_shape, dtype=dtype))
-        for name, tensor in zip(("target_labels", "target_bboxes", "target_scores", "fg_mask", "target_gt_idx"), result):
-            self.put("assign", name, tensor)
-
-    def _after_bce(self, _module, _args, output):
-        self.put("classify", "bce", output)
-        self._bce = output
-
-    def _before_bbox_loss(self, _module, args):
-        self.put("anchors", "stride_tensor", args[8])
-        self.put("normalize", "target_scores_sum", args[5])
-        self._target_scores_sum = args[5]
-
-    def _after_bbox_loss(self, _module, _args, output):
-        loss_iou, loss_dfl = output
-        # ultralytics computes the class term inline; the same two operations give the same bits.
-        cls = self._bce.detach().sum() / self._target_scores_sum
-        self.put("classify", "loss", cls)
-        self.put("box", "loss_iou", loss_iou)
-        self.put("box", "loss_dfl", loss_dfl)
-        self.put("gains", "before", torch.stack([loss_iou.detach(), cls, loss_dfl.detach()]))
 
 
 def loss_recorders(model: nn.Module, capture: Capture) -> list[LossRecorder]:
@@ -442,27 +384,21 @@ def loss_recorders(model: nn.Module, capture: Capture) -> list[LossRecorder]:
 
 
 def head_outputs(preds: Any, end2end: bool) -> dict[str, torch.Tensor]:
-    """The train outputs that gradients are taken with respect to, under their dump suffixes."""
-    if end2end:
-        return {f"{b}.{o}": preds[b][o] for b in names.E2E_BRANCHES for o in names.HEAD_OUTPUTS}
-    return {o: preds[o] for o in names.HEAD_OUTPUTS}
+    """The train outputs that gradients are taken with respect to, under their dump suffixes (8.4: `boxes`,
+    `scores`; 8.3: one per level, `0`, `1`, `2`)."""
+    return compat.head_outputs(preds, end2end)
 
 
 # ---------------------------------------------------------------------------------------------- capture
 @contextmanager
 def precision_context(config: CaptureConfig):
     """TF32 flags, deterministic algorithms and autocast as the config asks; all restored afterwards."""
-    import os
+    from parity.runtime import restore_tf32, set_tf32
 
-    saved = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32,
-             torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.deterministic,
-             torch.backends.cudnn.benchmark)
-    tf32 = config.precision == "tf32"
-    torch.backends.cuda.matmul.allow_tf32 = tf32
-    torch.backends.cudnn.allow_tf32 = tf32
+    saved_tf32 = set_tf32(config.precision == "tf32")
+    saved = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
+             torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark)
     if config.deterministic:
-        # cuBLAS needs this workspace setting before deterministic matmuls are allowed on CUDA.
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True, warn_only=True)
         torch.backends.cudnn.deterministic = True
         torch.backends.cudnn.benchmark = False
@@ -474,9 +410,9 @@ def precision_context(config: CaptureConfig):
         else:
             yield
     finally:
-        (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32, deterministic,
-         torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark) = saved
-        torch.use_deterministic_algorithms(deterministic)
+        restore_tf32(saved_tf32)
+        deterministic, warn_only, torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = saved
+        torch.use_deterministic_algorithms(deterministic, warn_only=warn_only)
 
 
 def run_capture(config: CaptureConfig, progress: Callable[[str], None] = lambda step: None) -> Capture:
@@ -486,6 +422,9 @@ def run_capture(config: CaptureConfig, progress: Callable[[str], None] = lambda 
         raise ParityError(f"--batch must be at least 1, got {config.batch}")
     if config.nc < 1:
         raise ParityError(f"--nc must be at least 1, got {config.nc}")
+    if config.precision in ("tf32", "fp16") and not config.device.startswith("cuda"):
+        raise ParityError(f"--precision {config.precision} needs a CUDA device (--device cuda); on the CPU use fp32 "
+                          f"or bf16")
     if config.init not in INIT_MODES:
         raise ParityError(f"--init {config.init!r}: expected one of {', '.join(INIT_MODES)}")
     progress("building the model")
@@ -512,7 +451,7 @@ def run_capture(config: CaptureConfig, progress: Callable[[str], None] = lambda 
         head = head_of(model)
         if head.reg_max > 1:
             with torch.no_grad():
-                boxes = preds["one2many"]["boxes"] if end2end else preds["boxes"]
+                boxes = compat.head_boxes(preds, head, end2end)
                 capture.put(names.act(len(model.model) - 1, "dfl"), head.dfl(boxes))
 
         model.criterion = model.init_criterion()
@@ -523,14 +462,17 @@ def run_capture(config: CaptureConfig, progress: Callable[[str], None] = lambda 
             for case in config.cases:
                 progress(f"loss, case {case}")
                 for recorder in recorders:
-                    recorder.case = case
+                    compat.start_case(recorder, case)
                 loss, items = model.loss(_to_device(batch.as_loss_batch(case), device), preds)
+                for recorder in recorders:
+                    compat.finish_case(recorder, loss, items)
                 capture.put(names.loss_output(case, "loss"), loss)
-                capture.put(names.loss_output(case, "items"), torch.stack(list(items.values())))
+                capture.put(names.loss_output(case, "items"), compat.items_vector(items))
                 totals[case] = loss
                 if config.gradients:
+                    terms = compat.loss_terms(loss, recorders[0], model)
                     for term_index, term in enumerate(names.LOSS_TERMS):
-                        grads = torch.autograd.grad(loss[term_index], list(outputs.values()), retain_graph=True,
+                        grads = torch.autograd.grad(terms[term_index], list(outputs.values()), retain_graph=True,
                                                     allow_unused=True)
                         for suffix, grad, tensor in zip(outputs, grads, outputs.values()):
                             capture.put(f"grad.head.{case}.{term}.{suffix}",
@@ -563,8 +505,6 @@ def describe(model, config: CaptureConfig, batch: Batch, capture: Capture, init:
     head = head_of(model)
     end2end = is_end2end(model)
     criterion = model.criterion.one2many if end2end else model.criterion
-    assigner = criterion.assigner
-    hyp = model.args
     return {
         "versions": versions(),
         "environment": environment(config.device),
@@ -572,9 +512,7 @@ def describe(model, config: CaptureConfig, batch: Batch, capture: Capture, init:
         "init": {**init, "cls_bias_formula": "log(5 / nc / (640 / stride) ** 2)",
                  "cls_bias_arithmetic": "ultralytics: division and square in float32 (stride is a float32 tensor "
                                         "element), log in float64, stored as float32"},
-        "hyperparameters": {"box": float(hyp.box), "cls": float(hyp.cls), "dfl": float(hyp.dfl),
-                            "tal_topk": assigner.topk, "tal_alpha": assigner.alpha, "tal_beta": assigner.beta,
-                            "tal_eps": assigner.eps, "small_box_floor_px": assigner.stride_val},
+        "hyperparameters": compat.hyperparameters(model, criterion),
         "model": {
             "yaml": config.model,
             "scale": model.yaml.get("scale"),
@@ -594,8 +532,9 @@ def describe(model, config: CaptureConfig, batch: Batch, capture: Capture, init:
             "branches": list(names.E2E_BRANCHES) if end2end else [],
             "branch_weights": {"one2many": model.criterion.o2m, "one2one": model.criterion.o2o} if end2end else None,
             "cases": [{"name": c, "boxes": batch.cases[c].count} for c in config.cases],
-            "returns": "loss vector (box, cls, dfl) after gains, multiplied by the batch size",
-            "loss_names": list(criterion.loss_names),
+            "returns": compat.loss_output_note(capture.tensors[names.loss_output(config.cases[0], "loss")])
+            if config.cases else None,
+            "loss_names": compat.loss_names(criterion),
         },
         "gradients": {"param": "d(model.loss(batch)[0].sum()) / d(parameter), default case",
                       "head": "d(model.loss(batch)[0][term]) / d(head train output)",

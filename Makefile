@@ -15,7 +15,10 @@ IMAGES ?= assets
 INIT ?= perturbed
 PRECISION ?= fp32
 MODEL_NAME := $(basename $(notdir $(MODEL)))
-OUT ?= reference_dumps/$(MODEL_NAME)-nc$(NC)-$(IMGSZ)-b$(BATCH)-s$(SEED)-$(IMAGES)-$(INIT)-$(DEVICE)
+# ULTRALYTICS=8.3.200 dumps with that release, from a side environment built on first use (parity/sideenv.py).
+ULTRALYTICS ?=
+OUT ?= reference_dumps/$(MODEL_NAME)-nc$(NC)-$(IMGSZ)-b$(BATCH)-s$(SEED)-$(IMAGES)-$(INIT)-$(DEVICE)$(if $(ULTRALYTICS),-u$(ULTRALYTICS),)
+PARITY = $(if $(ULTRALYTICS),$(PY) -m parity.sideenv $(ULTRALYTICS) --,$(PY) -m parity)
 LAYER ?=
 INJECT ?=
 WHAT ?= all
@@ -25,7 +28,7 @@ CANDIDATE ?= builtin
 export YOLO_OFFLINE := 1
 export YOLO_CONFIG_DIR := $(CURDIR)/runs/ultralytics-config
 
-.PHONY: help install dump-reference compare fixtures test bench inspect clean
+.PHONY: help install dump-reference compare fixtures test bench inspect clean envelope drift
 
 help:
 	@echo "make dump-reference   write a reference dump (MODEL NC IMGSZ BATCH SEED DEVICE IMAGES INIT OUT)"
@@ -43,7 +46,7 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 dump-reference: $(STAMP)
-	$(PY) -m parity dump --model $(MODEL) --nc $(NC) --imgsz $(IMGSZ) --batch $(BATCH) --seed $(SEED) \
+	$(PARITY) dump --model $(MODEL) --nc $(NC) --imgsz $(IMGSZ) --batch $(BATCH) --seed $(SEED) \
 		--device $(DEVICE) --images $(IMAGES) --init $(INIT) --out $(OUT) $(if $(FORCE),--force,)
 
 inspect: $(STAMP)
@@ -62,6 +65,15 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) -m parity.bench
+
+# The reference against itself under harmless changes (threads, float64 shadow; CUDA/TF32 where present).
+envelope: $(STAMP)
+	$(PY) -m parity envelope --model $(MODEL) --nc $(NC) --imgsz $(IMGSZ) --batch $(BATCH) --device $(DEVICE) \
+		--out envelopes/$(DEVICE)-$(MODEL_NAME)-$(IMGSZ).json $(if $(FORCE),--force,)
+
+# What changed between two reference dumps: make drift A=dir B=dir
+drift: $(STAMP)
+	$(PY) -m parity drift $(A) $(B)
 
 clean:
 	rm -rf runs .pytest_cache

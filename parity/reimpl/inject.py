@@ -45,6 +45,9 @@ def _load_other_registries() -> None:
         from . import loss_inject  # noqa: F401
     except ImportError:
         pass
+    from parity import drift  # the as-of-8.3 modes: an older ultralytics release, planted like a bug
+
+    drift.register_injections()
 
 
 def all_injections() -> dict[str, Injection]:

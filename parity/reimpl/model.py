@@ -85,6 +85,7 @@ class ModelTweaks:
     bn_eps: dict[int, float] = field(default_factory=dict)       # layer index -> BatchNorm eps for that layer
     duplicate_concat: int | str | None = None                    # a Concat index, or "first-neck"
     bias_init: str = "ultralytics"      # "ultralytics" | "float32" | "float64" | "skipped" | "int-division"
+    box_bias: float = 2.0               # 1.0 up to ultralytics 8.3.x (the `as-of-8.3` mode)
 
 
 def _make_divisible(x: float, divisor: int = 8) -> int:
@@ -339,7 +340,7 @@ class Detector(nn.Module):
         if self.tweaks.bias_init == "skipped":
             return
         for level in range(self.head.num_levels):
-            self.head.box_final(level).bias.fill_(2.0)
+            self.head.box_final(level).bias.fill_(self.tweaks.box_bias)
             self.head.cls_final(level).bias[: self.nc] = self._class_prior_logit(level)
 
     def extra_repr(self) -> str:

@@ -1,0 +1,200 @@
+"""Side environments: a separate virtualenv per ultralytics release, for reference dumps of older versions.
+
+`ULTRALYTICS=8.3.200 make dump-reference` (and `python -m parity.sideenv 8.3.200 -- dump ...`) builds
+`runs/envs/ultralytics-8.3.200/` once and runs `python -m parity ...` inside it:
+
+* a fresh venv made by the interpreter the project runs on (Python 3.11 here);
+* `ultralytics==X.Y.Z` with the *same* torch and torchvision as the project's own environment (pip takes
+  torch 2.14.1 / torchvision 0.29.1 from this machine's disk: nothing of torch is downloaded), plus the
+  project's other run-time dependencies (numpy, safetensors, rich, pyyaml);
+* this project in editable mode, without its dependencies (its pyproject pins the current ultralytics).
+
+The environment is described in `runs/envs/ultralytics-X.Y.Z/parity-env.json` (versions, build time); a
+build that fails leaves no half-made environment under the final name. Only exact versions are accepted
+(`8.3.200`, not `8.3.x`): a reference dump must say which release it came from.
+
+Needs the package registry (PyPI) on the first build of a version; later runs are offline.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from parity.errors import ParityError
+from parity.runtime import PROJECT_ROOT
+
+ENVS_DIR = PROJECT_ROOT / "runs" / "envs"
+STAMP = "parity-env.json"
+VERSION_RE = re.compile(r"^\d+\.\d+\.\d+$")
+# The project's run-time dependencies other than ultralytics and torch (pyproject.toml `dependencies`).
+EXTRA_REQUIREMENTS = ("numpy", "safetensors", "rich", "pyyaml")
+
+
+def check_version(version: str) -> str:
+    version = (version or "").strip()
+    if version.startswith("ultralytics=="):
+        version = version.split("==", 1)[1]
+    if not VERSION_RE.match(version):
+        raise ParityError(
+            f"ULTRALYTICS={version!r}: give an exact release such as 8.3.200 (a reference dump must name the "
+            f"release it came from; `pip index versions ultralytics` lists them)"
+        )
+    return version
+
+
+def env_dir(version: str) -> Path:
+    return ENVS_DIR / f"ultralytics-{check_version(version)}"
+
+
+def env_python(version: str) -> Path:
+    return env_dir(version) / "bin" / "python"
+
+
+def _current(dist: str) -> str | None:
+    try:
+        from importlib.metadata import version
+
+        return version(dist)
+    except Exception:  # noqa: BLE001
+        return None
+
+
+def torch_pins() -> list[str]:
+    """torch (and torchvision) exactly as installed in the running environment: results must not move by torch."""
+    pins = []
+    for dist in ("torch", "torchvision"):
+        v = _current(dist)
+        if v:
+            pins.append(f"{dist}=={v.split('+', 1)[0]}")
+    return pins
+
+
+def read_stamp(version: str) -> dict | None:
+    path = env_dir(version) / STAMP
+    if not path.exists():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError:
+        return None
+
+
+def is_ready(version: str) -> bool:
+    stamp = read_stamp(version)
+    return bool(stamp and stamp.get("ultralytics") == check_version(version) and env_python(version).exists()
+                and stamp.get("torch") == _current("torch"))
+
+
+def _run(cmd: list[str], log, *, env: dict | None = None) -> None:
+    log("$ " + " ".join(cmd))
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
+    if proc.returncode:
+        tail = "\n".join((proc.stdout + proc.stderr).strip().splitlines()[-25:])
+        raise ParityError(f"building the side environment failed at `{' '.join(cmd[:6])} ...`:\n{tail}")
+
+
+def base_python() -> str:
+    """The interpreter to make venvs with: the one this project runs on (a venv's python makes a fine base)."""
+    return sys.executable
+
+
+def build(version: str, *, rebuild: bool = False, log=lambda line: print(line, file=sys.stderr)) -> Path:
+    """Make (or reuse) the environment for ultralytics `version`; returns its python."""
+    version = check_version(version)
+    final = env_dir(version)
+    if is_ready(version) and not rebuild:
+        return env_python(version)
+    start = time.perf_counter()
+    ENVS_DIR.mkdir(parents=True, exist_ok=True)
+    # venvs hard-code their own path in scripts: build in place under a temporary name would break them, so a
+    # failed build is cleaned up instead (and `parity-env.json` is written last: its presence marks success).
+    if final.exists():
+        shutil.rmtree(final)
+    try:
+        _run([base_python(), "-m", "venv", str(final)], log)
+        py = str(final / "bin" / "python")
+        env = {**os.environ, "PIP_DISABLE_PIP_VERSION_CHECK": "1"}
+        _run([py, "-m", "pip", "install", "-q", f"ultralytics=={version}", *torch_pins(), *EXTRA_REQUIREMENTS],
+             log, env=env)
+        _run([py, "-m", "pip", "install", "-q", "--no-deps", "-e", str(PROJECT_ROOT)], log, env=env)
+        probe = subprocess.run(
+            [py, "-c", "import json, importlib.metadata as m; print(json.dumps({d: m.version(d) for d in "
+                       "('ultralytics', 'torch', 'torchvision', 'numpy', 'safetensors')}))"],
+            capture_output=True, text=True, check=False, env={**env, "YOLO_OFFLINE": "1"},
+        )
+        if probe.returncode:
+            raise ParityError(f"the side environment was built but cannot report its versions: {probe.stderr[-2000:]}")
+        versions = json.loads(probe.stdout.strip().splitlines()[-1])
+        if versions["ultralytics"] != version:
+            raise ParityError(f"asked for ultralytics {version}, the side environment has {versions['ultralytics']}")
+        if versions["torch"] != _current("torch"):
+            raise ParityError(
+                f"the side environment got torch {versions['torch']}, the project runs torch {_current('torch')}: "
+                f"dumps would differ by torch as well as by ultralytics"
+            )
+    except BaseException:
+        shutil.rmtree(final, ignore_errors=True)
+        raise
+    seconds = time.perf_counter() - start
+    stamp = {**versions, "python": sys.version.split()[0], "built_seconds": round(seconds, 1),
+             "built_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "project": str(PROJECT_ROOT)}
+    (final / STAMP).write_text(json.dumps(stamp, indent=1) + "\n")
+    log(f"side environment for ultralytics {version} ready in {seconds:.0f} s: {final}")
+    return final / "bin" / "python"
+
+
+def run_parity(version: str, argv: list[str], *, build_if_missing: bool = True) -> int:
+    """Run `python -m parity ARGV` with ultralytics `version`; its exit code."""
+    if build_if_missing:
+        python = build(version)
+    elif not is_ready(version):
+        raise ParityError(f"no side environment for ultralytics {version}; build it with "
+                          f"`python -m parity.sideenv {version} --build`")
+    else:
+        python = env_python(version)
+    env = {**os.environ, "YOLO_OFFLINE": "1",
+           "YOLO_CONFIG_DIR": os.environ.get("YOLO_CONFIG_DIR", str(PROJECT_ROOT / "runs" / "ultralytics-config"))}
+    env.pop("PYTHONPATH", None)
+    return subprocess.call([str(python), "-m", "parity", *argv], cwd=str(PROJECT_ROOT), env=env)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m parity.sideenv",
+        description="Build a side environment for an ultralytics release and run `parity` in it.",
+        epilog="example: python -m parity.sideenv 8.3.200 -- dump --out reference_dumps/yolo11n-u8.3.200",
+    )
+    parser.add_argument("version", help="exact ultralytics release, e.g. 8.3.200")
+    parser.add_argument("--build", action="store_true", help="only build (or check) the environment")
+    parser.add_argument("--rebuild", action="store_true", help="remove and rebuild the environment")
+    parser.add_argument("--print-python", action="store_true", help="print the environment's python and exit")
+    argv = list(sys.argv[1:] if argv is None else argv)
+    rest: list[str] = []
+    if "--" in argv:  # everything after `--` belongs to parity
+        at = argv.index("--")
+        argv, rest = argv[:at], argv[at + 1:]
+    args = parser.parse_args(argv)
+    try:
+        python = build(args.version, rebuild=args.rebuild)
+        if args.print_python:
+            print(python)
+            return 0
+        if args.build or not rest:
+            print(json.dumps(read_stamp(args.version), indent=1))
+            return 0
+        return run_parity(args.version, rest, build_if_missing=False)
+    except ParityError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return error.exit_code
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

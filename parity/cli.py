@@ -153,6 +153,8 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--profile", help="tolerance profile (default: from device and precision)")
     compare.add_argument("--mode", choices=("isolated", "chained", "both"), default="both")
     compare.add_argument("--json", dest="json_out", help="also write the report as JSON here")
+    compare.add_argument("--old-reference", help="a reference dump from an older ultralytics release: what the "
+                                                 "candidate matches there is reported as version drift, not a bug")
     _add_capture_options(compare)
     compare.set_defaults(func=cmd_compare)
 

@@ -74,10 +74,73 @@ def run_compare(args) -> int:
             if args.what == "all":
                 report.command = "compare --what all"
     assert report is not None
+    if args.old_reference:
+        explain_version_drift(report, args, modes, model_inject, loss_inject)
     render(report, verbose=args.layer is not None)
     if args.json_out:
         to_json(report, args.json_out)
     return report.exit_code
+
+
+def _rows_by_name(report: Report) -> dict[str, dict]:
+    """The first compared row of each tensor, as metrics (what `parity.drift.explain` reads)."""
+    rows = {}
+    for row in report.rows:
+        if row.metrics is not None and row.name not in rows:
+            rows[row.name] = {**row.metrics, "passed": row.passed}
+    return rows
+
+
+def explain_version_drift(report: Report, args, modes, model_inject, loss_inject) -> None:
+    """Run the same comparison against an older reference: what matches it is release drift, not a bug.
+
+    Rows that fail against the current reference but match the older one pass, with a note naming the
+    release; error findings about those tensors become warnings; `version-drift` findings say why.
+    """
+    from parity.drift import explain
+    from parity.dumpfile import Dump
+
+    old = Dump(args.old_reference)
+    old_report = None
+    if args.what in ("layers", "all"):
+        from parity.replay.layers import compare_layers
+
+        old_report = compare_layers(old, args.candidate, profile=args.profile, modes=modes, progress=False,
+                                    inject=model_inject, map_file=args.map_file, device=args.device)
+    if args.what in ("loss", "all") and old.manifest.get("loss", {}).get("cases"):
+        from parity.replay.loss import compare_loss
+
+        try:
+            loss_report = compare_loss(old, args.loss_candidate or "builtin", profile=args.profile, progress=False,
+                                       inject=loss_inject)
+            old_report = loss_report if old_report is None else old_report.merge(loss_report)
+        except ParityError as error:  # an older release's layout the loss replay cannot read (8.3 head lists)
+            report.coverage.setdefault("not_checked", []).append(f"loss against {old.path}: {error}")
+    if old_report is None:
+        return
+    versions = (report_versions(resolve_reference(args)), report_versions(old))
+    findings = explain(_rows_by_name(report), _rows_by_name(old_report), current_version=versions[0],
+                       old_version=versions[1])
+    explained = {item["name"] for f in findings for item in f.evidence.get("tensors", [])}
+    explained |= {name for name, metrics in _rows_by_name(old_report).items()
+                  if metrics["passed"] and not _rows_by_name(report).get(name, {"passed": True})["passed"]}
+    for row in report.rows:
+        if not row.passed and row.name in explained:
+            row.passed = True
+            row.note = f"matches ultralytics {versions[1]} (version drift). " + row.note
+    for finding in report.findings:
+        mentioned = " ".join([finding.where, finding.message, str(finding.evidence)])
+        if finding.severity == "error" and any(name in mentioned for name in explained):
+            finding.severity = "warning"
+            finding.message += f" [matches ultralytics {versions[1]}: release drift, not a port bug]"
+    for finding in findings:
+        report.find(finding)
+    report.context["old_reference"] = {"path": str(old.path), "ultralytics": versions[1],
+                                       "explained_tensors": sorted(explained)}
+
+
+def report_versions(dump) -> str:
+    return (dump.manifest.get("versions") or {}).get("ultralytics") or "unknown"
 
 
 def _split_injection(inject: str | None) -> tuple[str | None, str | None]:
@@ -90,14 +153,20 @@ def _split_injection(inject: str | None) -> tuple[str | None, str | None]:
         kind = get(inject).kind
     except KeyError as error:
         raise ParityError(str(error.args[0])) from None
-    return (inject, None) if kind == "model" else (None, inject)
+    try:  # a release mode such as `as-of-8.3` has a model half and a loss half (`as-of-8.3-loss`)
+        loss_half = inject + "-loss" if get(inject + "-loss").kind == "loss" and kind == "model" else None
+    except KeyError:
+        loss_half = None
+    return (inject, loss_half) if kind == "model" else (None, inject)
 
 
 def run_map(args) -> int:
     from rich.console import Console
 
     from parity.candidates import load_candidate
+    from parity.runtime import check_device
 
+    check_device(args.device)
     reference = resolve_reference(args)
     candidate = load_candidate(args.candidate, reference, map_file=args.map_file)
     findings = candidate.prepare(reference)

@@ -499,3 +499,20 @@ def test_problems_become_report_findings(tmp_path):
     findings = problem_findings(problems)
     assert [f.signature for f in findings] == ["foreign-schema-version"] and findings[0].severity == "error"
     assert "schema_version 3" in problems_text(problems)
+
+
+def test_dump_compare_names_an_nhwc_tensor_first(tmp_path, fixtures_dir):
+    """Through the real compare path: one activation written NHWC is called a layout slip, not a bad layer."""
+    from parity.dumpfile import Dump, DumpWriter
+    from parity.replay.layers import compare_layers
+
+    reference = Dump(fixtures_dir / "yolo11-narrow-nc80-96")
+    with DumpWriter(tmp_path / "port", kind="candidate") as writer:
+        for name in ("act.0", "act.1", "act.2"):
+            tensor = reference.get(name)
+            writer.add(name, tensor.permute(0, 2, 3, 1).contiguous() if name == "act.1" else tensor)
+        writer.commit({})
+    report = compare_layers(reference, str(tmp_path / "port"), progress=False)
+    assert report.verdict == "divergence"
+    layout = [f for f in report.findings if f.signature == "foreign-layout" and f.severity == "error"]
+    assert layout and "permute(0, 3, 1, 2)" in layout[0].message and layout[0].where == "layer 1"

@@ -220,7 +220,15 @@ def _chained(reference: Dump, candidate: Candidate, layers: list[dict], head, pr
             if cand is None:
                 continue
             shapes[name] = list(cand.shape)
-            rows[name] = _compare_into(report, "chained", index, name, reference.get(name), cand, profile, "chained")
+            ref = reference.get(name)
+            rows[name] = _compare_into(report, "chained", index, name, ref, cand, profile, "chained")
+            transposed = sorted(cand.shape) == sorted(ref.shape) and cand.shape != ref.shape
+            if not candidate.live and not rows[name].passed and (transposed or cand.dtype != ref.dtype):
+                # A foreign port's usual slips: NHWC instead of NCHW, float64 instead of float32.
+                from parity.compare.foreign import tensor_findings
+
+                for finding in tensor_findings(name, structure.layer_where(index), ref, cand, profile.for_name(name)):
+                    report.find(finding)
         if rows:
             out[index] = rows
     return out
@@ -228,7 +236,12 @@ def _chained(reference: Dump, candidate: Candidate, layers: list[dict], head, pr
 
 def _check_dump_candidate(reference: Dump, candidate, report: Report, profile: Profile) -> None:
     """Input image and weights of a candidate dump: the port must have run on the reference's input and weights."""
+    from parity.compare.foreign import check_candidate_dump, problem_findings
+
     dump = candidate.dump
+    # Names outside the protocol, NHWC layouts, float64 where float32 was expected: said once, up front.
+    for finding in problem_findings(check_candidate_dump(dump.path, reference)):
+        report.find(finding)
     if dump.kind != "candidate":
         report.context["candidate_manifest_kind"] = dump.kind
     img = dump.get_optional(names.batch_img())

@@ -624,24 +624,26 @@ def builtin_candidate(model: str, nc: int, inject: str | None = None, device: st
     return ModuleCandidate(module, label=label, rebuild=rebuild, kind="builtin", device=device)
 
 
-def _import_factory(spec: str) -> tuple[Callable, Any]:
+def import_factory(spec: str, what: str = "candidate",
+                   expected: str = "'builtin', 'package.module:factory' or a dump directory") -> tuple[Callable, Any]:
+    """`package.module:factory` -> (the callable, its module); the module is looked up from the working directory too."""
     module_name, _, attr = spec.partition(":")
     if not module_name or not attr:
-        raise ParityError(f"candidate {spec!r}: expected 'builtin', 'package.module:factory' or a dump directory")
+        raise ParityError(f"{what} {spec!r}: expected {expected}")
     cwd = str(Path.cwd())
     if cwd not in sys.path:
         sys.path.insert(0, cwd)
     try:
         module = importlib.import_module(module_name)
     except ImportError as error:
-        raise ParityError(f"candidate {spec!r}: cannot import {module_name!r} ({error})") from None
+        raise ParityError(f"{what} {spec!r}: cannot import {module_name!r} ({error})") from None
     factory = module
     for part in attr.split("."):
         if not hasattr(factory, part):
-            raise ParityError(f"candidate {spec!r}: module {module_name!r} has no attribute {attr!r}")
+            raise ParityError(f"{what} {spec!r}: module {module_name!r} has no attribute {attr!r}")
         factory = getattr(factory, part)
     if not callable(factory):
-        raise ParityError(f"candidate {spec!r}: {attr!r} is not callable")
+        raise ParityError(f"{what} {spec!r}: {attr!r} is not callable")
     return factory, module
 
 
@@ -714,7 +716,7 @@ def load_candidate(spec: str | nn.Module | Callable, reference: Dump, *, inject:
             raise ParityError(f"candidate dump {dump.path} is statistics-only: a layer comparison needs tensor values")
         return DumpCandidate(dump)
     if ":" in spec:
-        factory, owner = _import_factory(spec)
+        factory, owner = import_factory(spec)
         return module_candidate(factory, label=spec, nc=nc, model=model, key_map=maps["key_map"],
                                 layer_map=maps["layer_map"], owner_module=owner, device=device)
     if path.suffix or "/" in spec:

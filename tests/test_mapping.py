@@ -25,26 +25,10 @@ _UL: dict = {}
 
 def ultralytics_v8n():
     """yolov8n as ultralytics builds it (once per file), keeping `Detect.legacy` as it was."""
-    from ultralytics.nn.modules.head import Detect
-    from ultralytics.nn.tasks import DetectionModel
+    from parity.capture.reference import build_model
 
     if "m" not in _UL:
-        classes, stack = [], [Detect]
-        while stack:
-            c = stack.pop()
-            classes.append(c)
-            stack.extend(c.__subclasses__())
-        saved = {c: c.__dict__.get("legacy", KeyError) for c in classes}
-        try:
-            torch.manual_seed(0)
-            _UL["m"] = DetectionModel("yolov8n.yaml", nc=80, verbose=False)
-        finally:
-            for c, v in saved.items():
-                if v is KeyError:
-                    if "legacy" in c.__dict__:
-                        delattr(c, "legacy")
-                else:
-                    c.legacy = v
+        _UL["m"] = build_model("yolov8n.yaml", 80, 0)
         g = torch.Generator().manual_seed(7)
         with torch.no_grad():        # distinct values everywhere, so a wrong assignment cannot go unseen
             for k, t in _UL["m"].state_dict().items():

@@ -33,26 +33,10 @@ def _threads():
 
 
 def ultralytics_model(name: str, nc: int = 80, seed: int = 0):
-    """DetectionModel built without leaking parse_model's class-level `Detect.legacy` into later builds."""
-    from ultralytics.nn.modules.head import Detect
-    from ultralytics.nn.tasks import DetectionModel
+    """DetectionModel as the reference capture builds it (without leaking parse_model's `Detect.legacy`)."""
+    from parity.capture.reference import build_model
 
-    classes, stack = [], [Detect]
-    while stack:
-        c = stack.pop()
-        classes.append(c)
-        stack.extend(c.__subclasses__())
-    saved = {c: c.__dict__.get("legacy", KeyError) for c in classes}
-    try:
-        torch.manual_seed(seed)
-        return DetectionModel(name, nc=nc, verbose=False)
-    finally:
-        for c, v in saved.items():
-            if v is KeyError:
-                if "legacy" in c.__dict__:
-                    delattr(c, "legacy")
-            else:
-                c.legacy = v
+    return build_model(name, nc, seed)
 
 
 _CACHE: dict = {}

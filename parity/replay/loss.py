@@ -24,7 +24,6 @@ into findings.
 
 from __future__ import annotations
 
-import importlib
 import inspect
 import sys
 from dataclasses import dataclass, field
@@ -314,23 +313,9 @@ def load_loss_candidate(candidate: Any, spec: LossSpec, *, inject: str | None = 
 
 
 def _import(spec: str):
-    module_name, _, attr = spec.partition(":")
-    if not module_name or not attr:
-        raise ParityError(f"loss candidate {spec!r}: expected 'builtin' or 'package.module:factory'")
-    if str(Path.cwd()) not in sys.path:
-        sys.path.insert(0, str(Path.cwd()))
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as error:
-        raise ParityError(f"loss candidate {spec!r}: cannot import {module_name!r} ({error})") from None
-    target = module
-    for part in attr.split("."):
-        if not hasattr(target, part):
-            raise ParityError(f"loss candidate {spec!r}: module {module_name!r} has no attribute {attr!r}")
-        target = getattr(target, part)
-    if not callable(target):
-        raise ParityError(f"loss candidate {spec!r}: {attr!r} is not callable")
-    return target, module
+    from parity.candidates import import_factory
+
+    return import_factory(spec, "loss candidate", "'builtin' or 'package.module:factory'")
 
 
 def _call_factory(factory: Callable, spec: LossSpec, label: str) -> Any:

@@ -63,7 +63,8 @@ class Capture:
             self.tensors[name] = host.copy_(tensor, non_blocking=True)
             self._pending_device = tensor.device
         else:
-            self.tensors[name] = tensor.clone()
+            # Contiguous in the same copy, so the writer never needs a second one.
+            self.tensors[name] = tensor.clone(memory_format=torch.contiguous_format)
 
     def finish(self) -> "Capture":
         """Wait once for every host copy still in flight (CUDA); a no-op on CPU."""

@@ -35,6 +35,18 @@ def test_identical_tensors_are_exact_and_pass():
     assert m.ref_dtype == m.cand_dtype == "float32"
 
 
+def test_bitwise_equal_fast_path_reports_what_the_chunked_path_reports(monkeypatch):
+    ref = torch.randn(70_000, generator=torch.Generator().manual_seed(3)) * 7
+    tol = Tolerance(1e-4, 1e-4, atol_absmax=1e-3, max_ulp=2, source="test")
+    fast = compare_tensors(ref, ref.clone(), tol)
+    assert fast.ref_absmax == pytest.approx(float(ref.abs().max()))
+    assert fast.effective_atol == pytest.approx(1e-4 + 1e-3 * fast.ref_absmax)
+    # without torch.equal every pair goes through the element-wise equality check in chunks
+    monkeypatch.setattr(metrics_module.torch, "equal", lambda a, b: False)
+    slow = compare_tensors(ref, ref.clone(), tol)
+    assert fast.as_dict() == slow.as_dict()
+
+
 def test_statistics_match_numpy_definitions():
     g = torch.Generator().manual_seed(1)
     ref = torch.randn(1000, generator=g)

@@ -23,6 +23,8 @@ LOSS_STAGES: dict[str, tuple[str, ...]] = {
 }
 # Produced once per case, also for end-to-end models (the branches combined).
 LOSS_OUTPUT = ("loss", "items")
+# Assigner outputs whose background-anchor rows are filler: they are judged on the reference's fg_mask only.
+FOREGROUND_ONLY = ("target_labels", "target_bboxes", "target_gt_idx")
 
 
 def weight(key: str) -> str:
@@ -70,3 +72,22 @@ def layer_of(name: str) -> int | None:
     if len(parts) > 1 and parts[0] in ("model", "act") and parts[1].isdigit():
         return int(parts[1])
     return None
+
+
+def foreground_mask_for(name: str) -> str | None:
+    """For an assigner output judged on foreground anchors only, the name of the fg_mask beside it."""
+    parts = name.split(".")
+    if parts[0] == "loss" and parts[-1] in FOREGROUND_ONLY:
+        return ".".join(parts[:-1] + ["fg_mask"])
+    return None
+
+
+def place_of(name: str) -> str:
+    """Where a tensor belongs, in a report's words: `layer 23`, `loss/default assign`, or its section."""
+    layer = layer_of(name)
+    if layer is not None:
+        return f"layer {layer}"
+    parts = name.split(".")
+    if parts[0] == "loss" and len(parts) > 3:
+        return f"loss/{parts[1]} {'.'.join(parts[2:-1])}"
+    return parts[0]

@@ -57,7 +57,6 @@ CATEGORY = {"head": "head outputs", "anchors": "anchors", "preprocess": "targets
             "assigner": "assigner", "normalize": "normalizer", "classify": "loss math", "box": "loss math",
             "gains": "gain", "output": "batch scaling"}
 DISCRETE = ("mask_in_gts", "mask_pos", "fg_mask", "target_gt_idx", "target_labels")
-ON_FOREGROUND = ("target_labels", "target_bboxes", "target_gt_idx")  # filler on background anchors
 AFTER_ASSIGNMENT = ("normalize", "classify", "box", "gains", "output")
 
 
@@ -708,7 +707,7 @@ class _CaseReplay:
                                              f"sides; {len(diff.flips) - len(diff.real)} near-tie flip(s)"
                                              if diff.flips else f"compared on the {int(common.sum())} foreground "
                                                                 f"anchors")
-        if name in ON_FOREGROUND:
+        if name in names.FOREGROUND_ONLY:
             agree = diff.agree_mask  # same box on both sides: label and box must match
             metrics = compare_tensors(ref[agree], cand[agree], tol)
             return metrics.passed, metrics, f"compared on the {int(agree.sum())} anchors assigned the same box"

@@ -153,6 +153,12 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--profile", help="tolerance profile (default: from device and precision)")
     compare.add_argument("--mode", choices=("isolated", "chained", "both"), default="both")
     compare.add_argument("--json", dest="json_out", help="also write the report as JSON here")
+    compare.add_argument("--streamed", action="store_true",
+                         help="with a candidate dump: judge every tensor the two dumps share, one pair in memory at a "
+                              "time (memory stays about one tensor pair, whatever the dump size; no replay)")
+    compare.add_argument("--stats-only", action="store_true",
+                         help="with a candidate dump: judge per-tensor statistics and checksums only (automatic when "
+                              "either dump was written with --stats-only); the report lists what this cannot show")
     compare.add_argument("--old-reference", help="a reference dump from an older ultralytics release: what the "
                                                  "candidate matches there is reported as version drift, not a bug")
     _add_capture_options(compare)

@@ -47,6 +47,12 @@ def run_compare(args) -> int:
     check_device(args.device)
     reference = resolve_reference(args)
     progress = not args.no_progress
+    whole_dump = _dump_against_dump(reference, args)
+    if whole_dump is not None:
+        render(whole_dump)
+        if args.json_out:
+            to_json(whole_dump, args.json_out)
+        return whole_dump.exit_code
     modes = ("isolated", "chained") if args.mode == "both" else (args.mode,)
     report: Report | None = None
     inject = args.inject
@@ -80,6 +86,35 @@ def run_compare(args) -> int:
     if args.json_out:
         to_json(report, args.json_out)
     return report.exit_code
+
+
+def _dump_against_dump(reference, args) -> Report | None:
+    """Tensor-by-tensor comparison of two whole dumps, when asked for (`--streamed`, `--stats-only`) or when
+    either dump is statistics-only (it has no values to replay). None: run the layer and loss replays."""
+    from parity.dumpfile import MANIFEST, Dump
+
+    candidate_path = Path(str(args.candidate))
+    is_dump = (candidate_path / MANIFEST).exists()
+    wanted = args.streamed or args.stats_only
+    if wanted and not is_dump:
+        flag = "--stats-only" if args.stats_only else "--streamed"
+        raise ParityError(f"{flag} compares two dumps: --candidate must be a dump directory (holding {MANIFEST}), "
+                          f"not {args.candidate!r}")
+    if not is_dump:
+        return None
+    candidate = Dump(candidate_path)
+    if args.stats_only or reference.stats_only or candidate.stats_only:
+        from parity.compare.stats import compare_stats
+
+        return compare_stats(reference, candidate, profile=args.profile)
+    if args.streamed:
+        from parity.cli import progress_enabled, step_progress
+        from parity.compare.stream import compare_dumps
+
+        shared = len(set(reference.names()) & set(candidate.names()))
+        with step_progress(progress_enabled(args), shared, "comparing dumps") as advance:
+            return compare_dumps(reference, candidate, profile=args.profile, progress=advance)
+    return None
 
 
 def _rows_by_name(report: Report) -> dict[str, dict]:

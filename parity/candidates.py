@@ -238,12 +238,14 @@ class ModuleCandidate(Candidate):
     kind = "module"
     live = True
 
-    def __init__(self, module: nn.Module, *, label: str, rebuild: Callable[[], nn.Module] | None = None,
-                 key_map=None, layer_map: Mapping | None = None, kind: str | None = None,
-                 device: str | torch.device = "cpu"):
+    def __init__(self, module: nn.Module, *, label: str, freshly_built: bool = False, key_map=None,
+                 layer_map: Mapping | None = None, kind: str | None = None, device: str | torch.device = "cpu"):
         self.module = module
         self.label = label
-        self.rebuild = rebuild
+        # The bias-init check needs the biases the candidate's own init produced, before the reference's weights
+        # are loaded over them: keep the 1-D tensors (biases, norms) of a module built here from its factory.
+        self.fresh_vectors = ({k: v.detach().clone() for k, v in module.state_dict().items() if v.dim() == 1}
+                              if freshly_built else None)
         self.key_map = key_map
         self.device = torch.device(device)
         if kind:
@@ -381,11 +383,9 @@ class ModuleCandidate(Candidate):
         return out
 
     def fresh_head_biases(self, reference: Dump) -> dict[int, dict[str, torch.Tensor]] | None:
-        if self.rebuild is None or self.mapping is None:
+        if self.fresh_vectors is None or self.mapping is None:
             return None
-        with torch.random.fork_rng(devices=[]):
-            fresh = self.rebuild()
-        state = fresh.state_dict()
+        state = self.fresh_vectors
         head = reference.model.get("head_index")
         out: dict[int, dict[str, torch.Tensor]] = {}
         for level in range(len(reference.model.get("strides", []))):
@@ -613,15 +613,12 @@ def builtin_candidate(model: str, nc: int, inject: str | None = None, device: st
         except KeyError as error:
             raise ParityError(str(error.args[0])) from None
 
-    def rebuild():
-        return build_detector(model, nc=nc, inject=inject)
-
     label = "builtin" + (f" (inject {inject})" if inject else "")
     try:
-        module = rebuild()
+        module = build_detector(model, nc=nc, inject=inject)
     except (FileNotFoundError, NotImplementedError) as error:
         raise ParityError(f"the built-in candidate cannot build {model!r}: {error}") from None
-    return ModuleCandidate(module, label=label, rebuild=rebuild, kind="builtin", device=device)
+    return ModuleCandidate(module, label=label, freshly_built=True, kind="builtin", device=device)
 
 
 def import_factory(spec: str, what: str = "candidate",
@@ -671,14 +668,9 @@ def _call_factory(factory: Callable, nc: int | None, model: str | None, spec: st
 def module_candidate(factory: Callable[..., nn.Module] | nn.Module, *, label: str, nc: int | None = None,
                      model: str | None = None, key_map=None, layer_map=None, owner_module: Any = None,
                      device: str = "cpu") -> ModuleCandidate:
-    """A candidate from a factory (rebuilt fresh for the bias-init check) or an already built module."""
-    if isinstance(factory, nn.Module):
-        module, rebuild = factory, None
-    else:
-        module = _call_factory(factory, nc, model, label)
-
-        def rebuild():
-            return _call_factory(factory, nc, model, label)
+    """A candidate from a factory (its fresh biases kept for the bias-init check) or an already built module."""
+    freshly_built = not isinstance(factory, nn.Module)
+    module = _call_factory(factory, nc, model, label) if freshly_built else factory
 
     if key_map is None:
         key_map = getattr(module, "key_map", None)
@@ -690,7 +682,8 @@ def module_candidate(factory: Callable[..., nn.Module] | nn.Module, *, label: st
             layer_map = getattr(owner_module, "layer_map", None) or getattr(owner_module, "LAYER_MAP", None)
         if callable(layer_map):
             layer_map = layer_map()
-    return ModuleCandidate(module, label=label, rebuild=rebuild, key_map=key_map, layer_map=layer_map, device=device)
+    return ModuleCandidate(module, label=label, freshly_built=freshly_built, key_map=key_map, layer_map=layer_map,
+                           device=device)
 
 
 def load_candidate(spec: str | nn.Module | Callable, reference: Dump, *, inject: str | None = None,

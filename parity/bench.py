@@ -251,6 +251,19 @@ def _sync_for(device: str) -> Callable[[], None]:
     return lambda: None
 
 
+def timed_forward(model, img, grad: bool, sync: Callable[[], None]) -> float:
+    """Seconds of one train-mode forward, with or without autograd, synchronised on both ends."""
+    import torch
+
+    sync()
+    t0 = time.perf_counter()
+    with torch.set_grad_enabled(grad):
+        preds = model(img)
+    sync()
+    del preds
+    return time.perf_counter() - t0
+
+
 def _model_yaml(params: dict) -> str:
     return params.get("model") or params["template"].format(scale=params["scale"])
 
@@ -334,15 +347,6 @@ def worker_step(params: dict) -> dict:
         model.zero_grad(set_to_none=True)
         return {"total": t3 - t0, "forward": t1 - t0, "loss": t2 - t1, "backward": t3 - t2}
 
-    def plain_forward(grad: bool) -> float:
-        sync()
-        t0 = time.perf_counter()
-        with torch.set_grad_enabled(grad):
-            preds = model(img)
-        sync()
-        del preds
-        return time.perf_counter() - t0
-
     # -- memory first, in a fresh process: one plain step, then one dump (or one capture for the biggest points)
     with Phase() as phase:
         plain_step()
@@ -374,8 +378,8 @@ def worker_step(params: dict) -> dict:
     for rep in rounds:
         _log(f"repeat {rep + 1}/{repeats}: plain step, capture" + (", dump" if params.get("dump_each") else ""))
         series["plain"].append(plain_step())
-        series["forward_grad"].append(plain_forward(True))
-        series["forward_nograd"].append(plain_forward(False))
+        series["forward_grad"].append(timed_forward(model, img, True, sync))
+        series["forward_nograd"].append(timed_forward(model, img, False, sync))
         series["capture"].append(_capture_timed(config, sync))
         if params.get("noop"):
             Capture.put = _put_reference  # same work, references kept instead of copies
@@ -440,16 +444,7 @@ def worker_replay(params: dict) -> dict:
     model, _ = prepare_model(config, batch)
     img = batch.img.to(device)
 
-    def forward(grad: bool) -> float:
-        sync()
-        t0 = time.perf_counter()
-        with torch.set_grad_enabled(grad):
-            preds = model(img)
-        sync()
-        del preds
-        return time.perf_counter() - t0
-
-    forward(True)
+    timed_forward(model, img, True, sync)
     # Time where compare_layers spends its time, without changing what it does.
     spent = {"candidate": 0.0, "metrics": 0.0, "read": 0.0}
 
@@ -488,8 +483,8 @@ def _replay_loop(reference, forward, sync, spent: dict, repeats: int, device: st
                                      modes=("isolated",), progress=False, device=device)
     rounds = Repeats(params)
     for rep in rounds:
-        series["forward_grad"].append(forward(True))
-        series["forward_nograd"].append(forward(False))
+        series["forward_grad"].append(timed_forward(model, img, True, sync))
+        series["forward_nograd"].append(timed_forward(model, img, False, sync))
         for mode in ("isolated", "chained"):
             _log(f"repeat {rep + 1}/{repeats}: replay {mode}")
             sync()

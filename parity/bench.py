@@ -465,7 +465,8 @@ def worker_replay(params: dict) -> dict:
         key = {"compare_tensors": "metrics", "get": "read"}.get(name, "candidate")
         setattr(owner, name, timed(key, original))
     try:
-        return _replay_loop(reference, forward, sync, spent, repeats, device, params)
+        return _replay_loop(reference, lambda grad: timed_forward(model, img, grad, sync), sync, spent, repeats,
+                            device, params)
     finally:
         for owner, name, original in saved:
             setattr(owner, name, original)
@@ -483,8 +484,8 @@ def _replay_loop(reference, forward, sync, spent: dict, repeats: int, device: st
                                      modes=("isolated",), progress=False, device=device)
     rounds = Repeats(params)
     for rep in rounds:
-        series["forward_grad"].append(timed_forward(model, img, True, sync))
-        series["forward_nograd"].append(timed_forward(model, img, False, sync))
+        series["forward_grad"].append(forward(True))
+        series["forward_nograd"].append(forward(False))
         for mode in ("isolated", "chained"):
             _log(f"repeat {rep + 1}/{repeats}: replay {mode}")
             sync()

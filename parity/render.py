@@ -152,6 +152,25 @@ def _worst(rows: list[Row]) -> Row | None:
 
 
 LOSS_ROWS_SHOWN = 20
+# Beyond this many plain checks (a whole-dump compare has one per tensor) they are summarised per section and only
+# the failing ones are listed.
+CHECKS_LISTED = 60
+
+
+def _render_section_summary(rows: list[Row], console) -> None:
+    from rich.table import Table
+
+    table = Table(title="checks by section", expand=False)
+    for column in ("section", "tensors", "bitwise", "within tolerance", "failed", "first failure"):
+        table.add_column(column, no_wrap=column != "first failure")
+    for section in dict.fromkeys(r.section for r in rows):
+        group = [r for r in rows if r.section == section]
+        bitwise = sum(1 for r in group if r.passed and (r.metrics or {}).get("exact"))
+        failed = [r for r in group if not r.passed]
+        table.add_row(_e(section), str(len(group)), str(bitwise), str(len(group) - bitwise - len(failed)),
+                      f"[bold red]{len(failed)}[/bold red]" if failed else "0",
+                      _e(failed[0].name) if failed else "")
+    console.print(table)
 
 
 def _render_loss_stages(report: Report, console) -> None:
@@ -248,6 +267,12 @@ def render(report: Report, console=None, *, verbose: bool = False) -> None:
             if len(failing) > LOSS_ROWS_SHOWN:
                 console.print(f"{len(failing) - LOSS_ROWS_SHOWN} more failing loss rows (--json for all)")
 
+    if not verbose and len(other) > CHECKS_LISTED:
+        _render_section_summary(other, console)
+        failing = [r for r in other if not r.passed]
+        if len(failing) > CHECKS_LISTED:
+            console.print(f"{len(failing) - CHECKS_LISTED} more failing checks (--json for all)")
+        other = failing[:CHECKS_LISTED]
     for title, rows in (("checks", other), ("sub-blocks", drill)):
         if not rows:
             continue

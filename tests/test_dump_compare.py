@@ -118,3 +118,13 @@ def test_cli_streamed_compare_and_its_input_checks(reference, tmp_path, capsys):
     assert main(["compare", "--reference", str(reference.path), "--candidate", "builtin", "--streamed",
                  "--no-progress"]) == 2
     assert "--candidate must be a dump directory" in capsys.readouterr().err
+
+
+def test_a_whole_dump_report_summarises_sections_and_lists_only_failures(reference, tmp_path, capsys):
+    candidate = copy_dump(reference, tmp_path / "c", lambda n, t: t * 1.01 if n == "act.13" else t)
+    code = main(["compare", "--reference", str(reference.path), "--candidate", str(candidate.path), "--streamed",
+                 "--no-progress"])
+    out = capsys.readouterr().out
+    assert code == 1
+    assert "checks by section" in out and "act.13" in out
+    assert "model.0.conv.weight" not in out  # a passing tensor is counted in the summary, not listed

@@ -27,16 +27,44 @@ FIXTURES: dict[str, CaptureConfig] = {
 }
 
 
+# The same configuration captured with an older ultralytics release (through its side environment,
+# parity/sideenv.py): the tests of `compare --old-reference` and of the drift report read it.
+OLD_RELEASE_FIXTURES: dict[str, tuple[str, str]] = {
+    "yolov8-narrow-nc12-96-u8.3.200": ("8.3.200", "yolov8-narrow-nc12-96"),
+}
+
+
 def fixture_path(name: str):
     return FIXTURES_DIR / name
 
 
-def main() -> int:
+def dump_old_release(name: str) -> None:
+    """Re-dump an old-release fixture with its ultralytics version (builds the side environment when missing:
+    about 5 minutes and 6 GB the first time)."""
+    from parity import sideenv
+
+    version, base = OLD_RELEASE_FIXTURES[name]
+    config = FIXTURES[base]
+    code = sideenv.run_parity(version, ["--no-progress", "dump", "--model", config.model, "--nc", str(config.nc),
+                                        "--imgsz", str(config.imgsz), "--out", str(fixture_path(name)), "--force"])
+    if code != 0:
+        raise SystemExit(f"dumping {name} with ultralytics {version} failed (exit {code})")
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
     prepare()
     for name, config in FIXTURES.items():
         path = dump_reference(config, fixture_path(name), force=True)
         size = sum(f.stat().st_size for f in path.iterdir())
         print(f"{path.relative_to(PROJECT_ROOT)}: {size / 1e6:.1f} MB")
+    if "--old-releases" in argv:
+        for name in OLD_RELEASE_FIXTURES:
+            dump_old_release(name)
+            print(f"fixtures/{name}: dumped with ultralytics {OLD_RELEASE_FIXTURES[name][0]}")
+    else:
+        print(f"left as committed: {', '.join(OLD_RELEASE_FIXTURES)} (older ultralytics releases; "
+              f"`python -m parity.fixtures --old-releases` re-dumps them through their side environments)")
     return 0
 
 

@@ -288,6 +288,28 @@ def _head_views(dump, head: int, prefix: str = "act") -> dict[str, Any]:
     return {}
 
 
+def in_current_layout(dump):
+    """An ultralytics <= 8.3 dump as readers of the 8.4 layout expect it: the per-level head maps and the
+    per-level head gradients joined into `act.{head}.boxes/.scores` and `grad.head.{case}.{term}.boxes/.scores`.
+    A dump already in the dict layout (or without a head) is returned unchanged."""
+    from parity import names
+    from parity.dumpfile import DumpWithDerived
+
+    head = _head_index(dump.manifest)
+    if head is None or head_layout(dump) != "list":
+        return dump
+    reg_max, nc = int(dump.model.get("reg_max", 16)), int(dump.model.get("nc"))
+    derived = {names.act(head, key): tensor for key, tensor in _head_views(dump, head).items()}
+    levels = [str(level) for level in range(len(dump.model.get("strides") or (8, 16, 32)))]
+    for case in names.LOSS_CASES:
+        for term in names.LOSS_TERMS:
+            per_level = [names.grad_head(case, term, level) for level in levels]
+            if all(name in dump for name in per_level):
+                joined = levels_to_dict([dump.get(name) for name in per_level], reg_max, nc)
+                derived.update({names.grad_head(case, term, key): t for key, t in joined.items()})
+    return DumpWithDerived(dump, derived)
+
+
 def _tensor_change(ta, tb) -> dict:
     import torch
 
@@ -529,7 +551,7 @@ def explain(candidate_metrics_vs_current: Mapping[str, Any], candidate_metrics_v
     """
     old = old_version or "an older release"
     current = current_version or "the current release"
-    by_cause: dict[str, list[dict]] = {}
+    matched = []
     for name, now in candidate_metrics_vs_current.items():
         then = candidate_metrics_vs_old.get(name)
         if then is None or _passed(now) is not False:
@@ -538,14 +560,29 @@ def explain(candidate_metrics_vs_current: Mapping[str, Any], candidate_metrics_v
         matches = _passed(then)
         closer = (not matches and cur_abs is not None and old_abs is not None and
                   (old_abs == 0 or cur_abs / max(old_abs, 1e-300) >= closer_factor) and cur_abs > 0)
-        if not matches and not closer:
-            continue
-        active = {"box-bias-init", "small-box-floor", "loss-output-shape", "head-output-layout", "cls-bias-init"}
-        cause = cause_of(name, head if head is not None else _guess_head(name), active)
+        if matches or closer:
+            matched.append({"name": name, "matches_old": bool(matches), "max_abs_vs_current": cur_abs,
+                            "max_abs_vs_old": old_abs})
+    # The loss replay feeds each reference's own head outputs to the loss, so a loss row that matches the older
+    # release is the older loss, never the head's init. Where a case's candidate-in-box mask matches the older
+    # release, its assignment (and everything the assignment feeds) is the small-box floor's doing.
+    floor_cases = {item["name"].split(".")[1] for item in matched
+                   if item["name"].split(".")[0] == "loss" and item["name"].split(".")[2:4] == ["assign", "mask_in_gts"]}
+    active = {"box-bias-init", "small-box-floor", "loss-output-shape", "head-output-layout", "cls-bias-init"}
+    by_cause: dict[str, list[dict]] = {}
+    for item in matched:
+        name = item["name"]
+        parts = name.split(".")
+        if parts[0] == "loss" or parts[:2] == ["grad", "head"]:
+            case = parts[1] if parts[0] == "loss" else parts[2]
+            cause = cause_of(name, None, {"loss-output-shape", "small-box-floor"})
+            if cause == "numerics" and case in floor_cases:
+                cause = "small-box-floor"
+        else:
+            cause = cause_of(name, head if head is not None else _guess_head(name), active)
         if cause == "numerics":
             cause = "version-drift"
-        by_cause.setdefault(cause, []).append({"name": name, "matches_old": bool(matches),
-                                               "max_abs_vs_current": cur_abs, "max_abs_vs_old": old_abs})
+        by_cause.setdefault(cause, []).append(item)
     findings = []
     for cause, items in sorted(by_cause.items()):
         names_ = [i["name"] for i in items]

@@ -263,6 +263,24 @@ class Dump:
         return sum((self.path / f).stat().st_size for f in files) + (self.path / MANIFEST).stat().st_size
 
 
+
+class DumpWithDerived(Dump):
+    """A dump plus tensors computed from its own (held in memory, listed in `index` with `"derived": true`), so a
+    reader written for one layout can read a dump stored in another (e.g. an older ultralytics release's head)."""
+
+    def __init__(self, dump: Dump, derived: dict[str, torch.Tensor]):
+        # the same files, manifest and open handles as `dump` (Dump.__init__ would parse the manifest again)
+        self.__dict__.update(dump.__dict__)
+        self.index = {**dump.index, **{name: {"file": None, "derived": True, "dtype": dtype_name(t.dtype),
+                                              "shape": list(t.shape)} for name, t in derived.items()}}
+        self._derived = dict(derived)
+
+    def get(self, name: str, *, verify: bool = False) -> torch.Tensor:
+        if name in self._derived:
+            return self._derived[name]
+        return super().get(name, verify=verify)
+
+
 def read_header(file: str | os.PathLike) -> dict[str, dict]:
     """The JSON header of a safetensors file, checked: a truncated or corrupt file is named as such."""
     file = Path(file)

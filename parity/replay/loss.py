@@ -450,7 +450,10 @@ def compare_loss(reference: Dump | str | Path, candidate_loss: Any = "builtin", 
     candidate_loss: "builtin", "package.module:factory", a LossAdapter, a callable loss, or a candidate dump
     (directory or Dump) holding the loss tensors a port recorded. Returns a Report (rows per case and stage, findings from `parity.diagnose.loss`).
     """
-    dump = reference if isinstance(reference, Dump) else Dump(reference)
+    from parity.drift import in_current_layout
+
+    # an ultralytics <= 8.3 reference stores the head per level: read it in the 8.4 boxes/scores layout
+    dump = in_current_layout(reference if isinstance(reference, Dump) else Dump(reference))
     spec = LossSpec.from_dump(dump)
     recorded = _as_candidate_dump(candidate_loss)
     if recorded is not None and inject:
@@ -495,7 +498,7 @@ def compare_loss(reference: Dump | str | Path, candidate_loss: Any = "builtin", 
         "criterion": (dump.manifest.get("loss") or {}).get("criterion"),
         "end2end": spec.end2end,
         "stages": {case: {k: v for k, v in s.items() if k != "intermediates"} for case, s in summary.items()},
-        "first_wrong_stage": _first_wrong(report),
+        "first_wrong_stage": first_wrong_stage(report),
         "categories": CATEGORY,
     }
     return report
@@ -508,7 +511,7 @@ def _convention(adapter: "LossAdapter | RecordedLoss", spec: LossSpec) -> str:
             f"by B = {spec.batch_size} before comparison, and every such row says so")
 
 
-def _first_wrong(report: Report) -> dict | None:
+def first_wrong_stage(report: Report) -> dict | None:
     for row in report.rows:
         if not row.passed and row.section.startswith("loss/"):
             stage = row.where.split(" (")[0].split()[-1]

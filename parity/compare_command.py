@@ -117,12 +117,13 @@ def _dump_against_dump(reference, args) -> Report | None:
     return None
 
 
-def _rows_by_name(report: Report) -> dict[str, dict]:
-    """The first compared row of each tensor, as metrics (what `parity.drift.explain` reads)."""
+def _rows_by_key(report: Report) -> dict[tuple[str, str], dict]:
+    """The first compared row of each (section, tensor) as metrics: a loss tensor is judged twice, once in its
+    stage on the reference's inputs and once end to end, and the two can disagree."""
     rows = {}
     for row in report.rows:
-        if row.metrics is not None and row.name not in rows:
-            rows[row.name] = {**row.metrics, "passed": row.passed}
+        if row.metrics is not None and (row.section, row.name) not in rows:
+            rows[(row.section, row.name)] = {**row.metrics, "passed": row.passed}
     return rows
 
 
@@ -154,13 +155,20 @@ def explain_version_drift(report: Report, args, modes, model_inject, loss_inject
     if old_report is None:
         return
     versions = (report_versions(resolve_reference(args)), report_versions(old))
-    findings = explain(_rows_by_name(report), _rows_by_name(old_report), current_version=versions[0],
-                       old_version=versions[1])
-    explained = {item["name"] for f in findings for item in f.evidence.get("tensors", [])}
-    explained |= {name for name, metrics in _rows_by_name(old_report).items()
-                  if metrics["passed"] and not _rows_by_name(report).get(name, {"passed": True})["passed"]}
+    now, then = _rows_by_key(report), _rows_by_key(old_report)
+    failing = [key for key, metrics in now.items() if not metrics["passed"] and key in then]
+    # explain() reads one row per tensor: the first failing one, beside the old reference's row of that section
+    first_failing = {}
+    for key in failing:
+        first_failing.setdefault(key[1], key)
+    findings = explain({name: now[key] for name, key in first_failing.items()},
+                       {name: then[key] for name, key in first_failing.items()},
+                       current_version=versions[0], old_version=versions[1])
+    named = {item["name"] for f in findings for item in f.evidence.get("tensors", [])}
+    explained_keys = {key for key in failing if then[key]["passed"] or key[1] in named}
+    explained = {name for _, name in explained_keys}
     for row in report.rows:
-        if not row.passed and row.name in explained:
+        if not row.passed and (row.section, row.name) in explained_keys:
             row.passed = True
             row.note = f"matches ultralytics {versions[1]} (version drift). " + row.note
     for finding in report.findings:
@@ -170,8 +178,33 @@ def explain_version_drift(report: Report, args, modes, model_inject, loss_inject
             finding.message += f" [matches ultralytics {versions[1]}: release drift, not a port bug]"
     for finding in findings:
         report.find(finding)
+    _mark_drifted_loss_stages(report)
     report.context["old_reference"] = {"path": str(old.path), "ultralytics": versions[1],
                                        "explained_tensors": sorted(explained)}
+
+
+def _loss_stage_of(row) -> tuple[str, str] | None:
+    """(case, stage key of the loss stage table) a loss row belongs to, e.g. ("default", "assign")."""
+    if not row.section.startswith("loss/"):
+        return None
+    case, _, part = row.section[len("loss/"):].partition(" ")
+    if part == "end-to-end":
+        return case, "end-to-end"
+    return case, ".".join(row.where.split(" (")[0].split())
+
+
+def _mark_drifted_loss_stages(report: Report) -> None:
+    """A loss stage that failed only through rows now explained as release drift reads `drift`, not FAIL."""
+    from parity.replay.loss import first_wrong_stage
+
+    loss = report.context.get("loss") or {}
+    still_failing = {_loss_stage_of(row) for row in report.failed_rows}
+    for case, stages in (loss.get("stages") or {}).items():
+        for key, verdict in stages.items():
+            if verdict == "fail" and (case, key) not in still_failing:
+                stages[key] = "drift"
+    if loss:
+        loss["first_wrong_stage"] = first_wrong_stage(report)
 
 
 def report_versions(dump) -> str:

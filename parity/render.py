@@ -190,7 +190,7 @@ def _render_loss_stages(report: Report, console) -> None:
     table.add_column("part", no_wrap=True)
     for case in cases:
         table.add_column(case, no_wrap=True)
-    cell = {"pass": "[green]ok[/green]", "fail": "[bold red]FAIL[/bold red]"}
+    cell = {"pass": "[green]ok[/green]", "fail": "[bold red]FAIL[/bold red]", "drift": "[yellow]drift[/yellow]"}
     for stage in stages:
         table.add_row(_e(stage), _e(categories.get(stage, "")),
                       *(cell.get(stages_by_case[c].get(stage), _e(str(stages_by_case[c].get(stage, "-"))))

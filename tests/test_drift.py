@@ -80,7 +80,7 @@ def write_dump(path: Path, *, version: str, box_bias: float, floor, layout: str,
 def isolated_injections():
     """register_injections() changes the shared registry of parity.reimpl.inject: undo it after the test, so
     tests that walk every registered bug do not see the as-of modes."""
-    from parity.reimpl import inject
+    from parity.reimpl import inject, loss_inject  # noqa: F401 - the loss bugs register on import: keep them
 
     registry, injections = dict(inject.REGISTRY), dict(inject.INJECTIONS)
     yield
@@ -313,3 +313,54 @@ def test_real_83_dump_drifts_as_documented(tmp_path, fixtures_dir, isolated_inje
             assert torch.equal(run[f"assign.{key}"].to(expected.dtype), expected), (case, key)
         ulp = ulp_distance(ref.get(f"loss.{case}.assign.overlaps"), run["assign.overlaps"].float())
         assert int(ulp.max()) <= 2, (case, int(ulp.max()))
+
+
+# ------------------------------------------------------------------ against a committed ultralytics 8.3.200 dump
+OLD_FIXTURE = "yolov8-narrow-nc12-96-u8.3.200"
+
+
+def _compare_json(tmp_path, *argv: str) -> tuple[int, dict]:
+    out = tmp_path / "report.json"
+    code = main(["compare", "--no-progress", "--json", str(out), *argv])
+    return code, json.loads(out.read_text())
+
+
+def test_the_loss_replay_reads_a_83_dump_with_per_level_head_maps(fixtures_dir, isolated_injections):
+    """8.3 stores the head as per-level maps; the loss replay joins them (and their gradients) into boxes/scores."""
+    from parity.dumpfile import Dump
+    from parity.replay.loss import compare_loss
+
+    drift.register_injections()
+    old = fixtures_dir / OLD_FIXTURE
+    assert drift.head_layout(Dump(old)) == "list" and drift.head_layout(drift.in_current_layout(Dump(old))) == "dict"
+    as_of = compare_loss(old, "builtin", progress=False, inject="as-of-8.3-loss")
+    assert as_of.verdict == "parity", [r.name for r in as_of.failed_rows][:5]
+    assert any(r.name.startswith("grad.head.small_box") for r in as_of.rows)  # the joined gradients are judged
+    current = compare_loss(old, "builtin", progress=False)  # 8.4's small-box floor: not what 8.3 assigns
+    assert current.verdict == "divergence"
+    assert current.context["loss"]["first_wrong_stage"]["stage"] == "assign"
+
+
+def test_as_of_83_candidate_is_release_drift_against_the_83_reference(tmp_path, fixtures_dir, isolated_injections):
+    current, old = str(fixtures_dir / "yolov8-narrow-nc12-96"), str(fixtures_dir / OLD_FIXTURE)
+    code, alone = _compare_json(tmp_path, "--reference", current, "--inject", "as-of-8.3")
+    assert code == 1 and alone["verdict"] == "divergence"  # against 8.4.190 alone it is a divergence
+    code, report = _compare_json(tmp_path, "--reference", current, "--inject", "as-of-8.3", "--old-reference", old)
+    assert code == 0 and report["verdict"] == "parity", [r["name"] for r in report["rows"] if not r["passed"]][:5]
+    causes = {f["evidence"]["cause"]: [t["name"] for t in f["evidence"]["tensors"]]
+              for f in report["findings"] if f["signature"] == "version-drift"}
+    assert set(causes) == {"box-bias-init", "small-box-floor"}
+    # the loss replay runs on each reference's head outputs: its rows are the assigner's change, not the bias's
+    assert all(name.startswith("init.box_bias.") for name in causes["box-bias-init"])
+    assert "loss.default.assign.mask_in_gts" in causes["small-box-floor"]
+    stages = report["context"]["loss"]["stages"]
+    assert stages["small_box"]["assign"] == "drift" and stages["no_boxes"]["assign"] == "pass"
+    assert not any("loss against" in line for line in report["coverage"].get("not_checked", []))
+
+
+def test_a_real_bug_is_not_excused_by_an_old_reference(tmp_path, fixtures_dir, isolated_injections):
+    current, old = str(fixtures_dir / "yolov8-narrow-nc12-96"), str(fixtures_dir / OLD_FIXTURE)
+    code, report = _compare_json(tmp_path, "--reference", current, "--inject", "missing-sigmoid",
+                                 "--old-reference", old)
+    assert code == 1 and report["verdict"] == "divergence"
+    assert any(f["signature"] == "missing-sigmoid" and f["severity"] == "error" for f in report["findings"])

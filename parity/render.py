@@ -211,10 +211,11 @@ def render(report: Report, console=None, *, verbose: bool = False) -> None:
 
     if report.findings:
         table = Table(title="findings", show_lines=False, expand=True)
+        # the message is what a person reads: it keeps at least half the width; a long `where` wraps instead
         table.add_column("severity", no_wrap=True)
         table.add_column("signature", no_wrap=True)
-        table.add_column("where", no_wrap=True)
-        table.add_column("message")
+        table.add_column("where", overflow="fold", ratio=1)
+        table.add_column("message", ratio=2)
         for f in sorted(report.findings, key=lambda f: _SEVERITY_ORDER.get(f.severity, 3)):
             st = _SEVERITY_STYLE.get(f.severity, "")
             table.add_row(f"[{st}]{f.severity}[/{st}]", _e(f.signature), _e(f.where), _e(f.message))

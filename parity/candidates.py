@@ -50,31 +50,15 @@ REFERENCE_BN_MOMENTUM = 0.03
 
 
 # ------------------------------------------------------------------------------------------- outputs
-def flatten_output(index: int, value: Any, *, reg_max: int | None = None, nc: int | None = None,
-                   is_head: bool = False) -> dict[str, torch.Tensor]:
+def layer_output_tensors(index: int, value: Any, *, reg_max: int | None = None, nc: int | None = None,
+                         is_head: bool = False) -> dict[str, torch.Tensor]:
     """A layer's output under its dump names (`act.{i}`, `act.{i}.{k}`, `act.{i}.boxes`/`.scores`)."""
     if is_head and isinstance(value, (list, tuple)) and value and all(isinstance(v, torch.Tensor) for v in value) \
             and reg_max and nc and all(v.dim() == 4 and v.shape[1] == 4 * reg_max + nc for v in value):
-        # ultralytics up to 8.3: one (B, 4*reg_max + nc, H, W) map per level
-        b = value[0].shape[0]
-        cat = torch.cat([v.reshape(b, 4 * reg_max + nc, -1) for v in value], -1)
-        value = {"boxes": cat[:, : 4 * reg_max], "scores": cat[:, 4 * reg_max:]}
-    return _flatten(names.act(index), value)
+        from parity.drift import levels_to_dict  # ultralytics up to 8.3: one (B, 4*reg_max + nc, H, W) map per level
 
-
-def _flatten(prefix: str, value: Any) -> dict[str, torch.Tensor]:
-    if isinstance(value, torch.Tensor):
-        return {prefix: value}
-    out: dict[str, torch.Tensor] = {}
-    if isinstance(value, Mapping):
-        for key, item in value.items():
-            if key == "feats":
-                continue
-            out.update(_flatten(f"{prefix}.{key}", item))
-    elif isinstance(value, (list, tuple)):
-        for k, item in enumerate(value):
-            out.update(_flatten(f"{prefix}.{k}", item))
-    return out
+        value = levels_to_dict(value, reg_max, nc)
+    return names.flatten_output(names.act(index), value)
 
 
 @contextmanager
@@ -87,9 +71,9 @@ def capture_outputs(modules: Mapping[str, nn.Module], sink: dict[str, torch.Tens
         calls = [0]
 
         def hook(_module, _inputs, output):
-            name = prefix if calls[0] == 0 else f"{prefix}#{calls[0]}"
+            name = names.nth_call(prefix, calls[0])
             calls[0] += 1
-            for key, tensor in _flatten(name, output).items():
+            for key, tensor in names.flatten_output(name, output).items():
                 sink[key] = tensor.detach()
 
         return hook
@@ -430,7 +414,7 @@ class ModuleCandidate(Candidate):
         inputs = [t.to(self.device) for t in inputs]
         with torch.no_grad():
             out = self._call_layer(index, inputs)
-            flat = flatten_output(index, out, reg_max=self.reg_max, nc=self.nc, is_head=is_head)
+            flat = layer_output_tensors(index, out, reg_max=self.reg_max, nc=self.nc, is_head=is_head)
             self._head_extras(index, flat, is_head)
         return flat
 
@@ -442,7 +426,7 @@ class ModuleCandidate(Candidate):
             if hasattr(self.module, "forward_layers") and not self.ultralytics_classes:
                 outs = self.module.forward_layers(img)
                 for index, out in enumerate(outs):
-                    flat.update(flatten_output(index, out, reg_max=self.reg_max, nc=self.nc,
+                    flat.update(layer_output_tensors(index, out, reg_max=self.reg_max, nc=self.nc,
                                                is_head=index == head_index))
                     if on_layer:
                         on_layer(index)
@@ -465,14 +449,14 @@ class ModuleCandidate(Candidate):
                     for handle in handles:
                         handle.remove()
                 for index, out in sorted(raw.items()):
-                    flat.update(flatten_output(index, out, reg_max=self.reg_max, nc=self.nc,
+                    flat.update(layer_output_tensors(index, out, reg_max=self.reg_max, nc=self.nc,
                                                is_head=index == head_index))
                 if head_index is not None and head_index not in self.layers:
-                    flat.update(flatten_output(head_index, result, reg_max=self.reg_max, nc=self.nc, is_head=True))
+                    flat.update(layer_output_tensors(head_index, result, reg_max=self.reg_max, nc=self.nc, is_head=True))
             else:
                 result = self.module(img)
                 if head_index is not None:
-                    flat.update(flatten_output(head_index, result, reg_max=self.reg_max, nc=self.nc, is_head=True))
+                    flat.update(layer_output_tensors(head_index, result, reg_max=self.reg_max, nc=self.nc, is_head=True))
             if head_index is not None:
                 self._head_extras(head_index, flat, True)
         return flat
@@ -485,7 +469,7 @@ class ModuleCandidate(Candidate):
             if hasattr(self.module, "layer_stages") and not self.ultralytics_classes:
                 stages = self.module.layer_stages(index, list(inputs))
                 for path, tensor in stages.items():
-                    out.update(_flatten(names.act(index, path), tensor))
+                    out.update(names.flatten_output(names.act(index, path), tensor))
                 return out
             modules = self._submodules_for(index, reference_paths or [], is_head)
             if not modules:

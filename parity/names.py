@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
 LOSS_CASES = ("default", "small_box", "empty_image", "no_boxes")
 LOSS_TERMS = ("box", "cls", "dfl")
 HEAD_OUTPUTS = ("boxes", "scores")
@@ -72,6 +77,27 @@ def layer_of(name: str) -> int | None:
     if len(parts) > 1 and parts[0] in ("model", "act") and parts[1].isdigit():
         return int(parts[1])
     return None
+
+
+def nth_call(name: str, call: int) -> str:
+    """A module called more than once (SPPF's pooling) names its later outputs `name#1`, `name#2`, …"""
+    return name if call == 0 else f"{name}#{call}"
+
+
+def flatten_output(name: str, value: Any) -> dict[str, torch.Tensor]:
+    """Dump names of a module's output: a tensor under `name`, a list/tuple's items under `name.{k}`, a dict's
+    under `name.{key}` (the Detect head's `feats` left out: they are its inputs, stored already)."""
+    if isinstance(value, torch.Tensor):
+        return {name: value}
+    out: dict[str, torch.Tensor] = {}
+    if isinstance(value, Mapping):
+        for key, item in value.items():
+            if key != "feats":
+                out.update(flatten_output(f"{name}.{key}", item))
+    elif isinstance(value, (list, tuple)):
+        for k, item in enumerate(value):
+            out.update(flatten_output(f"{name}.{k}", item))
+    return out
 
 
 def foreground_mask_for(name: str) -> str | None:

@@ -231,22 +231,6 @@ def detect_bias_init(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 # ---------------------------------------------------------------------------------------------- layers
-def _flatten_output(prefix: str, value: Any) -> dict[str, torch.Tensor]:
-    """Dump names for a module's output: a tensor, a list/tuple, or the Detect head's dict."""
-    if isinstance(value, torch.Tensor):
-        return {prefix: value}
-    out = {}
-    if isinstance(value, dict):
-        for key, item in value.items():
-            if key == "feats":  # the head's inputs, never stored twice
-                continue
-            out.update(_flatten_output(f"{prefix}.{key}", item))
-    elif isinstance(value, (list, tuple)):
-        for index, item in enumerate(value):
-            out.update(_flatten_output(f"{prefix}.{index}", item))
-    return out
-
-
 def _captured_submodules(layer: nn.Module, is_head: bool):
     """Every sub-module of the head; elsewhere the direct children (looking through ModuleLists).
 
@@ -283,10 +267,9 @@ def layer_hooks(model: nn.Module, capture: Capture):
         calls = [0]
 
         def hook(_module, _inputs, output):
-            # A module called several times (SPPF's pooling) gets `#1`, `#2`, … on its later outputs.
-            name_of_call = prefix if calls[0] == 0 else f"{prefix}#{calls[0]}"
+            name_of_call = names.nth_call(prefix, calls[0])
             calls[0] += 1
-            for name, tensor in _flatten_output(name_of_call, output).items():
+            for name, tensor in names.flatten_output(name_of_call, output).items():
                 capture.put(name, tensor)
 
         return hook

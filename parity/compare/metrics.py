@@ -219,7 +219,8 @@ def compare_tensors(ref: torch.Tensor, cand: torch.Tensor, tol: Tolerance | None
     out.ref_absmax = absmax
     atol = float(tol.atol) + float(tol.atol_absmax) * absmax
     out.effective_atol = atol
-    if ref.dtype == cand.dtype and _all_equal(rflat, cflat, ulp_ok):
+    # torch.equal said no above: float32 pairs can still be equal as numbers (-0 vs +0, NaN opposite NaN)
+    if ref.dtype == cand.dtype and ulp_ok and _equal_as_float32_numbers(rflat, cflat):
         nan = inf = 0
         for start in range(0, n, CHUNK):
             r = rflat[start:start + CHUNK]
@@ -365,8 +366,11 @@ def _all_equal(r: torch.Tensor, c: torch.Tensor, float32: bool) -> bool:
     with the same bits (float32)."""
     if torch.equal(r, c):
         return True
-    if not float32:
-        return False
+    return float32 and _equal_as_float32_numbers(r, c)
+
+
+def _equal_as_float32_numbers(r: torch.Tensor, c: torch.Tensor) -> bool:
+    """Element-wise equal or bit-identical, in chunks: +0 equals -0, and a NaN equals the same NaN bits."""
     for start in range(0, r.numel(), CHUNK):
         a, b = r[start:start + CHUNK], c[start:start + CHUNK]
         if not bool(((a == b) | (a.view(torch.int32) == b.view(torch.int32))).all()):

@@ -81,7 +81,7 @@ def run_compare(args) -> int:
                 report.command = "compare --what all"
     assert report is not None
     if args.old_reference:
-        explain_version_drift(report, args, modes, model_inject, loss_inject)
+        explain_version_drift(report, reference, args, modes, model_inject, loss_inject)
     render(report, verbose=args.layer is not None)
     if args.json_out:
         to_json(report, args.json_out)
@@ -127,7 +127,7 @@ def _rows_by_key(report: Report) -> dict[tuple[str, str], dict]:
     return rows
 
 
-def explain_version_drift(report: Report, args, modes, model_inject, loss_inject) -> None:
+def explain_version_drift(report: Report, reference, args, modes, model_inject, loss_inject) -> None:
     """Run the same comparison against an older reference: what matches it is release drift, not a bug.
 
     Rows that fail against the current reference but match the older one pass, with a note naming the
@@ -154,7 +154,7 @@ def explain_version_drift(report: Report, args, modes, model_inject, loss_inject
             report.coverage.setdefault("not_checked", []).append(f"loss against {old.path}: {error}")
     if old_report is None:
         return
-    versions = (report_versions(resolve_reference(args)), report_versions(old))
+    versions = (report_versions(reference), report_versions(old))
     now, then = _rows_by_key(report), _rows_by_key(old_report)
     failing = [key for key, metrics in now.items() if not metrics["passed"] and key in then]
     # explain() reads one row per tensor: the first failing one, beside the old reference's row of that section

@@ -178,33 +178,11 @@ def explain_version_drift(report: Report, reference, args, modes, model_inject, 
             finding.message += f" [matches ultralytics {versions[1]}: release drift, not a port bug]"
     for finding in findings:
         report.find(finding)
-    _mark_drifted_loss_stages(report)
+    from parity.replay.loss import mark_drifted_stages
+
+    mark_drifted_stages(report)
     report.context["old_reference"] = {"path": str(old.path), "ultralytics": versions[1],
                                        "explained_tensors": sorted(explained)}
-
-
-def _loss_stage_of(row) -> tuple[str, str] | None:
-    """(case, stage key of the loss stage table) a loss row belongs to, e.g. ("default", "assign")."""
-    if not row.section.startswith("loss/"):
-        return None
-    case, _, part = row.section[len("loss/"):].partition(" ")
-    if part == "end-to-end":
-        return case, "end-to-end"
-    return case, ".".join(row.where.split(" (")[0].split())
-
-
-def _mark_drifted_loss_stages(report: Report) -> None:
-    """A loss stage that failed only through rows now explained as release drift reads `drift`, not FAIL."""
-    from parity.replay.loss import first_wrong_stage
-
-    loss = report.context.get("loss") or {}
-    still_failing = {_loss_stage_of(row) for row in report.failed_rows}
-    for case, stages in (loss.get("stages") or {}).items():
-        for key, verdict in stages.items():
-            if verdict == "fail" and (case, key) not in still_failing:
-                stages[key] = "drift"
-    if loss:
-        loss["first_wrong_stage"] = first_wrong_stage(report)
 
 
 def report_versions(dump) -> str:

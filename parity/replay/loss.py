@@ -519,6 +519,31 @@ def first_wrong_stage(report: Report) -> dict | None:
     return None
 
 
+def stage_table_key(row) -> tuple[str, str] | None:
+    """(case, key in the stage table) of a loss row: rows read `loss/{case}[ end-to-end]` and `[{branch} ]{stage}
+    ({category})` (`_CaseReplay.where`); end-to-end rows all count under `end-to-end`."""
+    if not row.section.startswith("loss/"):
+        return None
+    case, _, part = row.section[len("loss/"):].partition(" ")
+    if part == "end-to-end":
+        return case, "end-to-end"
+    return case, ".".join(row.where.split(" (")[0].split())
+
+
+def mark_drifted_stages(report: Report) -> None:
+    """After rows were explained as release drift (`compare --old-reference`), a stage that failed only through
+    such rows reads `drift` in the stage table, and the first wrong stage is found again."""
+    loss = report.context.get("loss")
+    if not loss:
+        return
+    still_failing = {stage_table_key(row) for row in report.failed_rows}
+    for case, stages in (loss.get("stages") or {}).items():
+        for key, verdict in stages.items():
+            if verdict == "fail" and (case, key) not in still_failing:
+                stages[key] = "drift"
+    loss["first_wrong_stage"] = first_wrong_stage(report)
+
+
 class _progress:
     def __init__(self, enabled: bool, total: int):
         self.enabled = enabled and sys.stderr.isatty()

@@ -135,6 +135,7 @@ def explain_version_drift(report: Report, reference, args, modes, model_inject, 
     """
     from parity.drift import explain
     from parity.dumpfile import Dump
+    from parity.replay.loss import mark_drifted_stages
 
     old = Dump(args.old_reference)
     old_report = None
@@ -178,8 +179,6 @@ def explain_version_drift(report: Report, reference, args, modes, model_inject, 
             finding.message += f" [matches ultralytics {versions[1]}: release drift, not a port bug]"
     for finding in findings:
         report.find(finding)
-    from parity.replay.loss import mark_drifted_stages
-
     mark_drifted_stages(report)
     report.context["old_reference"] = {"path": str(old.path), "ultralytics": versions[1],
                                        "explained_tensors": sorted(explained)}

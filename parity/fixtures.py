@@ -7,7 +7,13 @@ so a change of ultralytics behaviour cannot slip in unnoticed.
 
 from __future__ import annotations
 
+import os
 import sys
+
+# tests/conftest.py pins the same instruction set: the fixtures are compared bit for bit, and torch's CPU kernels
+# round differently under AVX-512 and AVX2. Set before torch is imported (parity.capture imports it).
+for _variable, _value in (("ATEN_CPU_CAPABILITY", "avx2"), ("ONEDNN_MAX_CPU_ISA", "AVX2")):
+    os.environ.setdefault(_variable, _value)
 
 from parity.capture import CaptureConfig, dump_reference
 from parity.runtime import PROJECT_ROOT, prepare

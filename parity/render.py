@@ -174,7 +174,8 @@ def _render_section_summary(rows: list[Row], console) -> None:
 
 
 def _render_loss_stages(report: Report, console) -> None:
-    """One row per loss stage, one column per case: which stage is wrong, at a glance."""
+    """One row per loss stage, one column per case: which stage is wrong, at a glance. Cells stay short so the
+    table fits 80 columns; what a short cell abbreviates is spelled out under the table."""
     from rich.table import Table
 
     loss = report.context["loss"]
@@ -190,12 +191,27 @@ def _render_loss_stages(report: Report, console) -> None:
     table.add_column("part", no_wrap=True)
     for case in cases:
         table.add_column(case, no_wrap=True)
-    cell = {"pass": "[green]ok[/green]", "fail": "[bold red]FAIL[/bold red]", "drift": "[yellow]drift[/yellow]"}
+    cell = {"pass": "[green]ok[/green]", "fail": "[bold red]FAIL[/bold red]", "drift": "[yellow]drift[/yellow]",
+            "not exposed": "-"}
+    spelled: dict[str, list[str]] = {}  # what a shortened cell stands for -> the stages it applies to
     for stage in stages:
-        table.add_row(_e(stage), _e(categories.get(stage, "")),
-                      *(cell.get(stages_by_case[c].get(stage), _e(str(stages_by_case[c].get(stage, "-"))))
-                        for c in cases))
+        row = []
+        for case in cases:
+            verdict = str(stages_by_case[case].get(stage, "-"))
+            if verdict.startswith("partial"):
+                applies = spelled.setdefault(verdict, [])
+                if stage not in applies:
+                    applies.append(stage)
+                row.append("[green]partial[/green]")
+            else:
+                row.append(cell.get(verdict, _e(verdict)))
+        table.add_row(_e(stage), _e(categories.get(stage, "")), *row)
     console.print(table)
+    legend = ["-: not exposed by the candidate"] if any(
+        v == "not exposed" for case in cases for v in stages_by_case[case].values()) else []
+    legend += [f"partial: {', '.join(s)} {v} (the rest not exposed)" for v, s in spelled.items()]
+    for line in legend:
+        console.print(_e(line), highlight=False)
 
 
 def render(report: Report, console=None, *, verbose: bool = False) -> None:

@@ -15,6 +15,10 @@ the reference's inputs, what the whole candidate loss returned, gradients, excep
                                  of a vector with itself), or a broadcasting error             (the stage)
     gain-mismatch                a term off by exactly a ratio of gains, or by the batch size  (gains / output)
     nan-source                   the first stage and tensor where NaN/Inf appears              (that stage)
+    candidate-exception          candidate code raised: type, message, its own file:line, the cases
+                                 ("only in case no_boxes")                                     (the stage, or
+                                                                                               the whole run)
+    in-place-input               a stage changed its inputs in place (warning)                 (the stage)
 
 The same module holds `BroadcastWatch`, the torch-function mode the replay runs candidate code under to see
 element-wise operations whose operands broadcast against each other.
@@ -117,6 +121,8 @@ class StageEvidence:
     error: str | None = None
     broadcasts: list[BroadcastEvent] = field(default_factory=list)
     carries_grad: list[str] = field(default_factory=list)  # outputs that should be constants but carry grad
+    exception: dict | None = None  # candidate code raised: {"call", "type", "message", "at"} (file:line)
+    mutated: list[str] = field(default_factory=list)  # inputs the candidate changed in place
 
     @property
     def label(self) -> str:
@@ -130,6 +136,7 @@ class CaseEvidence:
     stages: list[StageEvidence] = field(default_factory=list)  # conditioned stage replays
     run: dict[str | None, StageEvidence] = field(default_factory=dict)  # end-to-end intermediates per branch
     run_error: str | None = None
+    run_exception: dict | None = None  # the whole candidate loss raised: {"call", "type", "message", "at"}
     run_broadcasts: list[BroadcastEvent] = field(default_factory=list)
     ref_loss: torch.Tensor | None = None
     cand_loss: torch.Tensor | None = None  # in the reference's convention (x B for a declared per-image mean)
@@ -512,5 +519,54 @@ def _nan_finding(case: str, stage: str, branch: str | None, name: str, count: in
         f"reference is finite"), evidence={"case": case, "stage": stage, "tensor": name, "count": count})
 
 
+# --- exceptions ------------------------------------------------------------------------------------------
+def check_exceptions(evidence: LossEvidence) -> list[Finding]:
+    """Candidate code that raised (other than a broadcasting error, which `shape-broadcast` names): one finding
+    per distinct exception (type and the candidate's own file:line), with the cases it appeared in."""
+    seen: dict[tuple, dict] = {}
+    for case in evidence.cases:
+        raised = [(s.exception, s.stage, s.branch) for s in case.stages if s.exception]
+        if case.run_exception:
+            raised.append((case.run_exception, None, None))
+        for exception, stage, branch in raised:
+            if _BROADCAST_ERROR.search(exception["message"]):
+                continue
+            key = (exception["type"], exception.get("at") or exception["message"])
+            entry = seen.setdefault(key, {"exception": exception, "calls": [], "cases": [], "stage": stage,
+                                          "branch": branch})
+            if exception["call"] not in entry["calls"]:
+                entry["calls"].append(exception["call"])
+            if case.case not in entry["cases"]:
+                entry["cases"].append(case.case)
+    everyone = [c.case for c in evidence.cases]
+    out = []
+    for entry in seen.values():
+        exception, cases = entry["exception"], entry["cases"]
+        where = _where(entry["stage"], entry["branch"]) if entry["stage"] else "loss (whole candidate run)"
+        calls = " and ".join(("the whole loss" if c == "loss call" else f"the {c}") for c in entry["calls"])
+        scope = (f"only in case{'s' if len(cases) > 1 else ''} {', '.join(cases)}" if len(cases) < len(everyone)
+                 else f"in every case ({', '.join(cases)})")
+        at = f" at {exception['at']}" if exception.get("at") else ""
+        out.append(Finding("candidate-exception", where, (
+            f"{exception['type']}: {exception['message']} raised by {calls}{at}, {scope}"),
+            evidence={"cases": cases, "calls": entry["calls"], "type": exception["type"],
+                      "message": exception["message"], "at": exception.get("at")}))
+    return out
+
+
+# --- in-place changes -----------------------------------------------------------------------------------
+def check_mutation(evidence: LossEvidence) -> list[Finding]:
+    """A stage that changes its inputs in place: harmless here (it gets copies), but in a training loop the
+    caller's tensors change under it."""
+    for case in evidence.cases:
+        for stage in case.stages:
+            if stage.mutated:
+                return [Finding("in-place-input", _where(stage.stage, stage.branch), (
+                    f"the candidate's {stage.stage} stage changes its input(s) {', '.join(stage.mutated)} in place "
+                    f"(case {case.case}); the comparison gave it copies, but a caller that reuses them sees "
+                    f"changed values"), severity="warning", evidence={"case": case.case, "inputs": stage.mutated})]
+    return []
+
+
 _CHECKS = (check_sigmoid, check_all_positive, check_detach, check_normaliser, check_broadcast, check_gains,
-           check_nan_source)
+           check_nan_source, check_exceptions, check_mutation)

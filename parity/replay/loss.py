@@ -26,7 +26,9 @@ from __future__ import annotations
 
 import inspect
 import sys
-from dataclasses import dataclass, field
+import sysconfig
+import traceback
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
@@ -58,6 +60,12 @@ CATEGORY = {"head": "head outputs", "anchors": "anchors", "preprocess": "targets
             "gains": "gain", "output": "batch scaling"}
 DISCRETE = ("mask_in_gts", "mask_pos", "fg_mask", "target_gt_idx", "target_labels")
 AFTER_ASSIGNMENT = ("normalize", "classify", "box", "gains", "output")
+# The assignment's outputs that the loss uses: when they are equal, its intermediates changed nothing.
+DECISIVE = ("fg_mask", "target_gt_idx", "target_scores", "target_bboxes")
+# Defined by ultralytics only for anchor-box pairs with the anchor inside the box (zero elsewhere).
+PAIR_DEFINED = ("align_metric", "overlaps")
+# Intermediates that may differ by float noise when the decisive outputs are equal.
+NOISE_TOLERANT = ("align_metric", "overlaps", "pd_bboxes")
 
 
 # ------------------------------------------------------------------------------------------- the spec
@@ -144,42 +152,68 @@ class CandidateResult:
     total: torch.Tensor
     items: torch.Tensor | None
     tensors: dict[str, torch.Tensor]
+    form: str = ""  # how the return value was read, in words ("a tuple of three scalars (box, cls, dfl)")
+    per_gain: bool = False  # terms come from calls with one gain at a time (a scalar-only loss)
+
+
+# Column layouts of a single (N, 6) label tensor, as ports pass them: `img` image index, `cls` class, then the
+# box in the named format (`normalized` says fractions or pixels).
+LABEL_LAYOUTS = ("img,cls,xywh", "img,cls,xyxy", "img,xywh,cls", "img,xyxy,cls")
+LEVEL_ORDERS = {"fine-first": "fine-first", "p3-first": "fine-first", "coarse-first": "coarse-first",
+                "p5-first": "coarse-first"}
+# Names a loss may give its terms in a returned dict or object (ultralytics' own `loss_names` included).
+TERM_ALIASES = {"box": ("box", "box_loss", "loss_box", "iou", "loss_iou", "lbox"),
+                "cls": ("cls", "cls_loss", "loss_cls", "lcls"),
+                "dfl": ("dfl", "dfl_loss", "loss_dfl", "ldfl")}
+RETURN_SHAPES = ("a (3,) loss vector; a tuple/list of three scalars (box, cls, dfl); (vector or scalar, items); "
+                 "(vector or scalar, items, {name: tensor}); a dict or object with box/cls/dfl or loss/items/"
+                 "tensors; a scalar (docs/loss-adapter.md)")
 
 
 class LossAdapter:
     """How to drive a candidate loss: docs/loss-adapter.md describes every option.
 
-    loss          callable(preds, batch) -> loss vector, (loss, items), (loss, items, intermediates), a dict
-                  {"box", "cls", "dfl"} or an object with `.loss` / `.items` / `.tensors`
+    loss          callable(preds, batch) -> any return shape of RETURN_SHAPES (`read_loss_return`)
     predictions   "dict": {"boxes": (B, 4*reg_max, A), "scores": (B, nc, A), "feats": [...]} (ultralytics 8.4);
                   "levels": a list of (B, 4*reg_max + nc, H, W) maps (ultralytics 8.3 and most ports)
-    level_order   "fine-first" (P3 first, the reference's order) or "coarse-first"
-    targets       "xywh" or "xyxy" boxes; `normalized` True for fractions of the image, False for pixels
+    level_order   "fine-first" / "P3-first" (the reference's order) or "coarse-first" / "P5-first"
+    targets       "xywh" or "xyxy" boxes in the batch dict, or a column layout of one (N, 6) label tensor
+                  (LABEL_LAYOUTS, e.g. "img,xyxy,cls"); `normalized` True for fractions of the image, False for pixels
     batch_scaled  True: the loss vector is multiplied by the batch size (ultralytics); False: per-image mean
     terms         order of the returned vector's terms, names from ("box", "cls", "dfl")
     stages        {stage: fn(**inputs) -> {name: tensor}} under the dump's stage and tensor names
                   (end-to-end heads: {branch: {stage: fn}}); `assigner` is the assigner alone
-    batch_fn      optional callable(batch dict) -> whatever the loss takes as its batch (after `targets`)
+    batch_fn      optional callable(converted batch) -> whatever the loss takes as its batch
     preds_fn      optional callable(head dict) -> whatever the loss takes as predictions
+    with_gains    optional callable((box, cls, dfl) gains) -> the same loss built with those gains: a loss that
+                  returns only a scalar still gets per-term verdicts (set automatically for a factory that
+                  takes the gains)
     """
 
     def __init__(self, loss: Callable | None = None, *, predictions: str = "dict", level_order: str = "fine-first",
                  targets: str = "xywh", normalized: bool = True, batch_scaled: bool = True,
                  terms: Sequence[str] = TERMS, stages: Mapping | None = None, name: str | None = None,
-                 batch_fn: Callable | None = None, preds_fn: Callable | None = None):
+                 batch_fn: Callable | None = None, preds_fn: Callable | None = None,
+                 with_gains: Callable | None = None):
         if predictions not in ("dict", "levels"):
             raise ParityError(f"loss adapter: predictions={predictions!r}, expected 'dict' or 'levels'")
-        if level_order not in ("fine-first", "coarse-first"):
-            raise ParityError(f"loss adapter: level_order={level_order!r}, expected 'fine-first' or 'coarse-first'")
-        if targets not in ("xywh", "xyxy"):
-            raise ParityError(f"loss adapter: targets={targets!r}, expected 'xywh' or 'xyxy'")
+        if str(level_order).lower() not in LEVEL_ORDERS:
+            raise ParityError(f"loss adapter: level_order={level_order!r}, expected 'fine-first' (P3-first) or "
+                              f"'coarse-first' (P5-first)")
+        layout = str(targets).replace(" ", "").lower()
+        if layout not in ("xywh", "xyxy", *LABEL_LAYOUTS):
+            raise ParityError(f"loss adapter: targets={targets!r}, expected 'xywh', 'xyxy' or one of "
+                              f"{', '.join(repr(v) for v in LABEL_LAYOUTS)}")
         unknown = [t for t in terms if t not in TERMS]
-        if unknown or len(set(terms)) != len(terms):
+        if unknown or len(set(terms)) != len(terms) or len(terms) != len(TERMS):
             raise ParityError(f"loss adapter: terms={list(terms)}, expected an order of {', '.join(TERMS)}")
+        if not isinstance(normalized, bool):
+            raise ParityError(f"loss adapter: normalized={normalized!r}, expected True (fractions of the image) "
+                              f"or False (pixels)")
         self.loss = loss
         self.predictions = predictions
-        self.level_order = level_order
-        self.targets = targets
+        self.level_order = LEVEL_ORDERS[str(level_order).lower()]
+        self.targets = layout
         self.normalized = normalized
         self.batch_scaled = batch_scaled
         self.terms = tuple(terms)
@@ -187,6 +221,7 @@ class LossAdapter:
         self.name = name or getattr(loss, "__name__", None) or type(loss).__name__
         self.batch_fn = batch_fn
         self.preds_fn = preds_fn
+        self.with_gains = with_gains
 
     # -- stages
     def stage(self, name: str, branch: str | None = None) -> Callable | None:
@@ -207,27 +242,37 @@ class LossAdapter:
         return self._one_head(head, spec)
 
     def _one_head(self, head: dict, spec: LossSpec) -> Any:
-        feats = [torch.zeros(spec.batch_size, 1, h, w) for h, w in spec.feat_shapes]
+        coarse_first = self.level_order == "coarse-first"
+        shapes = list(spec.feat_shapes)
         if self.predictions == "dict":
-            return {"boxes": head["boxes"], "scores": head["scores"], "feats": feats,
-                    "feat_shapes": list(spec.feat_shapes)}
-        levels, start = [], 0
-        for h, w in spec.feat_shapes:
-            end = start + h * w
-            level = torch.cat((head["boxes"][..., start:end], head["scores"][..., start:end]), 1)
+            boxes, scores = head["boxes"], head["scores"]
+            if coarse_first:  # the anchor axis too: coarsest level's anchors first
+                boxes, scores = (torch.cat(_split_levels(t, shapes)[::-1], -1) for t in (boxes, scores))
+                shapes = shapes[::-1]
+            feats = [torch.zeros(spec.batch_size, 1, h, w) for h, w in shapes]
+            return {"boxes": boxes, "scores": scores, "feats": feats, "feat_shapes": shapes}
+        levels = []
+        for (h, w), boxes, scores in zip(shapes, _split_levels(head["boxes"], shapes),
+                                         _split_levels(head["scores"], shapes)):
+            level = torch.cat((boxes, scores), 1)
             levels.append(level.reshape(level.shape[0], level.shape[1], h, w))
-            start = end
-        return levels[::-1] if self.level_order == "coarse-first" else levels
+        return levels[::-1] if coarse_first else levels
 
     def convert_batch(self, batch: dict, spec: LossSpec) -> Any:
+        """The reference batch (normalized xywh, sorted batch_idx) in the layout the candidate declared."""
         boxes = batch["bboxes"]
-        if self.targets == "xyxy":
+        if "xyxy" in self.targets:
             centre, half = boxes[:, :2], boxes[:, 2:] / 2
             boxes = torch.cat((centre - half, centre + half), 1)
         if not self.normalized:
             h, w = spec.imgsz
             boxes = boxes * torch.tensor([w, h, w, h], dtype=boxes.dtype)
-        out = {**batch, "bboxes": boxes}
+        if "," in self.targets:
+            columns = {"img": batch["batch_idx"].reshape(-1, 1).to(boxes.dtype),
+                       "cls": batch["cls"].reshape(-1, 1).to(boxes.dtype), "xywh": boxes, "xyxy": boxes}
+            out: Any = torch.cat([columns[c] for c in self.targets.split(",")], 1)
+        else:
+            out = {**batch, "bboxes": boxes}
         return self.batch_fn(out) if self.batch_fn is not None else out
 
     # -- the call
@@ -237,43 +282,235 @@ class LossAdapter:
         return self.parse(self.loss(preds, batch))
 
     def parse(self, value: Any) -> CandidateResult:
-        tensors: dict[str, torch.Tensor] = {}
-        items = None
-        if hasattr(value, "loss") and not isinstance(value, (tuple, list, dict, torch.Tensor)):
-            tensors = dict(getattr(value, "tensors", None) or {})
-            items = getattr(value, "items", None)
-            value = value.loss
-        elif isinstance(value, (tuple, list)):
-            if len(value) >= 3 and isinstance(value[2], Mapping):
-                tensors = dict(value[2])
-            items = value[1] if len(value) >= 2 else None
-            value = value[0]
-        if isinstance(value, Mapping):
-            if all(t in value for t in TERMS):
-                value = torch.stack([torch.as_tensor(value[t]) for t in TERMS])
-                return CandidateResult(value, value.sum(), _as_items(items), tensors)
-            raise ParityError(f"loss candidate {self.name}: returned a dict without the keys {', '.join(TERMS)}")
-        if not isinstance(value, torch.Tensor):
-            raise ParityError(f"loss candidate {self.name}: returned {type(value).__name__}, expected a tensor")
-        if value.numel() == 3:
-            ordered = value.reshape(3)
-            terms = torch.stack([ordered[self.terms.index(t)] for t in TERMS])
-            items = _as_items(items)
-            if items is not None and items.numel() == 3:
-                items = torch.stack([items.reshape(3)[self.terms.index(t)] for t in TERMS])
-            return CandidateResult(terms, terms.sum(), items, tensors)
-        return CandidateResult(None, value.reshape(()), _as_items(items), tensors)
+        """The candidate's return value, copied (a candidate that later changes a tensor in place cannot change
+        what is compared), read by types and shapes (`read_loss_return`)."""
+        return read_loss_return(value, self.terms, self.name)
 
 
-def _as_items(items: Any) -> torch.Tensor | None:
+def _split_levels(flat: torch.Tensor, shapes: Sequence[tuple[int, int]]) -> list[torch.Tensor]:
+    """(B, C, A) -> per level (B, C, h*w), finest first."""
+    out, start = [], 0
+    for h, w in shapes:
+        out.append(flat[..., start:start + h * w])
+        start += h * w
+    return out
+
+
+# ------------------------------------------------------------------------------------- return values
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _is_scalar(value: Any) -> bool:
+    return _is_number(value) or (isinstance(value, torch.Tensor) and value.numel() == 1)
+
+
+def _is_vector(value: Any) -> bool:
+    return isinstance(value, torch.Tensor) and value.numel() == 3 and value.dim() <= 2
+
+
+def _describe(value: Any, depth: int = 0) -> str:
+    """What a candidate returned, in a few words: `tuple(tensor (3,), dict{box, cls})`."""
+    if isinstance(value, torch.Tensor):
+        return f"tensor {tuple(value.shape)}"
+    if _is_number(value):
+        return type(value).__name__
+    if isinstance(value, Mapping):
+        keys = list(value)[:6]
+        return "dict{" + ", ".join(str(k) for k in keys) + (", ..." if len(value) > 6 else "") + "}"
+    if isinstance(value, (tuple, list)):
+        if depth:
+            return f"{type(value).__name__} of {len(value)}"
+        return f"{type(value).__name__}(" + ", ".join(_describe(v, 1) for v in value[:5]) + (
+            ", ..." if len(value) > 5 else "") + ")"
+    return type(value).__name__
+
+
+def _copy(value: Any) -> Any:
+    """A tensor the comparison owns: the candidate may change its own tensor in place after returning it.
+    Autograd history is kept (the gradient rows differentiate the copy)."""
+    if isinstance(value, torch.Tensor):
+        return value.clone() if value.requires_grad else value.detach().clone()
+    return torch.tensor(float(value), dtype=torch.float32) if _is_number(value) else value
+
+
+def _term_lookup(get: Callable[[str], Any]) -> dict[str, Any] | None:
+    found = {}
+    for term, aliases in TERM_ALIASES.items():
+        for alias in aliases:
+            value = get(alias)
+            if value is not None:
+                found[term] = value
+                break
+    return found if len(found) == len(TERMS) else None
+
+
+def _as_items(items: Any, order: Sequence[str]) -> torch.Tensor | None:
+    """The detached items (what the loss logs), in box, cls, dfl order when there are three."""
     if items is None:
         return None
     if isinstance(items, Mapping):
-        values = list(items.values())
-        return torch.stack([torch.as_tensor(v).detach().reshape(()) for v in values]) if values else None
-    if isinstance(items, torch.Tensor):
-        return items.detach()
+        terms = _term_lookup(items.get)
+        values = [terms[t] for t in TERMS] if terms else list(items.values())
+        if not values or not all(_is_scalar(v) for v in values):
+            return None
+        return torch.stack([torch.as_tensor(v).detach().reshape(()).float() for v in values]).clone()
+    if isinstance(items, (tuple, list)) and items and all(_is_scalar(v) for v in items):
+        items = torch.stack([torch.as_tensor(v).detach().reshape(()).float() for v in items])
+    if not isinstance(items, torch.Tensor):
+        return None
+    items = items.detach().clone()
+    if items.numel() == 3:
+        flat = items.reshape(3)
+        return torch.stack([flat[order.index(t)] for t in TERMS])
+    return items
+
+
+def _loss_value(value: Any, order: Sequence[str]) -> tuple[torch.Tensor | None, torch.Tensor, str] | None:
+    """(terms in box, cls, dfl order, total, words) of a loss value, or None when it is not one."""
+    if _is_vector(value):
+        flat = _copy(value).reshape(3)
+        terms = torch.stack([flat[order.index(t)] for t in TERMS])
+        return terms, terms.sum(), f"a (3,) loss vector ({', '.join(order)})"
+    if _is_scalar(value):
+        total = _copy(value).reshape(())
+        return None, total, "a scalar (the total only)"
+    getter = value.get if isinstance(value, Mapping) else None
+    if getter is None and not isinstance(value, (tuple, list, torch.Tensor)) and not _is_number(value):
+        getter = lambda key: getattr(value, key, None)  # noqa: E731 - an object with term attributes
+    if getter is not None:
+        terms = _term_lookup(getter)
+        if terms and all(_is_scalar(v) for v in terms.values()):
+            stacked = torch.stack([_copy(terms[t]).reshape(()) for t in TERMS])
+            kind = "a dict" if isinstance(value, Mapping) else f"a {type(value).__name__} object"
+            return stacked, stacked.sum(), f"{kind} of the terms box, cls, dfl"
     return None
+
+
+def read_loss_return(value: Any, order: Sequence[str] = TERMS, label: str = "loss") -> CandidateResult:
+    """Read a candidate loss's return value by types and shapes, never by position alone:
+
+    * a tensor of 3 elements: the loss vector, in `order`; a one-element tensor or a number: the total only;
+    * a tuple/list of three scalars: (box, cls, dfl) in `order`;
+    * (loss, items) and (loss, items, {name: tensor}) with `loss` a vector, scalar or dict of terms;
+    * a dict or object with the three terms (also `box_loss`, `loss_cls`, ...), or with `loss` (and `items`,
+      `tensors`/`intermediates`), like ultralytics' `LossRun`.
+
+    Anything else, or a tuple that fits no reading on its own, is a ParityError that says what was received.
+    Every tensor is copied first: a candidate that changes its tensors in place later cannot change the verdict.
+    """
+    received = _describe(value)
+
+    def fail(why: str) -> ParityError:
+        return ParityError(f"loss candidate {label}: returned {received}: {why}; a loss may return {RETURN_SHAPES}")
+
+    direct = _loss_value(value, order)
+    if direct is not None:
+        terms, total, words = direct
+        if isinstance(value, Mapping) or not isinstance(value, (torch.Tensor, tuple, list)) and not _is_number(value):
+            get = value.get if isinstance(value, Mapping) else (lambda k: getattr(value, k, None))
+            items = _as_items(get("items"), order)
+            tensors = {k: _copy(v) for k, v in dict(get("tensors") or get("intermediates") or {}).items()}
+            return CandidateResult(terms, total, items, tensors, words)
+        return CandidateResult(terms, total, None, {}, words)
+    if isinstance(value, torch.Tensor):
+        raise fail("a loss tensor must hold 3 elements (box, cls, dfl) or one (the total)")
+    if isinstance(value, Mapping) or not isinstance(value, (tuple, list)):
+        get = value.get if isinstance(value, Mapping) else (lambda k: getattr(value, k, None))
+        if get("loss") is None:
+            raise fail("no terms box, cls, dfl and no `loss` in it")
+        inner = _loss_value(get("loss"), order)
+        if inner is None:
+            raise fail(f"its `loss` is {_describe(get('loss'))}, not a loss vector, scalar or dict of terms")
+        tensors = get("tensors")
+        tensors = tensors if tensors is not None else get("intermediates")
+        if tensors is not None and not isinstance(tensors, Mapping):
+            raise fail(f"its intermediates are {_describe(tensors)}, expected a dict {{name: tensor}}")
+        terms, total, words = inner
+        kind = "a dict" if isinstance(value, Mapping) else f"a {type(value).__name__} object"
+        return CandidateResult(terms, total, _as_items(get("items"), order),
+                               {k: _copy(v) for k, v in dict(tensors or {}).items()}, f"{kind} with loss = {words}")
+    # a tuple or list
+    n = len(value)
+    if n == 3 and all(_is_scalar(v) for v in value):
+        terms = torch.stack([_copy(value[order.index(t)]).reshape(()) for t in TERMS])
+        return CandidateResult(terms, terms.sum(), None, {}, f"a {type(value).__name__} of three scalars "
+                                                            f"({', '.join(order)})")
+    if n in (2, 3):
+        inner = _loss_value(value[0], order)
+        if inner is None:
+            raise fail(f"its first element ({_describe(value[0], 1)}) is not a loss vector, scalar or dict of terms, "
+                       f"so it is not (loss, items{', intermediates' if n == 3 else ''})")
+        items = value[1]
+        if items is not None and not (isinstance(items, (torch.Tensor, Mapping)) or _is_number(items) or (
+                isinstance(items, (tuple, list)) and all(_is_scalar(v) for v in items))):
+            raise fail(f"its second element ({_describe(items, 1)}) is not items (a tensor, numbers or a dict)")
+        tensors = value[2] if n == 3 else None
+        if n == 3 and not isinstance(tensors, Mapping):
+            raise fail(f"its third element ({_describe(tensors, 1)}) is neither a scalar (for (box, cls, dfl)) "
+                       f"nor a dict of intermediates (for (loss, items, intermediates))")
+        terms, total, words = inner
+        shape = "(loss, items, intermediates)" if n == 3 else "(loss, items)"
+        return CandidateResult(terms, total, _as_items(items, order),
+                               {k: _copy(v) for k, v in dict(tensors or {}).items()}, f"{shape} with loss = {words}")
+    raise fail(f"a {type(value).__name__} of {n} fits no reading")
+
+
+# ----------------------------------------------------------------------------- candidate code, defensively
+def _copy_input(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.detach().clone()
+    if isinstance(value, list):
+        return [tuple(v) if isinstance(v, tuple) else v for v in value]
+    return value
+
+
+def _mutated_inputs(originals: Mapping[str, Any], given: Mapping[str, Any]) -> list[str]:
+    """Inputs the candidate changed in place (it was given copies, so nothing of the reference moved)."""
+    out = []
+    for key, original in originals.items():
+        copy = given.get(key)
+        if isinstance(original, torch.Tensor) and isinstance(copy, torch.Tensor) and copy.shape == original.shape:
+            same = (copy.detach() == original) | (torch.isnan(copy.detach()) & torch.isnan(original)) \
+                if original.is_floating_point() else copy.detach() == original
+            if not bool(same.all()):
+                out.append(key)
+    return out
+
+
+_HARNESS_PATHS = tuple(str(p) for p in (Path(torch.__file__).resolve().parent, Path(__file__).resolve().parents[1],
+                                        Path(sysconfig.get_paths()["stdlib"]).resolve()))
+
+
+def _own_frame(error: BaseException) -> str | None:
+    """`file:line (in function)` of the innermost traceback frame in the candidate's own code (not torch, not
+    the harness, not the standard library)."""
+    for frame in reversed(traceback.extract_tb(error.__traceback__)):
+        path = str(Path(frame.filename).resolve())
+        if path.startswith(_HARNESS_PATHS) or frame.filename.startswith("<"):
+            continue
+        try:
+            shown = str(Path(path).relative_to(Path.cwd()))
+        except ValueError:
+            shown = path
+        return f"{shown}:{frame.lineno} (in {frame.name})"
+    return None
+
+
+def _own_frame_suffix(error: BaseException) -> str:
+    at = _own_frame(error)
+    return f" at {at}" if at else ""
+
+
+def candidate_exception(error: BaseException, call: str) -> dict:
+    """What a finding needs of an exception raised by candidate code: the call, type, message, own frame."""
+    message = " ".join(str(error).split())
+    return {"call": call, "type": type(error).__name__, "message": message[:300], "at": _own_frame(error)}
+
+
+def _exception_words(exception: dict) -> str:
+    text = f"{exception['type']}: {exception['message']}"
+    return text + (f" at {exception['at']}" if exception.get("at") else "")
 
 
 def builtin_loss_adapter(spec: LossSpec, inject: str | None = None) -> LossAdapter:
@@ -305,7 +542,10 @@ def load_loss_candidate(candidate: Any, spec: LossSpec, *, inject: str | None = 
         factory, module = _import(candidate)
         made = _call_factory(factory, spec, candidate)
         options = getattr(module, "LOSS_ADAPTER", None) or {}
-        return _as_adapter(made, options, candidate)
+        adapter = _as_adapter(made, options, candidate)
+        if adapter.with_gains is None and _takes_gains(factory):
+            adapter.with_gains = _rebuild_with_gains(factory, spec, options, candidate)
+        return adapter
     if callable(candidate):
         return _as_adapter(candidate, {}, getattr(candidate, "__name__", type(candidate).__name__))
     raise ParityError(f"loss candidate {candidate!r}: expected 'builtin', 'package.module:factory' or a LossAdapter")
@@ -317,12 +557,32 @@ def _import(spec: str):
     return import_factory(spec, "loss candidate", "'builtin' or 'package.module:factory'")
 
 
-def _call_factory(factory: Callable, spec: LossSpec, label: str) -> Any:
+# Factory parameters filled from the reference: the spec itself, or these of its fields (gains by term name).
+FACTORY_PARAMETERS = ("nc", "reg_max", "strides", "hyperparameters", "end2end", "gains", "box", "cls", "dfl")
+GAIN_PARAMETERS = ("spec", "hyperparameters", "gains", "box", "cls", "dfl")
+
+
+def _parameters(factory: Callable) -> Mapping:
     try:
-        params = inspect.signature(factory).parameters
+        return inspect.signature(factory).parameters
     except (TypeError, ValueError):
-        params = {}
-    kwargs = {k: getattr(spec, k) for k in ("nc", "reg_max", "strides", "hyperparameters", "end2end") if k in params}
+        return {}
+
+
+def _takes_gains(factory: Callable) -> bool:
+    params = _parameters(factory)
+    required = [p for p in params.values() if p.default is p.empty and p.kind in (p.POSITIONAL_ONLY,
+                                                                                  p.POSITIONAL_OR_KEYWORD)]
+    return any(p in params for p in GAIN_PARAMETERS) or (not any(k in params for k in FACTORY_PARAMETERS)
+                                                         and len(required) == 1)
+
+
+def _call_factory(factory: Callable, spec: LossSpec, label: str) -> Any:
+    params = _parameters(factory)
+    values = {"nc": spec.nc, "reg_max": spec.reg_max, "strides": spec.strides, "end2end": spec.end2end,
+              "hyperparameters": spec.hyperparameters, "gains": spec.gains, "box": spec.gains[0],
+              "cls": spec.gains[1], "dfl": spec.gains[2]}
+    kwargs = {k: values[k] for k in FACTORY_PARAMETERS if k in params}
     try:
         if "spec" in params:
             return factory(spec=spec, **kwargs)
@@ -334,7 +594,25 @@ def _call_factory(factory: Callable, spec: LossSpec, label: str) -> Any:
     except ParityError:
         raise
     except Exception as error:  # noqa: BLE001 - a user factory may raise anything; say whose it was
-        raise ParityError(f"loss candidate {label}: the factory raised {type(error).__name__}: {error}") from None
+        raise ParityError(f"loss candidate {label}: the factory raised {type(error).__name__}: {error}"
+                          f"{_own_frame_suffix(error)}") from None
+
+
+def _rebuild_with_gains(factory: Callable, spec: LossSpec, options: Mapping, label: str) -> Callable:
+    """gains -> the candidate's loss built by its own factory with those gains (spec, hyperparameters and the
+    manifest's hyperparameters all carry them)."""
+    def build(gains: Sequence[float]) -> Callable:
+        box, cls, dfl = (float(g) for g in gains)
+        hyp = {**spec.hyperparameters, "box": box, "cls": cls, "dfl": dfl}
+        manifest = {**spec.manifest, "hyperparameters": {**(spec.manifest.get("hyperparameters") or {}), **hyp}}
+        other = replace(spec, hyperparameters=hyp, config=replace(spec.config, box=box, cls=cls, dfl=dfl),
+                        manifest=manifest)
+        return _as_adapter(_call_factory(factory, other, label), options, label).loss
+
+    return build
+
+
+ADAPTER_OPTIONS = tuple(p for p in inspect.signature(LossAdapter.__init__).parameters if p not in ("self", "loss"))
 
 
 def _as_adapter(made: Any, options: Mapping, label: str) -> LossAdapter:
@@ -345,6 +623,11 @@ def _as_adapter(made: Any, options: Mapping, label: str) -> LossAdapter:
     options = {**dict(options), **dict(getattr(made, "loss_adapter", None) or {})}
     if not callable(made):
         raise ParityError(f"loss candidate {label}: the factory returned {type(made).__name__}, not a callable loss")
+    unknown = [k for k in options if k not in ADAPTER_OPTIONS]
+    if unknown:
+        raise ParityError(f"loss candidate {label}: unknown adapter option(s) {', '.join(map(repr, unknown))} in "
+                          f"LOSS_ADAPTER / loss_adapter; options: {', '.join(ADAPTER_OPTIONS)}")
+    options = dict(options)
     return LossAdapter(made, name=options.pop("name", label), **options)
 
 
@@ -617,7 +900,8 @@ class _CaseReplay:
             self._mark(stage, branch, "not exposed")
             return
         ref_stage = REFERENCE_STAGE.get(stage, stage)
-        outputs_ref = {n: self.ref.ref(ref_stage, n, None if stage == "output" else branch) for n in STAGE_OUTPUTS[stage]}
+        out_branch = None if stage == "output" else branch
+        outputs_ref = {n: self.ref.ref(ref_stage, n, out_branch) for n in STAGE_OUTPUTS[stage]}
         outputs_ref = {n: t for n, t in outputs_ref.items() if t is not None}
         try:
             inputs = self.ref.stage_inputs(stage, branch)
@@ -627,33 +911,40 @@ class _CaseReplay:
             self._mark(stage, branch, "no reference")
             return
         ev = StageEvidence(self.case, branch, stage, reference=outputs_ref, inputs=inputs)
-        call_inputs = dict(inputs)
+        # the candidate gets copies: a stage that changes its inputs in place must not change the reference
+        call_inputs = {k: _copy_input(v) for k, v in inputs.items()}
         if stage == "assign":
             # fed head outputs that carry gradients: the assignment must come out as constants
             for key in ("scores", "pred_bboxes"):
                 if key in call_inputs and call_inputs[key].is_floating_point():
-                    call_inputs[key] = call_inputs[key].detach().clone().requires_grad_(True)
+                    call_inputs[key] = call_inputs[key].detach().requires_grad_(True)
         watch = BroadcastWatch()
         try:
             with watch:
                 produced = fn(**call_inputs)
-            if not isinstance(produced, Mapping):
-                raise TypeError(f"stage {stage} returned {type(produced).__name__}, expected a dict of tensors")
+        except ParityError:
+            raise
         except Exception as error:  # noqa: BLE001 - a candidate stage may raise anything; that is the finding
+            ev.exception = candidate_exception(error, f"{stage} stage")
             ev.error = f"{type(error).__name__}: {error}"
             ev.broadcasts = watch.events
             ev.failed = list(outputs_ref)
-            self._row(stage, branch, self.ref.name(stage, "*", None if stage == "output" else branch), False,
-                      note=f"the candidate's {stage} stage raised {ev.error}")
+            self._row(stage, branch, self.ref.name(ref_stage, "*", out_branch), False,
+                      note=f"the candidate's {stage} stage raised {_exception_words(ev.exception)}")
             self.evidence.stages.append(ev)
             self._mark(stage, branch, "fail")
             self.conditioned_ok[(branch, stage)] = False
             return
+        if not isinstance(produced, Mapping):
+            raise ParityError(f"loss candidate {self.adapter.name}: stage {stage} returned {_describe(produced)}, "
+                              f"expected a dict {{name: tensor}} under the names of docs/loss-adapter.md")
+        # copied before anything else of the candidate runs (a later call may change them in place)
+        ev.carries_grad = [k for k, v in produced.items() if isinstance(v, torch.Tensor) and v.requires_grad
+                           and k not in ASSIGNER_INPUT_NAMES] if stage == "assign" else []
+        ev.outputs = {k: v.detach().clone() for k, v in produced.items() if isinstance(v, torch.Tensor)}
         ev.broadcasts = watch.events
-        ev.outputs = {k: v for k, v in produced.items() if isinstance(v, torch.Tensor)}
+        ev.mutated = _mutated_inputs(inputs, call_inputs)
         if stage == "assign":
-            ev.carries_grad = [k for k, v in ev.outputs.items()
-                               if v.requires_grad and k not in ASSIGNER_INPUT_NAMES]
             self._row(stage, branch, f"{stage}: outputs are constants", not ev.carries_grad,
                       note=("assignment outputs carry gradients: " + ", ".join(ev.carries_grad)) if ev.carries_grad
                       else "assignment outputs carry no gradient (assigner inputs detached)")
@@ -661,25 +952,65 @@ class _CaseReplay:
         if "fg_mask" in outputs_ref and "fg_mask" in ev.outputs:
             diff = self._assignment(branch, ev.outputs, lambda n: outputs_ref.get(n) if n in outputs_ref
                                     else self.ref.ref("assign", n, branch))
-        ok = True
-        for name, ref in outputs_ref.items():
-            cand = ev.outputs.get(name)
-            passed = self._compare(stage, branch, name, ref, cand, ev, diff,
-                                   batch_note=(stage == "output" and name == "loss"))
-            ok &= passed
+        ok = self._compare_stage_outputs(stage, branch, outputs_ref, ev, diff)
+        self._exposure_row(stage, branch, outputs_ref, ev)
         self.evidence.stages.append(ev)
         self.conditioned_ok[(branch, stage)] = ok and not ev.carries_grad
-        self._mark(stage, branch, "pass" if ok and not ev.carries_grad else "fail")
+        returned = [n for n in outputs_ref if n in ev.outputs]
+        verdict = "fail" if not ok or ev.carries_grad else (
+            "pass" if len(returned) == len(outputs_ref) else f"partial ({len(returned)} of {len(outputs_ref)} outputs)")
+        self._mark(stage, branch, verdict)
+
+    def _compare_stage_outputs(self, stage: str, branch: str | None, outputs_ref: Mapping[str, torch.Tensor],
+                               ev: StageEvidence, diff: "AssignmentDiff | None", *, section: str | None = None,
+                               end_to_end: bool = False, extra_note: str = "") -> bool:
+        """Every returned output against the reference; what the stage does not return is not exposed, never a
+        failure. The assignment's decisive outputs go first: when they are equal, an intermediate that differs
+        only by float noise (align_metric, overlaps) cannot have changed anything, and its row says so."""
+        ordered = sorted(outputs_ref, key=lambda n: (n not in DECISIVE, list(outputs_ref).index(n)))
+        decisive_ok: bool | None = None
+        ok = True
+        for name in ordered:
+            cand = ev.outputs.get(name)
+            if cand is None:
+                continue
+            if name not in DECISIVE and decisive_ok is None:
+                shown = [n for n in DECISIVE if n in ev.outputs and n in outputs_ref]
+                decisive_ok = ok and {"fg_mask", "target_gt_idx", "target_scores"} <= set(shown)
+            passed = self._compare(stage, branch, name, outputs_ref[name], cand, ev, diff, section=section,
+                                   end_to_end=end_to_end, extra_note=extra_note,
+                                   batch_note=(stage == "output" and name == "loss"),
+                                   assignment_equal=bool(decisive_ok))
+            ok &= passed
+        return ok
+
+    def _exposure_row(self, stage: str, branch: str | None, outputs_ref: Mapping, ev: StageEvidence) -> None:
+        """One row for what a stage did not return (not exposed) and returned under names the contract lacks."""
+        missing = [n for n in outputs_ref if n not in ev.outputs]
+        known = set(STAGE_OUTPUTS[stage]) | (set(ASSIGNER_INPUT_NAMES) if stage == "assigner" else set())
+        unknown = sorted(k for k in ev.outputs if k not in known)
+        notes = []
+        if missing:
+            notes.append(f"partial ({len(outputs_ref) - len(missing)} of {len(outputs_ref)} outputs): not exposed "
+                         + ", ".join(missing))
+        if unknown:
+            notes.append(f"not compared, no such {stage} output in docs/dump-format.md: " + ", ".join(unknown))
+        if ev.mutated:
+            notes.append(f"the candidate's {stage} stage changed its input(s) {', '.join(ev.mutated)} in place "
+                         f"(it was given copies; the comparison used the reference's)")
+        if notes:
+            ref_stage = REFERENCE_STAGE.get(stage, stage)
+            self._row(stage, branch, self.ref.name(ref_stage, "*", None if stage == "output" else branch), True,
+                      note="; ".join(notes))
 
     def _compare(self, stage: str, branch: str | None, name: str, ref: torch.Tensor, cand: Any,
                  ev: StageEvidence, diff: "AssignmentDiff | None", *, batch_note: bool = False,
-                 section: str | None = None, end_to_end: bool = False, extra_note: str = "") -> bool:
+                 section: str | None = None, end_to_end: bool = False, extra_note: str = "",
+                 assignment_equal: bool = False) -> bool:
         full = self.ref.name(REFERENCE_STAGE.get(stage, stage), name, None if stage == "output" else branch)
         tol = BITWISE if name in DISCRETE else self.tol(full)
-        if cand is None:
-            self._row(stage, branch, full, False, note="the candidate did not return it", section=section)
-            ev.failed.append(name)
-            return False
+        if cand is None:  # not exposed: said once per stage (`_exposure_row`), never a failure
+            return True
         if not isinstance(cand, torch.Tensor):
             cand = torch.as_tensor(cand)
         cand_d = cand.detach()
@@ -688,12 +1019,26 @@ class _CaseReplay:
             cand_d = cand_d * self.spec.batch_size
             note = f"candidate declares the per-image mean: its value x B={self.spec.batch_size} is compared"
         fg_names = ("fg_mask", "target_gt_idx", "mask_pos", "target_labels", "target_bboxes", "target_scores")
+        pairs = self._pairs(branch) if name in PAIR_DEFINED and stage in ("assign", "assigner") else None
         if diff is not None and name in fg_names:
             passed, metrics, note2 = self._compare_assignment_tensor(name, ref, cand_d, diff, tol)
+            note = "; ".join(filter(None, [note, note2]))
+        elif name in names.FOREGROUND_ONLY and stage in ("assign", "assigner") and self._ref_fg(branch) is not None \
+                and cand_d.shape == ref.shape:
+            fg = self._ref_fg(branch)  # without the candidate's fg_mask: judged on the reference's foreground
+            metrics = compare_tensors(ref[fg], cand_d[fg], tol)
+            passed = metrics.passed
+            note = "; ".join(filter(None, [note, f"compared on the reference's {int(fg.sum())} foreground anchors "
+                                                 f"(background rows are filler)"]))
+        elif pairs is not None and pairs.shape == ref.shape == cand_d.shape:
+            passed, metrics, note2 = self._compare_inside_boxes(name, ref, cand_d, pairs, tol, assignment_equal)
             note = "; ".join(filter(None, [note, note2]))
         else:
             metrics = compare_tensors(ref, cand_d, tol)
             passed = metrics.passed
+            if not passed and assignment_equal and name in NOISE_TOLERANT:
+                passed, note2 = self._float_noise(ref, cand_d, metrics)
+                note = "; ".join(filter(None, [note, note2]))
             if not passed and end_to_end and self._explained_by_ties(stage, branch):
                 passed = True
                 note = "; ".join(filter(None, [note, self._tie_note(branch)]))
@@ -703,6 +1048,48 @@ class _CaseReplay:
         self._row(stage, branch, full, passed, metrics=metrics.as_dict(), tolerance=tol.as_dict(), note=note,
                   section=section)
         return passed
+
+    # -- conventions that are not bugs
+    def _pairs(self, branch: str | None) -> torch.Tensor | None:
+        """(B, M, A) bool: the anchor-box pairs where ultralytics defines align_metric and overlaps (the anchor
+        inside the box, a real box); it leaves them zero elsewhere."""
+        inside = self.ref.ref("assign", "mask_in_gts", branch)
+        mask_gt = self.ref.ref("preprocess", "mask_gt", branch)
+        if inside is None or mask_gt is None or mask_gt.shape[:2] != inside.shape[:2]:
+            return None
+        return inside.bool() & mask_gt.bool()
+
+    def _ref_fg(self, branch: str | None) -> torch.Tensor | None:
+        fg = self.ref.ref("assign", "fg_mask", branch)
+        return None if fg is None else fg.bool()
+
+    def _compare_inside_boxes(self, name: str, ref: torch.Tensor, cand: torch.Tensor, pairs: torch.Tensor,
+                              tol: Tolerance, assignment_equal: bool):
+        """align_metric / overlaps where ultralytics defines them; the outside is a note, not a verdict."""
+        metrics = compare_tensors(ref[pairs], cand[pairs], tol)
+        passed, notes = metrics.passed, [f"compared on the {int(pairs.sum())} anchor-box pairs inside the boxes"]
+        if not passed and assignment_equal:
+            passed, noise = self._float_noise(ref[pairs], cand[pairs], metrics)
+            notes.append(noise)
+        outside = ~pairs
+        nonzero = int((cand[outside] != 0).sum())
+        if nonzero:
+            what = "CIoU" if name == "overlaps" else "the alignment metric"
+            effect = ("no effect on the assignment" if assignment_equal else
+                      "whether it changes the assignment is for fg_mask and target_gt_idx to say")
+            notes.append(f"the candidate computes {what} for every pair ({nonzero} of {int(outside.sum())} pairs "
+                         f"outside the boxes are nonzero); ultralytics zeroes it outside the boxes: {effect}")
+        return passed, metrics, "; ".join(filter(None, notes))
+
+    def _float_noise(self, ref: torch.Tensor, cand: torch.Tensor, metrics) -> tuple[bool, str]:
+        """An intermediate of an assignment whose decisive outputs are equal: a difference within the chained
+        loss tolerance (rounding of a differently ordered computation, docs/tolerances.md) is float noise."""
+        noise = self.profile.for_kind("loss-chained")
+        if not compare_tensors(ref, cand, noise).passed:
+            return False, ""
+        worst = float((ref.double() - cand.double()).abs().max()) if ref.numel() else 0.0
+        return True, (f"differs by float noise only (max |d| {worst:.2g}, within the loss-chained tolerance "
+                      f"{noise.describe()}); {', '.join(DECISIVE)} are equal: not a failure")
 
     # -- assignment as discrete data
     def _assignment(self, branch: str | None, cand: Mapping, ref_of: Callable[[str], torch.Tensor | None]
@@ -783,21 +1170,25 @@ class _CaseReplay:
         watch = BroadcastWatch()
         try:
             with watch:
-                result = self.adapter.call(self.adapter.convert_preds(head, self.spec),
-                                           self.adapter.convert_batch(batch, self.spec))
+                result = self._call(self.adapter, head, batch)
         except ParityError:
             raise
-        except Exception as error:  # noqa: BLE001
+        except Exception as error:  # noqa: BLE001 - a candidate loss may raise anything; that is the finding
+            self.evidence.run_exception = candidate_exception(error, "loss call")
             self.evidence.run_error = f"{type(error).__name__}: {error}"
             self.evidence.run_broadcasts = watch.events
             self.evidence.values_passed = False
             self._row("output", None, names.loss_output(self.case, "loss"), False, section=section,
-                      note=f"the candidate loss raised {self.evidence.run_error}")
+                      where="end-to-end (candidate exception)",
+                      note=f"the candidate loss raised {_exception_words(self.evidence.run_exception)}")
             self._mark("end-to-end", None, "fail")
             return
         self.evidence.run_broadcasts = watch.events
+        if result.terms is None and self.adapter.with_gains is not None:
+            result = self._per_gain_terms(result, head, batch, section)
         self._leaves, self._result = leaves, result
         self.summary["intermediates"] = sorted(result.tensors)
+        self.summary["return_shape"] = result.form
 
         values_ok = self._compare_intermediates(result.tensors, section)
         scale = 1 if self.adapter.batch_scaled else self.spec.batch_size
@@ -808,6 +1199,52 @@ class _CaseReplay:
         if not bool(torch.isfinite(cand).all()) and ref_loss is not None and bool(torch.isfinite(ref_loss).all()):
             self.evidence.positive_logits_finite = self._probe_positive_logits(head, batch)
         self.end_to_end_gradients(section.replace("end-to-end", "gradients"))
+
+    def _call(self, adapter: "LossAdapter", head: Any, batch: dict, loss: Callable | None = None) -> CandidateResult:
+        """The candidate loss on copies of the batch (the head leaves are this case's own)."""
+        batch = {k: _copy_input(v) for k, v in batch.items()}
+        preds, converted = adapter.convert_preds(head, self.spec), adapter.convert_batch(batch, self.spec)
+        if loss is None:
+            return adapter.call(preds, converted)
+        return adapter.parse(loss(preds, converted))
+
+    def _per_gain_terms(self, result: CandidateResult, head: Any, batch: dict, section: str) -> CandidateResult:
+        """A loss returning only its total, built again by its own factory with one gain at a time: each call
+        gives one term. Used only when the three parts add up to the total (a factory that ignores the gains
+        gives three totals)."""
+        gains = self.spec.gains
+        if not hasattr(self.adapter, "_per_gain_losses"):
+            self.adapter._per_gain_losses = [self.adapter.with_gains(tuple(g if k == t else 0.0
+                                                                           for k, g in enumerate(gains)))
+                                             for t in range(len(TERMS))]
+        parts = []
+        try:
+            for loss in self.adapter._per_gain_losses:
+                part = self._call(self.adapter, head, batch, loss)
+                parts.append(part.total.reshape(()))
+        except ParityError:
+            raise
+        except Exception as error:  # noqa: BLE001
+            exception = candidate_exception(error, "loss call with one gain")
+            self._row("output", None, names.loss_output(self.case, "loss") + "[sum]", True, section=section,
+                      where="output (one gain at a time)",
+                      note=f"no per-term verdict: a call with one gain at a time raised {_exception_words(exception)}")
+            return result
+        terms = torch.stack(parts)
+        tol = self.tol(names.loss_output(self.case, "loss"))
+        metrics = compare_tensors(result.total.detach().reshape(1), terms.detach().sum().reshape(1), tol)
+        values = ", ".join(f"{t} {float(v):.6g}" for t, v in zip(TERMS, terms.detach()))
+        if not metrics.passed:
+            self._row("output", None, names.loss_output(self.case, "loss") + "[sum]", True, section=section,
+                      where="output (one gain at a time)", metrics=metrics.as_dict(), tolerance=tol.as_dict(),
+                      note=(f"no per-term verdict: the calls with one gain at a time ({values}) do not add up to the "
+                            f"total {float(result.total):.6g}, so the factory does not pass the gains on"))
+            return result
+        self._row("output", None, names.loss_output(self.case, "loss") + "[sum]", True, section=section,
+                  where="output (one gain at a time)", metrics=metrics.as_dict(), tolerance=tol.as_dict(),
+                  note=f"the three calls with one gain at a time ({values}) add up to the candidate's total")
+        return CandidateResult(terms, result.total, result.items, result.tensors,
+                               result.form + "; terms from one call per gain", per_gain=True)
 
     def _compare_intermediates(self, tensors: Mapping[str, torch.Tensor], section: str, note: str = "") -> bool:
         """Every intermediate the candidate returned, per branch, against the reference (unconditioned)."""
@@ -825,20 +1262,21 @@ class _CaseReplay:
                                                  "target_gt_idx": ev.outputs["assign.target_gt_idx"]},
                                         lambda n, b=branch: self.ref.ref("assign", n, b))
             self.evidence_diff[branch] = diff
+            by_stage: dict[str, dict[str, torch.Tensor]] = {}
             for key in sorted(ev.outputs, key=_pipeline_key):
                 stage, _, name = key.partition(".")
                 if stage not in names.LOSS_STAGES or stage == "output":
                     continue
                 ref = self.ref.ref(stage, name, branch)
-                if ref is None:
-                    continue
-                ev.reference[key] = ref
-                sub = StageEvidence(self.case, branch, stage, reference={name: ref})
-                passed = self._compare(stage, branch, name, ref, ev.outputs[key], sub,
-                                       diff if stage == "assign" else None, section=section, end_to_end=True,
-                                       extra_note=note)
-                if not passed:
-                    ev.failed.append(key)
+                if ref is not None:
+                    ev.reference[key] = ref
+                    by_stage.setdefault(stage, {})[name] = ref
+            for stage, refs in by_stage.items():
+                sub = StageEvidence(self.case, branch, stage, reference=refs,
+                                    outputs={n: ev.outputs[f"{stage}.{n}"] for n in refs})
+                if not self._compare_stage_outputs(stage, branch, refs, sub, diff if stage == "assign" else None,
+                                                   section=section, end_to_end=True, extra_note=note):
+                    ev.failed += [f"{stage}.{n}" for n in sub.failed]
                     values_ok = False
             self.evidence.run[branch] = ev
         return values_ok
@@ -858,7 +1296,8 @@ class _CaseReplay:
                 name = f"{names.loss_output(self.case, 'loss')}[{term}]"
                 tol = self.tol(names.loss_output(self.case, "loss"))
                 metrics = compare_tensors(ref_loss[t:t + 1], result.terms[t:t + 1].detach() * scale, tol)
-                passed, row_note = metrics.passed, convention
+                passed, row_note = metrics.passed, "; ".join(filter(None, [convention, _per_gain_note(result, term,
+                                                                                                self.spec.gains)]))
                 if not passed and self._explained_by_ties("output", None):
                     passed, row_note = True, "; ".join(filter(None, [row_note, self._tie_note(None)]))
                 values_ok &= passed
@@ -871,7 +1310,8 @@ class _CaseReplay:
             self._row("output", None, names.loss_output(self.case, "loss") + "[sum]", metrics.passed,
                       metrics=metrics.as_dict(), tolerance=tol.as_dict(), section=section,
                       note="; ".join(filter(None, [convention, "the candidate returns only a total: no per-term "
-                                                               "verdict (return (box, cls, dfl) to get one)"])))
+                                                               "verdict (return (box, cls, dfl), or let the factory "
+                                                               "take the gains, to get one)"])))
         ref_items = self.ref.ref("output", "items")
         if ref_items is not None and result.items is not None and result.items.numel() == 3:
             tol = self.tol(names.loss_output(self.case, "items"))
@@ -892,8 +1332,7 @@ class _CaseReplay:
         probe = {b: positive(head[b]) for b in self.spec.branches} if self.spec.end2end else positive(head)
         try:
             with torch.no_grad():
-                result = self.adapter.call(self.adapter.convert_preds(probe, self.spec),
-                                           self.adapter.convert_batch(batch, self.spec))
+                result = self._call(self.adapter, probe, batch)
         except Exception:  # noqa: BLE001 - a probe that fails proves nothing
             return None
         value = result.terms if result.terms is not None else result.total
@@ -934,7 +1373,9 @@ class _CaseReplay:
                 tol = self.tol(name)
                 metrics = compare_tensors(ref, grad.detach(), tol)
                 passed = metrics.passed
-                note = "" if scale == 1 else f"candidate gradient x B={self.spec.batch_size} (per-image mean)"
+                note = "; ".join(filter(None, [
+                    "" if scale == 1 else f"candidate gradient x B={self.spec.batch_size} (per-image mean)",
+                    _per_gain_note(result, term, self.spec.gains)]))
                 if not passed and self._explained_by_ties("output", None):
                     passed, note = True, "; ".join(filter(None, [note, self._tie_note(None)]))
                 if not passed:
@@ -949,6 +1390,9 @@ class _CaseReplay:
         """A candidate returning only a total: its gradient against the sum of the reference's term gradients."""
         result, leaves = self._result, self._leaves
         if not result.total.requires_grad:
+            self._row("gradients", None, f"grad.head.{self.case}.*", False, section=section, where="end-to-end",
+                      note="the candidate's loss carries no gradient to the head outputs")
+            self.evidence.grads_passed = False
             return
         wanted = [(b, o) for b in self.branches for o in names.HEAD_OUTPUTS
                   if all(self.dump.get_optional(names.grad_head(self.case, t, o, b)) is not None for t in TERMS)]
@@ -991,10 +1435,14 @@ class _CaseReplay:
                 output = "scores" if stage == "classify" else "boxes"
                 leaf = inputs[output].detach().clone().requires_grad_(True)
                 inputs[output] = leaf
-                if stage == "box":
-                    decoded = self.adapter.stage("decode", branch)(boxes=leaf, anchor_points=inputs["anchor_points"])
-                    inputs["pred_bboxes"] = decoded["pred_bboxes"]
-                produced = fn(**inputs)
+                try:  # the candidate's stages once more: an exception was reported by the stage replay
+                    if stage == "box":
+                        decoded = self.adapter.stage("decode", branch)(boxes=leaf,
+                                                                       anchor_points=inputs["anchor_points"])
+                        inputs["pred_bboxes"] = decoded["pred_bboxes"]
+                    produced = fn(**inputs)
+                except Exception:  # noqa: BLE001
+                    continue
                 for term in terms:
                     ref = self.dump.get_optional(names.grad_head(self.case, term, output, branch))
                     key = {"cls": "loss", "box": "loss_iou", "dfl": "loss_dfl"}[term]
@@ -1155,6 +1603,14 @@ class _RecordedCaseReplay(_CaseReplay):
         if seen:
             self.evidence.grads_passed = ok
             self.evidence.grad_failures = failures
+
+
+def _per_gain_note(result: CandidateResult, term: str, gains: Sequence[float]) -> str:
+    if not result.per_gain:
+        return ""
+    others = ", ".join(f"{t}=0" for t in TERMS if t != term)
+    return (f"{term} term: the candidate's loss called with only the {term} gain "
+            f"({term}={gains[TERMS.index(term)]:g}, {others}); it returns a scalar")
 
 
 def _pipeline_key(name: str) -> tuple[int, int]:

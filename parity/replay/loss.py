@@ -61,6 +61,7 @@ CATEGORY = {"head": "head outputs", "anchors": "anchors", "preprocess": "targets
 DISCRETE = ("mask_in_gts", "mask_pos", "fg_mask", "target_gt_idx", "target_labels")
 AFTER_ASSIGNMENT = ("normalize", "classify", "box", "gains", "output")
 # The assignment's outputs that the loss uses: when they are equal, its intermediates changed nothing.
+SUMMARY_EXTRAS = ("intermediates", "return_shape")  # per-case facts kept beside the stage table, not in it
 DECISIVE = ("fg_mask", "target_gt_idx", "target_scores", "target_bboxes")
 # Defined by ultralytics only for anchor-box pairs with the anchor inside the box (zero elsewhere).
 PAIR_DEFINED = ("align_metric", "overlaps")
@@ -636,6 +637,9 @@ class RecordedLoss:
     dump's names, instead of code to run. `manifest.loss.batch_scaled: false` declares a per-image-mean
     `output.loss`."""
 
+    level_order = "fine-first"  # a recorded dump stores the reference's layout
+    with_gains = None
+
     def __init__(self, dump: Dump):
         self.dump = dump
         self.name = str(dump.path)
@@ -776,11 +780,12 @@ def compare_loss(reference: Dump | str | Path, candidate_loss: Any = "builtin", 
         "intermediates_returned": sorted(set().union(*[set(s.get("intermediates", [])) for s in summary.values()]))
         if summary else [],
         "batch_convention": _convention(adapter, spec),
+        "return_shape": sorted({s["return_shape"] for s in summary.values() if s.get("return_shape")}),
     }
     report.context["loss"] = {
         "criterion": (dump.manifest.get("loss") or {}).get("criterion"),
         "end2end": spec.end2end,
-        "stages": {case: {k: v for k, v in s.items() if k != "intermediates"} for case, s in summary.items()},
+        "stages": {case: {k: v for k, v in s.items() if k not in SUMMARY_EXTRAS} for case, s in summary.items()},
         "first_wrong_stage": first_wrong_stage(report),
         "categories": CATEGORY,
     }
@@ -1300,6 +1305,9 @@ class _CaseReplay:
                                                                                                 self.spec.gains)]))
                 if not passed and self._explained_by_ties("output", None):
                     passed, row_note = True, "; ".join(filter(None, [row_note, self._tie_note(None)]))
+                if not passed and self._in_candidate_order(result.terms[t:t + 1].detach() * scale, tol,
+                                                           lambda alt, t=t: alt["loss"][t:t + 1]):
+                    passed, row_note = True, "; ".join(filter(None, [row_note, self._order_note()]))
                 values_ok &= passed
                 self._row("output", None, name, passed, metrics=metrics.as_dict(), tolerance=tol.as_dict(),
                           note=row_note, section=section, where=f"output ({term} term)")
@@ -1317,11 +1325,64 @@ class _CaseReplay:
             tol = self.tol(names.loss_output(self.case, "items"))
             metrics = compare_tensors(ref_items, result.items.detach().reshape(3).to(ref_items.dtype), tol)
             passed = metrics.passed or self._explained_by_ties("output", None)
+            if not passed and self._in_candidate_order(result.items.detach().reshape(3).to(ref_items.dtype), tol,
+                                                       lambda alt: alt["loss"] / self.spec.batch_size):
+                passed, note = True, "; ".join(filter(None, [note, self._order_note()]))
             values_ok &= passed
             self._row("output", None, names.loss_output(self.case, "items"), passed, metrics=metrics.as_dict(),
                       tolerance=tol.as_dict(), section=section,
                       note="; ".join(filter(None, [note, "" if metrics.passed or not passed else self._tie_note(None)])))
         return values_ok
+
+    # -- a candidate whose anchors run coarsest level first
+    def _in_candidate_order(self, value: torch.Tensor, tol: Tolerance, pick: Callable[[dict], torch.Tensor]) -> bool:
+        alt = self._order_equivalent()
+        return alt is not None and compare_tensors(pick(alt), value, tol).passed
+
+    def _order_note(self) -> str:
+        flips = self._order_equivalent()["flips"]
+        return (f"differs from the reference only through {flips} anchor flip(s) from top-k ties that the anchor "
+                f"order breaks: ultralytics' arithmetic (built-in loss) run in the candidate's coarse-first anchor "
+                f"order gives this value")
+
+    def _order_equivalent(self) -> dict | None:
+        """The reference's loss and head gradients recomputed in a coarse-first candidate's anchor order.
+
+        `topk` breaks ties among equal alignment metrics (all zero for a box no prediction overlaps yet) by
+        anchor index, so a port that orders anchors P5 first may pick other tied anchors than ultralytics; a
+        tied zero-metric anchor that enters a box's top k can then win a conflict and move others. Every other
+        operation is the same in either order, so a candidate equal to this is ultralytics' arithmetic."""
+        if hasattr(self, "_order_reference"):
+            return self._order_reference
+        self._order_reference = None
+        if self.adapter.level_order != "coarse-first" or self.spec.end2end:
+            return None
+        shapes = list(self.spec.feat_shapes)
+        sizes = [h * w for h, w in shapes]
+        perm = torch.cat(list(torch.arange(sum(sizes)).split(sizes))[::-1])  # candidate index -> reference index
+        back = torch.argsort(perm)
+        config = replace(self.spec.config, strides=tuple(reversed(self.spec.strides)),
+                         min_box_side=self.spec.config.assigner.min_box_side)
+        leaves = {k: v.detach().clone().requires_grad_(True) for k, v in self.ref.head(None).items()}
+        run = build_loss(config).run({"boxes": leaves["boxes"][..., perm], "scores": leaves["scores"][..., perm],
+                                      "feat_shapes": shapes[::-1]}, self.ref.batch())
+        ref_fg, ref_idx = self.ref.ref("assign", "fg_mask"), self.ref.ref("assign", "target_gt_idx")
+        if ref_fg is None or ref_idx is None:
+            return None
+        diff = compare_assignment(ref_fg, ref_idx, run.tensors["assign.fg_mask"][:, back],
+                                  run.tensors["assign.target_gt_idx"][:, back],
+                                  self.ref.ref("assign", "align_metric"), self.ref.ref("assign", "overlaps"),
+                                  self.tol(self.ref.name("assign", "align_metric")),
+                                  self.tol(self.ref.name("assign", "overlaps")))
+        if not diff.flips:  # the same assignment in either order: the order explains nothing
+            return None
+        grads = {}
+        for t, term in enumerate(TERMS):
+            values = torch.autograd.grad(run.loss[t], list(leaves.values()), retain_graph=True, allow_unused=True)
+            for (output, leaf), grad in zip(leaves.items(), values):
+                grads[(term, output)] = torch.zeros_like(leaf) if grad is None else grad.detach()
+        self._order_reference = {"loss": run.loss.detach(), "grads": grads, "flips": len(diff.flips)}
+        return self._order_reference
 
     def _probe_positive_logits(self, head: Any, batch: dict) -> bool | None:
         """Rerun the candidate with |logits| instead of the (negative, at initialisation) class logits: a loss that
@@ -1378,6 +1439,9 @@ class _CaseReplay:
                     _per_gain_note(result, term, self.spec.gains)]))
                 if not passed and self._explained_by_ties("output", None):
                     passed, note = True, "; ".join(filter(None, [note, self._tie_note(None)]))
+                if not passed and self._in_candidate_order(grad.detach(), tol,
+                                                           lambda alt, k=(term, output): alt["grads"][k]):
+                    passed, note = True, "; ".join(filter(None, [note, self._order_note()]))
                 if not passed:
                     failures.append(name)
                 ok &= passed

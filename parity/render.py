@@ -209,7 +209,7 @@ def _render_loss_stages(report: Report, console) -> None:
     console.print(table)
     legend = ["-: not exposed by the candidate"] if any(
         v == "not exposed" for case in cases for v in stages_by_case[case].values()) else []
-    legend += [f"partial: {', '.join(s)} {v} (the rest not exposed)" for v, s in spelled.items()]
+    legend += [f"partial: {', '.join(s)} {v}; the rest not exposed" for v, s in spelled.items()]
     for line in legend:
         console.print(_e(line), highlight=False)
 

@@ -546,7 +546,8 @@ def check_exceptions(evidence: LossEvidence) -> list[Finding]:
         calls = " and ".join(("the whole loss" if c == "loss call" else f"the {c}") for c in entry["calls"])
         scope = (f"only in case{'s' if len(cases) > 1 else ''} {', '.join(cases)}" if len(cases) < len(everyone)
                  else f"in every case ({', '.join(cases)})")
-        at = f" at {exception['at']}" if exception.get("at") else ""
+        # the file's name keeps the message readable at 80 columns; the evidence has the path
+        at = f" at {exception['at'].rsplit('/', 1)[-1]}" if exception.get("at") else ""
         out.append(Finding("candidate-exception", where, (
             f"{exception['type']}: {exception['message']} raised by {calls}{at}, {scope}"),
             evidence={"cases": cases, "calls": entry["calls"], "type": exception["type"],

@@ -1290,7 +1290,9 @@ class _CaseReplay:
         """The loss itself: one verdict per term (or on the total), and the items."""
         values_ok = True
         ref_loss = self.ref.ref("output", "loss")
-        self.evidence.ref_loss = ref_loss
+        in_order = self._order_equivalent() if ref_loss is not None else None
+        # the diagnosis reads the reference a coarse-first candidate should equal (the same, without order ties)
+        self.evidence.ref_loss = in_order["loss"] if in_order is not None else ref_loss
         cand = result.terms if result.terms is not None else result.total
         self.evidence.cand_loss = cand.detach() * scale  # in the reference's convention, as the rows compare it
         convention = ("" if scale == 1 else

@@ -334,3 +334,227 @@ def test_candidate_dump_without_loss_tensors_gets_the_loss_of_its_head(yolo11, t
     off = compare_loss(yolo11, _write_candidate_dump(yolo11, tmp_path / "off", record_loss=False, head_scale=1.01),
                        cases=["default"], progress=False)
     assert off.verdict == "divergence" and stage_of(off.first_divergence()) == "head"
+
+
+# ------------------------------------------------------------------------------------------ return shapes
+class _Terms:
+    def __init__(self, box, cls, dfl):
+        self.box_loss, self.cls_loss, self.dfl_loss = box, cls, dfl
+
+
+class _Run:
+    def __init__(self, loss, items, tensors):
+        self.loss, self.items, self.tensors = loss, items, tensors
+
+
+def _vec():
+    return torch.tensor([1.0, 2.0, 3.0], requires_grad=True) * 1
+
+
+@pytest.mark.parametrize("make,form", [
+    (lambda v: v, "a (3,) loss vector (box, cls, dfl)"),
+    (lambda v: tuple(v), "a tuple of three scalars (box, cls, dfl)"),
+    (lambda v: list(v), "a list of three scalars (box, cls, dfl)"),
+    (lambda v: (v, v.detach()), "(loss, items) with loss = a (3,) loss vector (box, cls, dfl)"),
+    (lambda v: (v, {"box_loss": v[0], "cls_loss": v[1], "dfl_loss": v[2]}, {"normalize.target_scores_sum": v[0]}),
+     "(loss, items, intermediates) with loss = a (3,) loss vector (box, cls, dfl)"),
+    (lambda v: {"box": v[0], "cls": v[1], "dfl": v[2]}, "a dict of the terms box, cls, dfl"),
+    (lambda v: {"loss_box": v[0], "loss_cls": v[1], "loss_dfl": v[2], "total": v.sum()},
+     "a dict of the terms box, cls, dfl"),
+    (lambda v: _Terms(v[0], v[1], v[2]), "a _Terms object of the terms box, cls, dfl"),
+    (lambda v: _Run(v, v.detach(), {}), "a _Run object with loss = a (3,) loss vector (box, cls, dfl)"),
+    (lambda v: {"loss": v, "items": v.detach()}, "a dict with loss = a (3,) loss vector (box, cls, dfl)"),
+])
+def test_every_common_return_shape_is_read_as_the_three_terms(make, form):
+    from parity.replay.loss import read_loss_return
+
+    result = read_loss_return(make(_vec()))
+    assert result.form == form
+    assert result.terms.tolist() == [1.0, 2.0, 3.0] and result.terms.requires_grad
+    assert float(result.total) == 6.0
+
+
+@pytest.mark.parametrize("value,form", [
+    (lambda v: v.sum(), "a scalar (the total only)"),
+    (lambda v: 6.0, "a scalar (the total only)"),
+    (lambda v: (v.sum(), v.detach()), "(loss, items) with loss = a scalar (the total only)"),
+])
+def test_a_total_is_read_as_a_total(value, form):
+    from parity.replay.loss import read_loss_return
+
+    result = read_loss_return(value(_vec()))
+    assert result.terms is None and float(result.total) == 6.0 and result.form == form
+
+
+def test_term_order_applies_to_every_shape():
+    from parity.replay.loss import read_loss_return
+
+    v = _vec()
+    assert read_loss_return(tuple(v), ("cls", "box", "dfl")).terms.tolist() == [2.0, 1.0, 3.0]
+    assert read_loss_return((v, v.detach()), ("dfl", "cls", "box")).items.tolist() == [3.0, 2.0, 1.0]
+
+
+@pytest.mark.parametrize("value,received,why", [
+    (lambda v: (v, v.detach(), v.detach()), "tuple(tensor (3,), tensor (3,), tensor (3,))",
+     "neither a scalar (for (box, cls, dfl)) nor a dict of intermediates"),
+    (lambda v: (v[0], v, v[2]), "tuple(tensor (), tensor (3,), tensor ())", "neither a scalar"),
+    (lambda v: torch.zeros(2, 2), "tensor (2, 2)", "3 elements (box, cls, dfl) or one"),
+    (lambda v: {"box": v[0], "cls": v[1]}, "dict{box, cls}", "no terms box, cls, dfl and no `loss`"),
+    (lambda v: (v[0], v[1], v[2], v.sum()), "tuple(tensor (), tensor (), tensor (), tensor ())", "fits no reading"),
+    (lambda v: ("box", v), "tuple(str, tensor (3,))", "its first element (str)"),
+    (lambda v: None, "NoneType", "no terms box, cls, dfl"),
+])
+def test_an_ambiguous_return_is_an_error_saying_what_was_received(value, received, why):
+    from parity.replay.loss import read_loss_return
+
+    with pytest.raises(ParityError) as error:
+        read_loss_return(value(_vec()), label="mine:loss")
+    text = str(error.value)
+    assert text.startswith(f"loss candidate mine:loss: returned {received}: ") and why in text
+    assert "a tuple/list of three scalars (box, cls, dfl)" in text and "\n" not in text
+
+
+def test_an_ambiguous_return_stops_the_comparison(yolo11):
+    loss = build_loss(yolo11.manifest)
+
+    def confusing(preds, batch):
+        run = loss.run(preds, batch)
+        return run.loss, run.items, run.items  # a third element that is neither a scalar nor a dict
+    with pytest.raises(ParityError, match=r"returned tuple\(tensor \(3,\), tensor \(3,\), tensor \(3,\)\)"):
+        compare_loss(yolo11, LossAdapter(confusing), cases=["default"], progress=False)
+
+
+# ----------------------------------------------------------------------------------- safety and options
+class _MutatingLoss:
+    """Keeps the tensors it returned and scribbles on them at the start of its next call, as a loss that reuses
+    buffers does; returns only a total, so the harness calls it again (one gain at a time) before comparing."""
+
+    def __init__(self, manifest):
+        self.loss = build_loss(manifest)
+        self.kept = None
+
+    def __call__(self, preds, batch):
+        if self.kept is not None:
+            self.kept.mul_(0)
+        run = self.loss.run(preds, batch)
+        self.kept = run.tensors["assign.target_scores"]
+        return {"loss": run.loss.sum(), "tensors": {"assign.target_scores": self.kept}}
+
+
+def make_mutating_loss(spec):
+    return _MutatingLoss(spec.manifest)
+
+
+def test_a_returned_tensor_changed_in_place_later_is_compared_as_returned(yolo11):
+    report = compare_loss(yolo11, "test_loss_replay:make_mutating_loss", cases=["default"], progress=False)
+    scores = next(r for r in report.rows if r.name == "loss.default.assign.target_scores")
+    assert scores.passed and scores.metrics["exact"]
+    assert report.verdict == "parity", [(r.name, r.note) for r in report.failed_rows]
+    assert report.coverage["loss"]["return_shape"] == [
+        "a dict with loss = a scalar (the total only); terms from one call per gain"]
+
+
+def test_a_stage_that_changes_its_input_in_place_is_given_copies_and_named(yolo11):
+    builtin = builtin_loss_adapter(LossSpec.from_dump(yolo11))
+    normalize = builtin.stage("normalize")
+
+    def scribbling_normalize(target_scores):
+        out = normalize(target_scores=target_scores)
+        target_scores.zero_()
+        return out
+
+    stages = {**builtin.stages, "normalize": scribbling_normalize}
+    report = compare_loss(yolo11, LossAdapter(builtin.loss, stages=stages), cases=["default"], progress=False)
+    assert report.verdict == "parity", [(r.name, r.note) for r in report.failed_rows]
+    warning = next(f for f in report.findings if f.signature == "in-place-input")
+    assert warning.severity == "warning" and "target_scores in place" in warning.message
+    assert any("changed its input(s) target_scores in place" in r.note for r in report.rows)
+
+
+def _assigner_returning(yolo11, keep=None, noise=None):
+    builtin = builtin_loss_adapter(LossSpec.from_dump(yolo11))
+    assigner = builtin.stage("assigner")
+
+    def partial(**inputs):
+        out = assigner(**inputs)
+        if noise:
+            out = {k: (v * noise if k in ("overlaps", "align_metric") else v) for k, v in out.items()}
+        return {k: v for k, v in out.items() if keep is None or k in keep}
+
+    return LossAdapter(None, stages={"assigner": partial})
+
+
+def test_a_partial_stage_is_not_exposed_not_failed(yolo11):
+    adapter = _assigner_returning(yolo11, keep=("target_labels", "target_bboxes"))
+    report = compare_loss(yolo11, adapter, cases=["default", "no_boxes"], progress=False)
+    assert report.verdict == "parity", [(r.name, r.note) for r in report.failed_rows]
+    assert report.context["loss"]["stages"]["default"]["assigner"] == "partial (2 of 9 outputs)"
+    labels = next(r for r in report.rows if r.name == "loss.default.assign.target_labels")
+    assert "reference's" in labels.note and "foreground anchors" in labels.note  # filler rows left out
+    assert not any("did not return" in r.note for r in report.rows)
+
+
+def test_float_noise_in_an_intermediate_does_not_fail_an_equal_assignment(yolo11):
+    noisy = compare_loss(yolo11, _assigner_returning(yolo11, noise=1 + 3e-5), cases=["default"], progress=False)
+    assert noisy.verdict == "parity", [(r.name, r.note) for r in noisy.failed_rows]
+    overlaps = next(r for r in noisy.rows if r.name == "loss.default.assign.overlaps")
+    assert not overlaps.metrics["passed"] and "differs by float noise only" in overlaps.note
+    assert "fg_mask, target_gt_idx, target_scores, target_bboxes are equal" in overlaps.note
+    # the same tensors off by 1% are not noise, and the fg_mask still being equal does not excuse them
+    wrong = compare_loss(yolo11, _assigner_returning(yolo11, noise=1.01), cases=["default"], progress=False)
+    assert {r.name for r in wrong.failed_rows} >= {"loss.default.assign.overlaps", "loss.default.assign.align_metric"}
+
+
+def test_a_loss_that_always_raises_says_every_case(yolo11):
+    def broken(preds, batch):
+        return preds["nope"]
+
+    report = compare_loss(yolo11, LossAdapter(broken, name="broken"), cases=["default", "no_boxes"], progress=False)
+    lead = report.findings[0]
+    assert lead.signature == "candidate-exception" and lead.where == "loss (whole candidate run)"
+    assert lead.message.startswith("KeyError: 'nope' raised by the whole loss at test_loss_replay.py:")
+    assert lead.message.endswith("(in broken), in every case (default, no_boxes)")
+
+
+@pytest.mark.parametrize("layout,row", [
+    ("img,cls,xywh", [1.0, 7.0, 48.0, 24.0, 19.2, 9.6]),
+    ("img,cls,xyxy", [1.0, 7.0, 38.4, 19.2, 57.6, 28.8]),
+    ("img,xyxy,cls", [1.0, 38.4, 19.2, 57.6, 28.8, 7.0]),
+    ("img,xywh,cls", [1.0, 48.0, 24.0, 19.2, 9.6, 7.0]),
+])
+def test_label_layouts(yolo11, layout, row):
+    spec = LossSpec.from_dump(yolo11)
+    batch = {"cls": torch.tensor([[7.0]]), "bboxes": torch.tensor([[0.5, 0.25, 0.2, 0.1]]),
+             "batch_idx": torch.tensor([1.0])}
+    pixels = LossAdapter(lambda p, b: None, targets=layout, normalized=False).convert_batch(batch, spec)
+    assert pixels.shape == (1, 6) and torch.allclose(pixels[0], torch.tensor(row))
+    fractions = LossAdapter(lambda p, b: None, targets=layout).convert_batch(batch, spec)
+    start = 2 if layout.startswith("img,cls") else 1  # the first box column
+    expected = torch.tensor(row)
+    expected[start:start + 4] /= 96  # the fixture's image is 96 x 96
+    assert torch.allclose(fractions[0], expected)
+
+
+def test_level_order_names_and_dict_predictions_coarse_first(yolo11):
+    spec = LossSpec.from_dump(yolo11)
+    head = {"boxes": torch.randn(2, 64, sum(h * w for h, w in spec.feat_shapes)),
+            "scores": torch.randn(2, 80, sum(h * w for h, w in spec.feat_shapes))}
+    levels = LossAdapter(lambda p, b: None, predictions="levels", level_order="P5-first").convert_preds(head, spec)
+    assert [tuple(l.shape[2:]) for l in levels] == spec.feat_shapes[::-1]
+    flat = LossAdapter(lambda p, b: None, level_order="coarse-first").convert_preds(head, spec)
+    assert flat["feat_shapes"] == spec.feat_shapes[::-1]
+    assert torch.equal(torch.cat([l.flatten(2) for l in levels], 2), torch.cat((flat["boxes"], flat["scores"]), 1))
+    for bad, match in (({"level_order": "P4-first"}, "level_order"), ({"targets": "cls,img,xyxy"}, "targets"),
+                       ({"normalized": "pixels"}, "normalized")):
+        with pytest.raises(ParityError, match=match):
+            LossAdapter(lambda p, b: None, **bad)
+
+
+LOSS_ADAPTER_TYPO = {"target": "xyxy"}
+
+
+def test_an_unknown_module_level_option_is_named(yolo11):
+    from parity.replay.loss import _as_adapter
+
+    with pytest.raises(ParityError, match=r"unknown adapter option\(s\) 'target'"):
+        _as_adapter(lambda p, b: None, LOSS_ADAPTER_TYPO, "mine:build")

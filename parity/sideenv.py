@@ -1,7 +1,7 @@
 """Side environments: a separate virtualenv per ultralytics release, for reference dumps of older versions.
 
 `ULTRALYTICS=8.3.200 make dump-reference` (and `python -m parity.sideenv 8.3.200 -- dump ...`) builds
-`runs/envs/ultralytics-8.3.200/` once and runs `python -m parity ...` inside it:
+`ultralytics-8.3.200/` once under the side-environment directory and runs `python -m parity ...` inside it:
 
 * a fresh venv made by the interpreter the project runs on (Python 3.11 here);
 * `ultralytics==X.Y.Z` with the *same* torch and torchvision as the project's own environment (pip takes
@@ -9,7 +9,13 @@
   project's other run-time dependencies (numpy, safetensors, rich, pyyaml);
 * this project in editable mode, without its dependencies (its pyproject pins the current ultralytics).
 
-The environment is described in `runs/envs/ultralytics-X.Y.Z/parity-env.json` (versions, build time); a
+Where: `--dir DIR`, else `$PARITY_SIDEENV_DIR`, else `runs/envs/` in the project. Any directory works (outside the
+project, on another disk); a `parity` run inside the environment starts in the caller's working directory, so
+a user's own model yaml and output paths resolve as they typed them. One environment takes several GB (torch
+is most of it); `python -m parity.sideenv 8.3.200 --remove` deletes it (only a directory this module built:
+one that holds its `parity-env.json`).
+
+The environment is described in `<dir>/ultralytics-X.Y.Z/parity-env.json` (versions, build time); a
 build that fails leaves no half-made environment under the final name. Only exact versions are accepted
 (`8.3.200`, not `8.3.x`): a reference dump must say which release it came from.
 
@@ -31,7 +37,8 @@ from pathlib import Path
 from parity.errors import ParityError
 from parity.runtime import PROJECT_ROOT
 
-ENVS_DIR = PROJECT_ROOT / "runs" / "envs"
+ENVS_DIR = PROJECT_ROOT / "runs" / "envs"  # the default; `--dir` or $PARITY_SIDEENV_DIR choose another
+ENV_VAR = "PARITY_SIDEENV_DIR"
 STAMP = "parity-env.json"
 VERSION_RE = re.compile(r"^\d+\.\d+\.\d+$")
 # The project's run-time dependencies other than ultralytics and torch (pyproject.toml `dependencies`).
@@ -50,12 +57,21 @@ def check_version(version: str) -> str:
     return version
 
 
-def env_dir(version: str) -> Path:
-    return ENVS_DIR / f"ultralytics-{check_version(version)}"
+def envs_root(directory: str | os.PathLike | None = None) -> Path:
+    """Where side environments live: `directory`, else $PARITY_SIDEENV_DIR, else the project's runs/envs."""
+    chosen = directory or os.environ.get(ENV_VAR) or ENVS_DIR
+    root = Path(chosen).expanduser()
+    if root.exists() and not root.is_dir():
+        raise ParityError(f"side-environment directory {root}: expected a directory, found a file")
+    return root.resolve()
 
 
-def env_python(version: str) -> Path:
-    return env_dir(version) / "bin" / "python"
+def env_dir(version: str, root: str | os.PathLike | None = None) -> Path:
+    return envs_root(root) / f"ultralytics-{check_version(version)}"
+
+
+def env_python(version: str, root: str | os.PathLike | None = None) -> Path:
+    return env_dir(version, root) / "bin" / "python"
 
 
 def _current(dist: str) -> str | None:
@@ -77,8 +93,8 @@ def torch_pins() -> list[str]:
     return pins
 
 
-def read_stamp(version: str) -> dict | None:
-    path = env_dir(version) / STAMP
+def read_stamp(version: str, root: str | os.PathLike | None = None) -> dict | None:
+    path = env_dir(version, root) / STAMP
     if not path.exists():
         return None
     try:
@@ -87,10 +103,22 @@ def read_stamp(version: str) -> dict | None:
         return None
 
 
-def is_ready(version: str) -> bool:
-    stamp = read_stamp(version)
-    return bool(stamp and stamp.get("ultralytics") == check_version(version) and env_python(version).exists()
+def is_ready(version: str, root: str | os.PathLike | None = None) -> bool:
+    stamp = read_stamp(version, root)
+    return bool(stamp and stamp.get("ultralytics") == check_version(version) and env_python(version, root).exists()
                 and stamp.get("torch") == _current("torch"))
+
+
+def remove(version: str, root: str | os.PathLike | None = None) -> Path:
+    """Delete the environment of `version`; only a directory this module built (it holds parity-env.json)."""
+    target = env_dir(version, root)
+    if not target.exists():
+        raise ParityError(f"no side environment for ultralytics {version} in {target.parent}")
+    if not (target / STAMP).exists():
+        raise ParityError(f"{target} holds no {STAMP}: not a side environment built by parity.sideenv; "
+                          f"left as it is")
+    shutil.rmtree(target)
+    return target
 
 
 def _run(cmd: list[str], log, *, env: dict | None = None) -> None:
@@ -106,17 +134,20 @@ def base_python() -> str:
     return sys.executable
 
 
-def build(version: str, *, rebuild: bool = False, log=lambda line: print(line, file=sys.stderr)) -> Path:
-    """Make (or reuse) the environment for ultralytics `version`; returns its python."""
+def build(version: str, *, rebuild: bool = False, log=lambda line: print(line, file=sys.stderr),
+          root: str | os.PathLike | None = None) -> Path:
+    """Make (or reuse) the environment for ultralytics `version` under `root` (`envs_root`); returns its python."""
     version = check_version(version)
-    final = env_dir(version)
-    if is_ready(version) and not rebuild:
-        return env_python(version)
+    final = env_dir(version, root)
+    if is_ready(version, root) and not rebuild:
+        return env_python(version, root)
     start = time.perf_counter()
-    ENVS_DIR.mkdir(parents=True, exist_ok=True)
+    final.parent.mkdir(parents=True, exist_ok=True)
     # venvs hard-code their own path in scripts: build in place under a temporary name would break them, so a
     # failed build is cleaned up instead (and `parity-env.json` is written last: its presence marks success).
     if final.exists():
+        if any(final.iterdir()) and not (final / STAMP).exists() and not (final / "pyvenv.cfg").exists():
+            raise ParityError(f"{final} exists and is not a side environment: not replaced")
         shutil.rmtree(final)
     try:
         _run([base_python(), "-m", "venv", str(final)], log)
@@ -151,19 +182,20 @@ def build(version: str, *, rebuild: bool = False, log=lambda line: print(line, f
     return final / "bin" / "python"
 
 
-def run_parity(version: str, argv: list[str], *, build_if_missing: bool = True) -> int:
-    """Run `python -m parity ARGV` with ultralytics `version`; its exit code."""
+def run_parity(version: str, argv: list[str], *, build_if_missing: bool = True,
+               root: str | os.PathLike | None = None, cwd: str | os.PathLike | None = None) -> int:
+    """Run `python -m parity ARGV` with ultralytics `version` in `cwd` (default: the project); its exit code."""
     if build_if_missing:
-        python = build(version)
-    elif not is_ready(version):
-        raise ParityError(f"no side environment for ultralytics {version}; build it with "
+        python = build(version, root=root)
+    elif not is_ready(version, root):
+        raise ParityError(f"no side environment for ultralytics {version} in {envs_root(root)}; build it with "
                           f"`python -m parity.sideenv {version} --build`")
     else:
-        python = env_python(version)
+        python = env_python(version, root)
     env = {**os.environ, "YOLO_OFFLINE": "1",
            "YOLO_CONFIG_DIR": os.environ.get("YOLO_CONFIG_DIR", str(PROJECT_ROOT / "runs" / "ultralytics-config"))}
     env.pop("PYTHONPATH", None)
-    return subprocess.call([str(python), "-m", "parity", *argv], cwd=str(PROJECT_ROOT), env=env)
+    return subprocess.call([str(python), "-m", "parity", *argv], cwd=str(cwd or PROJECT_ROOT), env=env)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -176,6 +208,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--build", action="store_true", help="only build (or check) the environment")
     parser.add_argument("--rebuild", action="store_true", help="remove and rebuild the environment")
     parser.add_argument("--print-python", action="store_true", help="print the environment's python and exit")
+    parser.add_argument("--dir", dest="root", help=f"where side environments live (default ${ENV_VAR}, else "
+                                                   f"runs/envs in the project); one takes several GB")
+    parser.add_argument("--remove", action="store_true", help="delete this version's environment and exit")
     argv = list(sys.argv[1:] if argv is None else argv)
     rest: list[str] = []
     if "--" in argv:  # everything after `--` belongs to parity
@@ -183,14 +218,18 @@ def main(argv: list[str] | None = None) -> int:
         argv, rest = argv[:at], argv[at + 1:]
     args = parser.parse_args(argv)
     try:
-        python = build(args.version, rebuild=args.rebuild)
+        if args.remove:
+            print(f"removed {remove(args.version, args.root)}")
+            return 0
+        python = build(args.version, rebuild=args.rebuild, root=args.root)
         if args.print_python:
             print(python)
             return 0
         if args.build or not rest:
-            print(json.dumps(read_stamp(args.version), indent=1))
+            print(json.dumps(read_stamp(args.version, args.root), indent=1))
             return 0
-        return run_parity(args.version, rest, build_if_missing=False)
+        # in the caller's directory: a user's own model yaml and --out paths mean what they typed
+        return run_parity(args.version, rest, build_if_missing=False, root=args.root, cwd=os.getcwd())
     except ParityError as error:
         print(f"error: {error}", file=sys.stderr)
         return error.exit_code

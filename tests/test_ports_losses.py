@@ -158,3 +158,18 @@ def test_stage_table_fits_80_columns(reports):
             assert "partial: assigner partial (4 of 9 outputs); the rest not exposed" in table
         else:
             assert "FAIL" in table.split("end-to-end", 1)[1].splitlines()[0]
+
+
+def test_the_stage_table_in_the_docs_is_what_the_report_prints(reports):
+    """docs/loss-adapter.md quotes xyxy_cls_last's stage table: it must be the real output."""
+    from pathlib import Path
+
+    from rich.console import Console
+
+    doc = (Path(__file__).parents[1] / "docs" / "loss-adapter.md").read_text()
+    quoted = doc.split("(`tests/ports/losses/xyxy_cls_last.py`), at 80 columns", 1)[1].split("```")[1].strip()
+    console = Console(width=80, record=True, force_terminal=False)
+    render(reports["xyxy_cls_last"], console)
+    printed = [line.rstrip() for line in console.export_text().splitlines()]
+    for line in quoted.splitlines():
+        assert line.rstrip() in printed, line

@@ -288,6 +288,12 @@ class LossAdapter:
         return read_loss_return(value, self.terms, self.name)
 
 
+def _coarse_first_order(shapes: Sequence[tuple[int, int]]) -> torch.Tensor:
+    """Anchor indices in coarse-first order: position i of a P5-first candidate is reference anchor perm[i]."""
+    sizes = [int(h) * int(w) for h, w in shapes]
+    return torch.cat(list(torch.arange(sum(sizes)).split(sizes))[::-1])
+
+
 def _split_levels(flat: torch.Tensor, shapes: Sequence[tuple[int, int]]) -> list[torch.Tensor]:
     """(B, C, A) -> per level (B, C, h*w), finest first."""
     out, start = [], 0
@@ -923,10 +929,17 @@ class _CaseReplay:
             for key in ("scores", "pred_bboxes"):
                 if key in call_inputs and call_inputs[key].is_floating_point():
                     call_inputs[key] = call_inputs[key].detach().requires_grad_(True)
+        coarse_anchors = stage == "anchors" and self.adapter.level_order == "coarse-first"
+        if coarse_anchors:  # the candidate's own level order in, the reference's anchor order out
+            call_inputs["feat_shapes"] = list(call_inputs["feat_shapes"])[::-1]
         watch = BroadcastWatch()
         try:
             with watch:
                 produced = fn(**call_inputs)
+            if coarse_anchors and isinstance(produced, Mapping):
+                back = torch.argsort(_coarse_first_order(self.spec.feat_shapes))
+                produced = {k: v[back] if isinstance(v, torch.Tensor) and v.shape[:1] == back.shape else v
+                            for k, v in produced.items()}
         except ParityError:
             raise
         except Exception as error:  # noqa: BLE001 - a candidate stage may raise anything; that is the finding
@@ -1362,8 +1375,7 @@ class _CaseReplay:
         if self.adapter.level_order != "coarse-first" or self.spec.end2end:
             return None
         shapes = list(self.spec.feat_shapes)
-        sizes = [h * w for h, w in shapes]
-        perm = torch.cat(list(torch.arange(sum(sizes)).split(sizes))[::-1])  # candidate index -> reference index
+        perm = _coarse_first_order(shapes)
         back = torch.argsort(perm)
         config = replace(self.spec.config, strides=tuple(reversed(self.spec.strides)),
                          min_box_side=self.spec.config.assigner.min_box_side)

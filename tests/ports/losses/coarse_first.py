@@ -1,7 +1,8 @@
 """A YOLOv8 loss from a port whose head emits levels coarsest first (P5, P4, P3), as many C++/Jittor ports do.
 
 Takes the 8.3-style list of per-level maps (bs, 4*reg_max + nc, h, w), builds its anchors in that order and
-returns `(loss_vector * bs, loss_vector.detach())` like `model.loss(batch)`. Faithful: expected verdict PARITY.
+returns `(loss_vector * bs, loss_vector.detach())` like `model.loss(batch)`. It exposes its anchors stage, which
+makes anchors coarse first too. Faithful: expected verdict PARITY.
 """
 
 import torch
@@ -15,6 +16,11 @@ class CoarseFirstLoss:
     def __init__(self, nc, reg_max=16, strides=(32, 16, 8), gains=(7.5, 0.5, 1.5)):
         self.nc, self.reg_max, self.strides, self.gains = nc, reg_max, strides, gains
         self.assigner = TaskAlignedAssigner(nc, topk=10, alpha=0.5, beta=6.0)
+        self.loss_adapter = {"stages": {"anchors": self.anchors_stage}}
+
+    def anchors_stage(self, feat_shapes):  # given coarse first, as this port's head emits them
+        points, stride = grid_anchors(feat_shapes, self.strides)
+        return {"anchor_points": points, "stride_tensor": stride}
 
     def __call__(self, feats, batch):
         bs = feats[0].shape[0]

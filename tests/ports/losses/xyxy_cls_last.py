@@ -4,8 +4,6 @@ already multiplied by the batch size. It exposes its assigner, which returns fou
 soft scores, foreground mask, box index). Faithful: expected verdict PARITY, the assigner stage partial.
 """
 
-import torch
-
 from tests.ports.losses.yolo_utils import TaskAlignedAssigner, grid_anchors, loss_terms, pad_targets
 
 LOSS_ADAPTER = {"targets": "img,xyxy,cls", "normalized": False}
@@ -15,7 +13,8 @@ class LabelsLastLoss:
     def __init__(self, nc, reg_max, strides, hyp):
         self.nc, self.reg_max, self.strides = nc, reg_max, strides
         self.box_gain, self.cls_gain, self.dfl_gain = hyp["box"], hyp["cls"], hyp["dfl"]
-        self.assigner = TaskAlignedAssigner(nc, topk=hyp.get("tal_topk", 10), min_side=hyp.get("small_box_floor_px", 16))
+        self.assigner = TaskAlignedAssigner(nc, topk=hyp.get("tal_topk", 10),
+                                            min_side=hyp.get("small_box_floor_px", 16))
         self.loss_adapter = {"stages": {"assigner": self.assigner_stage}}
 
     def assigner_stage(self, pd_scores, pd_bboxes, anc_points, targets, mask_gt):

@@ -25,14 +25,15 @@ def list_injections() -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from parity.reimpl.inject import all_injections
+    from parity.causes import all_injections
 
-    table = Table(title="known bugs the built-in candidate can plant (--inject NAME)")
+    table = Table(title="known causes the built-in candidate can plant (--inject NAME)")
     table.add_column("name")
     table.add_column("where")
+    table.add_column("cause")
     table.add_column("what it does")
     for injection in all_injections().values():
-        table.add_row(injection.name, injection.kind, injection.description)
+        table.add_row(injection.name, injection.kind, injection.cause, injection.description)
     Console().print(table)
     return 0
 
@@ -192,7 +193,7 @@ def _split_injection(inject: str | None) -> tuple[str | None, str | None]:
     """A bug name belongs to the model or to the loss; each replay gets only its own."""
     if not inject:
         return None, None
-    from parity.reimpl.inject import get
+    from parity.causes import get
 
     try:
         kind = get(inject).kind

@@ -83,6 +83,13 @@ def run_compare(args) -> int:
     assert report is not None
     if args.old_reference:
         explain_version_drift(report, reference, args, modes, model_inject, loss_inject)
+    # ---- issue-13: the counterfactual explainer names known causes at divergent places (keep as one call) ----
+    from parity.causes import ExplainConfig, explain_report
+
+    explain_report(report, reference, ExplainConfig(candidate=args.candidate, loss_candidate=args.loss_candidate,
+                                                    inject=inject, profile=args.profile, map_file=args.map_file,
+                                                    device=args.device))
+    # ---- end of the issue-13 block ----
     render(report, verbose=args.layer is not None)
     if args.json_out:
         to_json(report, args.json_out)

@@ -73,6 +73,7 @@ class Place:
     budget: int = 20
     one_run_seconds: float = 0.0
     names_shown: dict[str, str] = field(default_factory=dict)
+    cost: Callable[[Cause], float] = lambda cause: 1.0   # one trial, in runs of the whole place
 
     @property
     def reference_output(self) -> torch.Tensor:
@@ -151,12 +152,23 @@ def search(place: Place, causes: list[Cause]) -> tuple[Trial | None, list[Trial]
     key = place.key if "error" not in place.candidate else "error"
     trials: list[Trial] = []
     runs = 0
+    planned = []
     for cause in causes:
-        proposals = cause.fit(place) if cause.fit is not None else list(cause.params)
+        try:
+            proposals = cause.fit(place) if cause.fit is not None else list(cause.params)
+        except Exception:  # noqa: BLE001 - a fit that cannot read this place proposes nothing
+            proposals = []
+        planned.append((cause, proposals))
+    # Cheap causes first (a black box re-runs only the stages after the one a cause replaces); then release
+    # causes, so that a port of an older release is named as that release and not as a look-alike bug; then
+    # the registry's order.
+    costs = {cause.signature: place.cost(cause) for cause, _ in planned}
+    planned.sort(key=lambda item: (costs[item[0].signature] >= 1, item[0].release is None))
+    for cause, proposals in planned:
         for params in proposals:
-            if runs >= place.budget:
+            if runs + costs[cause.signature] > place.budget + 1e-9:
                 return None, trials, runs
-            runs += 1
+            runs += costs[cause.signature]
             try:
                 with torch.no_grad() if place.kind not in ("assign",) else _nullcontext():
                     produced = place.run(cause, dict(params))
@@ -197,18 +209,23 @@ def _explained_finding(place: Place, trial: Trial, before: float, runs: int, sec
     exact = trial.residual == 0
     key = place.names_shown.get(place.key, place.key)
     lead = f"explained by `{cause.signature}`" + (f" ({params})" if params else "")
-    message = (f"{lead}: {key} residual {_fmt(before)} -> {_fmt(trial.residual)} "
-               f"({'bitwise' if exact else 'within tolerance'}); {cause.explanation}")
-    evidence = {"cause": cause.signature, "params": trial.params, "place": place.where, "tensor": place.key,
+    if isinstance(place.candidate.get(place.key), str):   # a raised error or the gradient-carrying outputs
+        change = f"{key}: as the candidate's ({place.candidate[place.key] or 'none'})"
+    else:
+        change = (f"{key} residual {_fmt(before)} -> {_fmt(trial.residual)} "
+                  f"({'bitwise' if exact else 'within tolerance'})")
+    message = f"{lead}: {change}; {cause.explanation}"
+    evidence = {"cause": cause.signature, "params": {k: v for k, v in trial.params.items() if not k.startswith("_")},
+                "described": params, "place": place.where, "tensor": place.key,
                 "residual_before": before, "residual_after": trial.residual, "runs": runs,
                 "seconds": round(seconds, 4), "one_run_seconds": round(place.one_run_seconds, 5)}
     if cause.release:
         from parity.causes.releases import RELEASE_HISTORY
 
-        evidence.update(release=cause.release, tensors=[{"name": place.key}],
+        drift_cause = cause.signature.removeprefix("release-").removesuffix(f"-{cause.release}")
+        evidence.update(cause=drift_cause, registry_cause=cause.signature, release=cause.release,
+                        tensors=[{"name": place.names_shown.get(place.key, place.key)}],
                         release_history=[f"{v}: {t}" for v, c, t in RELEASE_HISTORY if v == cause.release])
-        message = (f"{lead}: {key} residual {_fmt(before)} -> {_fmt(trial.residual)} "
-                   f"({'bitwise' if exact else 'within tolerance'}); {cause.explanation}")
     return Finding(cause.finding, place.where, message, severity="warning" if cause.release else "error",
                    evidence=evidence)
 
@@ -231,7 +248,7 @@ def _unexplained_finding(place: Place, trials: list[Trial], before: float, runs:
     if not trials:
         text = "no known cause applies to this place"
     else:
-        text = (f"no known cause explains it ({runs} tried, the closest reaching no tolerance)"
+        text = (f"no known cause explains it ({runs:g} tried, the closest reaching no tolerance)"
                 + (": closest " + "; ".join(parts) if parts else ""))
     key = place.names_shown.get(place.key, place.key)
     return Finding("unexplained", place.where, f"{text}; {key} residual {_fmt(before)}", severity="info",
@@ -254,7 +271,7 @@ def _explain_place(report: Report, place: Place, causes: list[Cause]) -> Finding
     report.find(finding)
     report.context.setdefault("explanations", []).append({
         "place": place.where, "kind": place.kind, "cause": found.cause.signature if found else None,
-        "params": found.params if found else None, "runs": runs, "seconds": round(seconds, 4),
+        "params": found.params if found else None, "runs": round(runs, 2), "seconds": round(seconds, 4),
         "one_run_seconds": round(place.one_run_seconds, 5),
         "ratio": round(seconds / place.one_run_seconds, 2) if place.one_run_seconds else None})
     return finding
@@ -341,7 +358,9 @@ class _ModelSide:
                 other_name = names.act(other)
                 if other_name != name and other_name in self.reference and \
                         list(self.reference.index[other_name]["shape"]) == shape:
-                    options.append({"input": slot, "source": other})
+                    options.append({"input": slot, "source": other,
+                                    "_words": f"input {slot} reads layer {other}'s output instead of "
+                                              f"layer {names.layer_of(name)}'s"})
 
         def run(cause: Cause, params: dict) -> dict[str, Any]:
             fed = list(inputs)
@@ -369,28 +388,7 @@ def _explain_structure(report: Report, reference, side: _ModelSide) -> None:
     failing = [r for r in report.rows if r.section == "structure" and not r.passed]
     causes = all_causes()
     if any(r.name.startswith("init.") for r in failing):
-        started = time.perf_counter()
-        scratch = Report(command="explain", reference=str(reference.path), candidate="", profile="")
-        structure.diagnose_bias_init(reference, side.candidate, scratch)
-        seconds = time.perf_counter() - started
-        for finding in scratch.findings:
-            signature = finding.signature
-            if signature == "bias-init-box":
-                fresh = side.candidate.fresh_head_biases(reference) or {}
-                values = {float(v) for level in fresh.values() for v in level.get("box", torch.empty(0)).flatten()}
-                if values == {1.0}:
-                    cause = causes["release-box-bias-init-8.4.0"]
-                    report.find(Finding(cause.finding, finding.where,
-                                        f"explained by `{cause.signature}` (box bias 1.0): {cause.explanation}",
-                                        severity="warning", evidence={"cause": "box-bias-init", "release": "8.4.0",
-                                                                      "registry_cause": cause.signature,
-                                                                      "tensors": [], "seconds": round(seconds, 4)}))
-                continue
-            if signature in causes and causes[signature].kind == "structure":
-                cause = causes[signature]
-                report.find(Finding(signature, finding.where + " (explained)",
-                                    f"explained by `{signature}`: {finding.message}",
-                                    evidence={**finding.evidence, "cause": signature, "seconds": round(seconds, 4)}))
+        _explain_bias_init(report, reference, side)
     if any(r.name == "batchnorm momentum" for r in failing):
         values = sorted({b["momentum"] for b in side.candidate.batchnorms()
                          if b["momentum"] is None or not math.isclose(b["momentum"], 0.03)}, key=str)
@@ -402,6 +400,40 @@ def _explain_structure(report: Report, reference, side: _ModelSide) -> None:
     mismatch = [f for f in report.findings if f.signature == "param-count-mismatch" and f.evidence.get("layer") == head]
     if mismatch:
         _explain_class_width(report, reference, side, mismatch[0])
+
+
+def _explain_bias_init(report: Report, reference, side: _ModelSide) -> None:
+    """The Detect bias init, by the classification of `parity.diagnose.structure` (rerun on the candidate's own
+    fresh biases): each variant it recognises is a registered cause; one finding per cause, naming the strides."""
+    from parity.diagnose import structure
+
+    causes = all_causes()
+    started = time.perf_counter()
+    scratch = Report(command="explain", reference=str(reference.path), candidate="", profile="")
+    structure.diagnose_bias_init(reference, side.candidate, scratch)
+    seconds = time.perf_counter() - started
+    head = side.head
+    strides: dict[str, list[str]] = {}
+    for finding in scratch.findings:
+        stride = finding.where.rsplit("stride ", 1)[-1] if "stride " in finding.where else "?"
+        strides.setdefault(finding.signature, []).append(stride)
+    for signature, at in strides.items():
+        if signature == "bias-init-box":
+            fresh = side.candidate.fresh_head_biases(reference) or {}
+            values = {float(v) for level in fresh.values() for v in level.get("box", torch.empty(0)).flatten()}
+            if values != {1.0}:
+                continue
+            cause = causes["release-box-bias-init-8.4.0"]
+            report.find(Finding(cause.finding, f"layer {head}, box bias init",
+                                f"explained by `{cause.signature}` (box bias 1.0 at stride {', '.join(at)}): "
+                                f"{cause.explanation}", severity="warning",
+                                evidence={"cause": "box-bias-init", "release": "8.4.0", "registry_cause": cause.signature,
+                                          "tensors": [], "seconds": round(seconds, 4)}))
+        elif signature in causes and causes[signature].kind == "structure":
+            cause = causes[signature]
+            report.find(Finding(signature, f"layer {head}, cls bias init",
+                                f"explained by `{signature}` at stride {', '.join(at)}: {cause.explanation}",
+                                evidence={"cause": signature, "strides": at, "seconds": round(seconds, 4)}))
 
 
 def _explain_class_width(report: Report, reference, side: _ModelSide, finding: Finding) -> None:
@@ -520,7 +552,7 @@ class _LossSide:
         return place
 
     def black_box_place(self, case: str, profile: Profile, budget: int) -> Place | None:
-        from parity.reimpl.loss import build_loss
+        from parity.reimpl.loss import STAGES, build_loss
 
         view = self.case(case)
         ref_loss = view.ref("output", "loss")
@@ -547,20 +579,60 @@ class _LossSide:
 
         preds = {b: preds_of(heads[b]) for b in branches} if spec.end2end else preds_of(heads[None])
         label = names.loss_output(case, "loss")
+        targets = {k: batch[k] for k in ("cls", "bboxes", "batch_idx")}
+        clean = build_loss(spec.manifest)
+        with torch.no_grad():
+            cached = clean.run(preds, targets).tensors
 
         def run(cause: Cause, params: dict) -> dict[str, Any]:
-            loss = build_loss(spec.manifest)
-            for part in ([loss.branch(b) for b in branches] if spec.end2end else [loss]):
+            # Only the stages from the first one the cause replaces are run again; the rest is the clean run's.
+            loss = copy.copy(clean)
+            parts = [(b, copy.copy(clean.branch(b))) for b in branches] if spec.end2end else [(None, loss)]
+            start = len(STAGES)
+            for branch, part in parts:
+                if branch:
+                    setattr(loss, branch, part)
                 cause.transform(part, **params)
-            out = loss.run(preds, {k: batch[k] for k in ("cls", "bboxes", "batch_idx")})
-            value = out.loss.detach()
-            return {"terms": value if candidate.get("terms") is None or value.shape == candidate["terms"].shape
+                start = min(start, _first_replaced_stage(part, clean.branch(branch) if branch else clean))
+            reuse = {k: v for k, v in cached.items() if not k.startswith("output.")
+                     and STAGES.index(k.split(".")[-2]) < start}
+            value = loss.run(preds, targets, reuse=reuse).loss.detach()
+            return {"terms": value if "terms" not in candidate or value.shape == candidate["terms"].shape
                     else value.sum()}
 
-        return Place(f"loss {case} (black box)", "loss", {"terms": ref_loss}, candidate, run,
-                     lambda n: profile.for_name(label), config=self.branch_loss(branches[0]).config,
-                     batch_size=spec.batch_size, budget=budget, one_run_seconds=one_run,
-                     names_shown={"terms": f"{label} (box, cls, dfl)"})
+        def cost(cause: Cause) -> float:
+            # The assigner is most of a loss evaluation; the stages after it are a small part of one.
+            if cause.transform is None:
+                return 1.0
+            probe = copy.copy(clean.branch(branches[0]) if spec.end2end else clean)
+            try:
+                params = (cause.fit(place) if cause.fit else list(cause.params)) or [{}]
+                cause.transform(probe, **params[0])
+            except Exception:  # noqa: BLE001
+                return 1.0
+            start = STAGES[min(_first_replaced_stage(probe, clean.branch(branches[0]) if spec.end2end else clean),
+                               len(STAGES) - 1)]
+            return 1.0 if STAGES.index(start) <= STAGES.index("assign") else \
+                0.25 if start in ("normalize", "classify", "box") else 0.05
+
+        place = Place(f"loss {case} (black box)", "loss", {"terms": ref_loss}, candidate, run,
+                      lambda n: profile.for_name(label), config=self.branch_loss(branches[0]).config,
+                      batch_size=spec.batch_size, budget=budget, one_run_seconds=one_run,
+                      names_shown={"terms": f"{label} (box, cls, dfl)"}, cost=cost)
+        return place
+
+
+_METHOD_STAGE = {"assigner_inputs": "assign", "assigner": "assign"}
+
+
+def _first_replaced_stage(loss, clean) -> int:
+    """Index (in STAGES) of the first stage a transform replaced on `loss` (a changed config acts on assign)."""
+    from parity.reimpl.loss import STAGES
+
+    replaced = [_METHOD_STAGE.get(name, name) for name in vars(loss) if name in STAGES or name in _METHOD_STAGE]
+    if loss.config != clean.config:
+        replaced.append("assign")
+    return min((STAGES.index(s) for s in replaced), default=len(STAGES))
 
 
 def _divergent_stages(report: Report) -> list[tuple[str, str, str | None]]:
@@ -597,8 +669,7 @@ def _black_box_terms_finding(place: Place, finding: Finding) -> None:
         return
     wrong = [t for i, t in enumerate(names.LOSS_TERMS) if not _matches(ref[i:i + 1], cand[i:i + 1],
                                                                       place.tolerance("terms"))]
-    params = finding.evidence.get("params") or {}
-    setting = ", ".join(f"{k}={v}" for k, v in params.items()) or f"`{finding.evidence.get('cause')}`"
+    setting = finding.evidence.get("described") or f"`{finding.evidence.get('cause')}`"
     if wrong:
         finding.message = (f"{' and '.join(wrong)} term{'s' if len(wrong) > 1 else ''} "
                            f"equal{'' if len(wrong) > 1 else 's'} ultralytics' with {setting}; " + finding.message)
@@ -627,7 +698,8 @@ def explain_report(report: Report, reference, config: ExplainConfig | None = Non
                                                                    reference.config.get("precision")))
     before = len(report.findings)
     model_inject, loss_inject = _split(config.inject)
-    causes = list(all_causes().values())
+    # Release causes first: a port that follows an older release is named as that release, not as a look-alike bug.
+    causes = sorted(all_causes().values(), key=lambda c: c.release is None)
     context = report.context.setdefault("explainer", {"not_explained": []})
 
     first = (report.context.get("first_divergent_layer") or {})
@@ -642,7 +714,9 @@ def explain_report(report: Report, reference, config: ExplainConfig | None = Non
         if side is not None:
             if structure_failing:
                 _explain_structure(report, reference, side)
-            if first.get("isolated") is not None and side.candidate.live:
+            explained = {f.where.split(" (")[0] for f in report.findings[before:] if f.signature != "unexplained"}
+            if first.get("isolated") is not None and side.candidate.live and \
+                    f"layer {first['isolated']}" not in explained:
                 place = side.place(first["isolated"], profile, config.budget)
                 if place is not None:
                     _explain_place(report, place, causes)

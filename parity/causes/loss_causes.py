@@ -76,27 +76,40 @@ def assigner_setting(loss, **changes):
     loss.config = replace(loss.config, **changes)
 
 
+def _in_box_test_differs(place) -> bool:
+    """The candidate's in-box candidates differ from the reference's: top-k, alpha and beta act after that
+    test and cannot explain it."""
+    cand = place.candidate.get("mask_in_gts") if isinstance(place.candidate, dict) else None
+    ref = place.reference.get("mask_in_gts")
+    return isinstance(cand, torch.Tensor) and ref is not None and (cand.shape != ref.shape or
+                                                                  not torch.equal(cand.bool(), ref.bool()))
+
+
 def fit_topk(place) -> list[dict]:
-    """The candidate's positives per box before conflicts are at most k: propose the largest count seen,
-    then its neighbours, then a range around the reference's k."""
-    proposals = []
+    """The candidate's positives per box before conflicts are at most k: propose the largest count seen and
+    its neighbours; without a stage view (a black box) the range around the reference's k, nearest first."""
+    if _in_box_test_differs(place):
+        return []
+    reference = place.config.topk
     mask_pos = place.candidate.get("mask_pos") if isinstance(place.candidate, dict) else None
     if isinstance(mask_pos, torch.Tensor) and mask_pos.dim() == 3 and mask_pos.numel():
         seen = int(mask_pos.sum(-1).max())
-        proposals += [seen, seen + 1, seen + 2]
-    reference = place.config.topk
-    proposals += sorted(range(1, 21), key=lambda k: (abs(k - reference), k))
+        proposals = [seen, seen + 1, seen + 2, seen - 1]
+    else:
+        proposals = sorted(range(max(1, reference - 7), reference + 8), key=lambda k: (abs(k - reference), k))
     out = []
     for k in proposals:
         if k >= 1 and k != reference and {"topk": k} not in out:
             out.append({"topk": k})
-    return out[: place.budget]
+    return out
 
 
 def fit_alpha_beta(place, which: str) -> list[dict]:
     """log(metric) = alpha log(score) + beta log(ciou) over the candidate's candidate pairs: least squares on
     the candidate's own align_metric against the reference's scores and overlaps."""
     out = []
+    if _in_box_test_differs(place):
+        return out
     cand = place.candidate if isinstance(place.candidate, dict) else {}
     metric, overlaps, scores = cand.get("align_metric"), place.reference.get("overlaps"), place.reference.get("pd_scores")
     labels = place.reference.get("target_labels")
@@ -115,8 +128,8 @@ def fit_alpha_beta(place, which: str) -> list[dict]:
             if math.isfinite(value):
                 for digits in (1, 2, 3):
                     out.append({which: float(f"{value:.{digits}g}")})
-    grid = (0.25, 1.0, 0.0, 1.5, 2.0) if which == "alpha" else (4.0, 2.0, 1.0, 3.0, 5.0)
-    out += [{which: v} for v in grid]
+    if not out:   # no stage view: the values ports commonly use
+        out = [{which: v} for v in ((1.0, 0.25) if which == "alpha" else (4.0, 2.0))]
     reference = getattr(place.config, which)
     unique = []
     for entry in out:
@@ -275,7 +288,7 @@ def gain_products(gains) -> list[tuple[str, float]]:
     return out
 
 
-def gain_mismatch(loss, *, multipliers):
+def gain_mismatch(loss, *, multipliers, _words=""):
     _set(loss, "gains", lambda *, loss_iou, loss_cls, loss_dfl: clean.apply_gains(loss_iou, loss_cls, loss_dfl,
                                                                                     tuple(multipliers)))
 
@@ -291,7 +304,10 @@ def fit_gains(place) -> list[dict]:
         before = place.reference["terms"] / torch.tensor(gains, dtype=place.reference["terms"].dtype)
     if not isinstance(cand, torch.Tensor) or before is None or cand.shape != before.shape:
         return []
-    chosen = []
+    ratios = [float(cand[t]) / float(before[t]) / gains[t] for t in range(3) if float(before[t]) != 0]
+    if len(ratios) > 1 and max(ratios) - min(ratios) <= 1e-6 * max(abs(r) for r in ratios):
+        return []   # every term scaled alike: a batch scaling, not a gain
+    chosen, words = [], []
     for t in range(3):
         b, c = float(before[t]), float(cand[t])
         if b == 0:
@@ -299,10 +315,14 @@ def fit_gains(place) -> list[dict]:
             continue
         ratio = c / b
         best = min(gain_products(gains), key=lambda item: abs(item[1] - ratio) / max(abs(ratio), 1e-30))
+        if abs(best[1] - ratio) > 1e-4 * max(abs(ratio), 1e-30):
+            return []   # not a product of the gains
         chosen.append(best[1])
+        if best[1] != gains[t]:
+            words.append(f"{GAIN_NAMES[t]} term x {best[0]}")
     if tuple(chosen) == tuple(gains):
         return []
-    return [{"multipliers": tuple(chosen)}]
+    return [{"multipliers": tuple(chosen), "_words": "; ".join(words)}]
 
 
 def batch_scale(loss, *, factor):
@@ -416,10 +436,10 @@ register(Cause("small-box-floor-size", "loss", ASSIGNER + ("loss",),
                "small boxes are widened to another size than ultralytics 8.4's 16 px (stride[1]) before the "
                "in-box test: widen sides under 16 px to 16 px",
                lambda loss, side: assigner_setting(loss, min_box_side=side),
-               params=({"side": 8.0}, {"side": 32.0}, {"side": 4.0}, {"side": 24.0})))
+               params=({"side": 8.0}, {"side": 32.0}, {"side": 24.0})))
 register(Cause("unclamped-target-scores-sum", "loss", ("normalize", "loss"),
-               "target_scores.sum() is used without clamp(min=1), so a batch without boxes divides by zero: "
-               "clamp the normaliser at 1", lambda loss: unclamped_normalizer(loss), params=({},)))
+               "target_scores.sum() is used without clamp(min=1), so a batch without boxes divides by zero "
+               "(ultralytics before 8.0.12 did the same): clamp the normaliser at 1", lambda loss: unclamped_normalizer(loss), params=({},)))
 register(Cause("weights-broadcast", "loss", ("classify",),
                "a per-anchor (B, A) weight is multiplied into the (B, A, nc) BCE without unsqueeze(-1): add it",
                lambda loss: weights_broadcast(loss), params=({},)))
@@ -432,7 +452,7 @@ register(Cause("iou-variant", "loss", ("box", "loss"),
 register(Cause("reg-max", "loss", ("box", "loss"),
                "the DFL targets are clamped for another reg_max than the head's: clamp at reg_max - 1 - 0.01 "
                "with the head's reg_max", reg_max_clamp,
-               fit=lambda place: [{"reg_max": r} for r in (place.config.reg_max - 1, place.config.reg_max // 2, 8)
+               fit=lambda place: [{"reg_max": r} for r in (place.config.reg_max - 1, place.config.reg_max // 2, 4)
                                   if 1 < r < place.config.reg_max] if place.config.reg_max > 1 else []))
 register(Cause("dfl-decode", "loss", ("decode", "loss"),
                "the box decode reads the four sides in another order or views the (4, reg_max) logits as "
@@ -500,8 +520,8 @@ plant("small-box-floor-8", "small-box-floor-size", "small boxes widened to 8 px 
       _plant_each(assigner_setting, min_box_side=8.0), stages=("assigner",))
 plant("iou-giou", "iou-variant", "the box loss uses GIoU instead of CIoU", _plant_each(iou_variant, iou="giou"),
       stages=("box",))
-plant("reg-max-8", "reg-max", "the DFL targets are clamped at 6.99 (reg_max 8) instead of 14.99",
-      _plant_each(reg_max_clamp, reg_max=8), stages=("box",))
+plant("reg-max-4", "reg-max", "the DFL targets are clamped at 2.99 (reg_max 4) instead of 14.99",
+      _plant_each(reg_max_clamp, reg_max=4), stages=("box",))
 plant("dfl-view-transposed", "dfl-decode",
       "the DFL logits are viewed as (reg_max, 4) instead of (4, reg_max) before the softmax",
       _plant_each(dfl_decode, layout="bins-sides-transposed"), stages=("decode",))

@@ -87,6 +87,33 @@ class HandWrittenSiLU(nn.Module):
         return x * torch.sigmoid(x)
 
 
+class ScaleAfterProduct(nn.Module):
+    """Attention with the 1/sqrt(key_dim) scale applied to the q.k product instead of to q (rounding only)."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x):
+        att = self.inner
+        b, c, h, w = x.shape
+        qkv = att.to_qkv(x).view(b, att.num_heads, 2 * att.key_dim + att.head_dim, h * w)
+        q, k, v = qkv.split([att.key_dim, att.key_dim, att.head_dim], dim=2)
+        weights = ((q.transpose(-2, -1) @ k) * att.scale).softmax(dim=-1)
+        out = (v @ weights.transpose(-2, -1)).view(b, c, h, w)
+        return att.out_proj(out + att.pos_conv(v.reshape(b, c, h, w)))
+
+
+def attention_scale_order(module, *, order: str = "after-product"):
+    from parity.reimpl.blocks import PSABlock
+
+    module = copy.deepcopy(module)
+    for unit in module.modules():
+        if isinstance(unit, PSABlock):
+            unit.attn = ScaleAfterProduct(unit.attn)
+    return module
+
+
 ACTIVATIONS = {
     "identity": nn.Identity,
     "relu": nn.ReLU,
@@ -213,6 +240,10 @@ register(Cause(
     "silu-handwritten", "model", CONV_LAYERS,
     "SiLU written as x * sigmoid(x): equal to F.silu up to rounding, not a bug",
     activation, params=({"act": "silu-handwritten"},), benign=True))
+register(Cause(
+    "attention-scale-order", "model", ("C2PSA",),
+    "attention scaled after the q.k product instead of before: equal up to rounding, not a bug",
+    attention_scale_order, params=({"order": "after-product"},), benign=True))
 register(Cause(
     "concat-order", "model", ("Concat",),
     "the layer concatenates its inputs in another order than the yaml's `from` list: concatenate them in "
@@ -422,6 +453,9 @@ plant("activation-missing", "activation", "layer 1's convolution has no activati
 plant("silu-handwritten", "silu-handwritten",
       "every SiLU written as x * sigmoid(x) (benign: equal up to rounding, must pass)",
       _plant_all_conv_layers(activation, act="silu-handwritten"))
+plant("attention-scale-order", "attention-scale-order",
+      "attention scaled after the q.k product (benign: equal up to rounding, must pass)",
+      _plant_every("C2PSA", attention_scale_order))
 plant("concat-order", "concat-order", "the first neck Concat concatenates its two inputs in reverse order",
       _plant_at(lambda d: _first_neck(d, "Concat"), concat_order, order=(1, 0)))
 plant("sppf-zero-padding", "sppf-padding", "SPPF max-pools a zero-padded map instead of a -inf padded one",

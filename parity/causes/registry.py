@@ -48,7 +48,10 @@ class Cause:
         return "*" in self.applies_to or place in self.applies_to
 
     def describe_params(self, values: Mapping[str, Any]) -> str:
-        return ", ".join(f"{k}={_short(v)}" for k, v in values.items())
+        """`k=0.01`; a fit may word its parameters itself under `_words`."""
+        if values.get("_words"):
+            return str(values["_words"])
+        return ", ".join(f"{k}={_short(v)}" for k, v in values.items() if not k.startswith("_"))
 
 
 @dataclass(frozen=True)

@@ -52,10 +52,12 @@ register(Cause(
     "matches ultralytics before 8.3.99: model.loss()[0] is the scalar sum of the terms times B; return the "
     "(box, cls, dfl) vector times B to follow 8.3.99 and later",
     lambda loss: loss_causes.scalar_output(loss), params=({},), release="8.3.99"))
+# Not tried: its transform is the bug cause `unclamped-target-scores-sum`, which is named instead (a batch
+# without boxes divides by zero whatever release a port follows).
 register(Cause(
-    "release-target-scores-sum-clamp-8.0.12", "loss", ("normalize", "loss"),
-    "matches ultralytics before 8.0.12: the normaliser target_scores.sum() is not clamped at 1",
-    lambda loss: loss_causes.unclamped_normalizer(loss), params=({},), release="8.0.12"))
+    "release-target-scores-sum-clamp-8.0.12", "structure", ("release",),
+    "ultralytics before 8.0.12: the normaliser target_scores.sum() is not clamped at 1 (the explainer names "
+    "the bug cause `unclamped-target-scores-sum` for it)", release="8.0.12"))
 register(Cause(
     "release-box-bias-init-8.4.0", "structure", ("bias-init-box",),
     "matches ultralytics up to 8.3.x: Detect box bias 1.0 (2.0 from 8.4.0); with reg_max > 1 a constant box "

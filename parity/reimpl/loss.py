@@ -340,9 +340,15 @@ class DetectionLoss:
         return getattr(self, name)
 
     # The whole loss.
-    def run(self, preds: dict[str, Any], batch: dict[str, torch.Tensor]) -> LossRun:
+    def run(self, preds: dict[str, Any], batch: dict[str, torch.Tensor], *,
+            reuse: dict[str, torch.Tensor] | None = None) -> LossRun:
         """preds: the head's train dict (`boxes`, `scores`, and `feats` or `feat_shapes`); batch: `cls`,
-        `bboxes`, `batch_idx` as `model.loss(batch)` takes them (normalized xywh, batch_idx sorted)."""
+        `bboxes`, `batch_idx` as `model.loss(batch)` takes them (normalized xywh, batch_idx sorted).
+
+        `reuse` holds `{stage}.{name}` outputs of an earlier run on the same inputs: those stages are not run
+        again (a partial re-run from the first stage it lacks)."""
+        reuse = reuse or {}
+        done = {key.split(".", 1)[0] for key in reuse}
         values: dict[str, torch.Tensor] = {}
         head = {"boxes": preds["boxes"], "scores": preds["scores"]}
         feat_shapes = feature_shapes(preds)
@@ -359,6 +365,9 @@ class DetectionLoss:
             return out
 
         for stage in STAGES:
+            if stage in done:
+                values.update({k: v for k, v in reuse.items() if k.startswith(stage + ".")})
+                continue
             kwargs = inputs_of(stage)
             if stage == "anchors":
                 kwargs.update(dtype=head["scores"].dtype, device=head["scores"].device)
@@ -388,9 +397,15 @@ class EndToEndLoss:
     def branch(self, name: str) -> DetectionLoss:
         return getattr(self, name)
 
-    def run(self, preds: dict[str, Any], batch: dict[str, torch.Tensor]) -> LossRun:
-        many = self.one2many.run(preds["one2many"], batch)
-        one = self.one2one.run(preds["one2one"], batch)
+    def run(self, preds: dict[str, Any], batch: dict[str, torch.Tensor], *,
+            reuse: dict[str, torch.Tensor] | None = None) -> LossRun:
+        reuse = reuse or {}
+
+        def own(branch: str) -> dict[str, torch.Tensor]:
+            return {k[len(branch) + 1:]: v for k, v in reuse.items() if k.startswith(branch + ".")}
+
+        many = self.one2many.run(preds["one2many"], batch, reuse=own("one2many"))
+        one = self.one2one.run(preds["one2one"], batch, reuse=own("one2one"))
         tensors = {f"one2many.{k}": v for k, v in many.tensors.items() if not k.startswith("output.")}
         tensors.update({f"one2one.{k}": v for k, v in one.tensors.items() if not k.startswith("output.")})
         loss = many.loss * self.o2m + one.loss * self.o2o

@@ -119,9 +119,9 @@ def fit_alpha_beta(place, which: str) -> list[dict]:
         targets = place.inputs.get("targets")
         if img.numel() >= 3 and targets is not None:
             cls = targets[img, box, 0].long()
-            s = scores[img, anc, cls].double().log()
-            o = overlaps[img, box, anc].double().log()
-            m = metric[img, box, anc].double().log()
+            s = scores[img, anc, cls].detach().double().log()
+            o = overlaps[img, box, anc].detach().double().log()
+            m = metric[img, box, anc].detach().double().log()
             design = torch.stack((s, o), 1)
             solution = torch.linalg.lstsq(design, m[:, None]).solution.flatten()
             value = float(solution[0] if which == "alpha" else solution[1])

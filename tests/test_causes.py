@@ -158,6 +158,7 @@ def test_wiring_names_the_layer_read_instead(dumps, tmp_path):
     ("bn-momentum", V8, "bn-momentum", "momentum=0.1"),
     ("class-branch-narrow", V11, "class-branch-width", "rule c (no nc floor)"),
     ("as-of-8.3", V8, "version-drift", "release-box-bias-init-8.4.0"),
+    ("as-of-8.3.0-head", V8, "version-drift", "release-model-structure-8.3.0"),
 ])
 def test_a_planted_structure_cause_is_named(dumps, plant, fixture, cause, words):
     from parity.replay.layers import compare_layers
@@ -329,3 +330,12 @@ def test_compare_names_the_cause_in_80_columns(dumps, tmp_path, capsys, monkeypa
     assert report["context"]["explanations"][0]["cause"] == "topk"
     printed = capsys.readouterr().out
     assert "topk" in printed and all(len(line) <= 80 for line in printed.splitlines())
+
+
+def test_docs_list_every_cause_and_plant():
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parent.parent / "docs" / "causes.md").read_text()
+    missing = [c for c in all_causes() if f"`{c}`" not in text]
+    missing += [p for p in all_injections() if f"`{p}`" not in text]
+    assert not missing, missing

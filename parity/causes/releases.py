@@ -95,3 +95,22 @@ plant("as-of-8.4.0-loss", "release-small-box-floor-8.4.137",
 plant("loss-output-scalar", "release-loss-output-shape-8.3.99",
       "ultralytics < 8.3.99 output: model.loss()[0] is the scalar sum of the terms times B",
       loss_causes._plant_each(loss_causes.scalar_output), stages=("output",))
+
+
+def _depthwise_head(detector) -> None:
+    """The yolov8 yaml's head as ultralytics 8.3.0-8.3.16 built it: YOLO11's depthwise class branch."""
+    from parity.reimpl.blocks import DetectHead
+
+    if not detector.legacy_head:
+        raise ValueError(f"{detector.model_name} already has the depthwise class head")
+    old = detector.head
+    in_channels = [detector.specs[s].c_out for s in detector.sources[detector.head_index]]
+    head = DetectHead(detector.nc, in_channels, detector.reg_max, legacy=False)
+    head.dfl_bins = old.dfl_bins
+    detector.layers[detector.head_index] = head
+    detector.bias_init()
+
+
+plant("as-of-8.3.0-head", "release-model-structure-8.3.0",
+      "ultralytics 8.3.0-8.3.16 yolov8 head: the depthwise (YOLO11) class branch instead of the legacy one",
+      _depthwise_head)

@@ -28,12 +28,12 @@ def list_injections() -> int:
     from parity.causes import all_injections
 
     table = Table(title="known causes the built-in candidate can plant (--inject NAME)")
-    table.add_column("name")
+    table.add_column("name", no_wrap=True)
     table.add_column("where")
-    table.add_column("cause")
-    table.add_column("what it does")
+    table.add_column("what it does (the cause it plants)")
     for injection in all_injections().values():
-        table.add_row(injection.name, injection.kind, injection.cause, injection.description)
+        named = "" if injection.cause == injection.name else f" (`{injection.cause}`)"
+        table.add_row(injection.name, injection.kind, injection.description + named)
     Console().print(table)
     return 0
 

@@ -339,3 +339,17 @@ def test_docs_list_every_cause_and_plant():
     missing = [c for c in all_causes() if f"`{c}`" not in text]
     missing += [p for p in all_injections() if f"`{p}`" not in text]
     assert not missing, missing
+
+
+def test_chained_mode_alone_explains_its_first_divergent_layer_in_isolation(dumps, tmp_path):
+    """The issue's case: a feature scaled by 0.01 (cosine ~1) run in chained mode only is named `feature-scale`
+    with k = 0.01, not chained drift."""
+    from parity.cli import main
+
+    out = tmp_path / "r.json"
+    assert main(["compare", "--no-progress", "--reference", str(dumps[V8].path), "--inject", "feature-scale",
+                 "--what", "layers", "--mode", "chained", "--json", str(out)]) == 1
+    report = json.loads(out.read_text())
+    found = [f for f in report["findings"] if f["signature"] == "feature-scale"]
+    assert found and found[0]["evidence"]["params"] == {"k": 0.01} and "k=0.01" in found[0]["message"]
+    assert not any(f["signature"] == "chained-drift" for f in report["findings"])

@@ -260,6 +260,17 @@ def _unexplained_finding(place: Place, trials: list[Trial], before: float, runs:
                                   "passing": t.passing, "total": t.total} for t in best]})
 
 
+def _guarded(context: dict, what: str, fn: Callable, *args):
+    """Run one place's explanation; a failure there is said in the report, never the end of the comparison."""
+    try:
+        return fn(*args)
+    except ParityError as error:
+        context["not_explained"].append(f"{what}: {error}")
+    except Exception as error:  # noqa: BLE001 - a port may make any place unreadable; the replay already judged it
+        context["not_explained"].append(f"{what}: the explainer could not run here ({_error_text(error)})")
+    return None
+
+
 def _explain_place(report: Report, place: Place, causes: list[Cause]) -> Finding:
     started = time.perf_counter()
     before = _residual(place.reference.get(place.key), place.candidate.get(place.key)) \
@@ -323,8 +334,10 @@ class _ModelSide:
         except Exception as error:  # noqa: BLE001
             candidate = {"error": _error_text(error)}
         one_run = time.perf_counter() - started
-        if not candidate:
-            return None
+        tolerance = lambda n: profile.for_name(n, mode="isolated")  # noqa: E731
+        if not candidate or ("error" not in candidate and all(
+                _matches(self.reference.get(n), t, tolerance(n)) for n, t in candidate.items())):
+            return None   # nothing to explain in isolation (a chained-only divergence is accumulated drift)
         layer = self.detector.layers[index]
 
         def run(cause: Cause, params: dict) -> dict[str, Any]:
@@ -707,25 +720,24 @@ def explain_report(report: Report, reference, config: ExplainConfig | None = Non
     first = (report.context.get("first_divergent_layer") or {})
     wiring = [f.evidence.get("layer") for f in report.findings if f.signature == "layer-wiring"]
     structure_failing = any(r.section == "structure" and not r.passed for r in report.rows)
-    if first.get("isolated") is not None or wiring or structure_failing:
-        try:
-            side = _ModelSide(reference, config, model_inject)
-        except ParityError as error:
-            context["not_explained"].append(f"layers: no built-in reference computation ({error})")
-            side = None
+    # isolated mode's first divergent layer; with chained mode only, its first one, run here in isolation
+    first_layer = first.get("isolated") if "isolated" in first else first.get("chained")
+    if first_layer is not None or wiring or structure_failing:
+        side = _guarded(context, "layers: no built-in reference computation", _ModelSide, reference, config,
+                        model_inject)
         if side is not None:
             if structure_failing:
-                _explain_structure(report, reference, side)
+                _guarded(context, "structure", _explain_structure, report, reference, side)
             explained = {f.where.split(" (")[0] for f in report.findings[before:] if f.signature != "unexplained"}
-            if first.get("isolated") is not None and side.candidate.live and \
-                    f"layer {first['isolated']}" not in explained:
-                place = side.place(first["isolated"], profile, config.budget)
+            index = first_layer
+            if index is not None and side.candidate.live and f"layer {index}" not in explained:
+                place = _guarded(context, f"layer {index}", side.place, index, profile, config.budget)
                 if place is not None:
-                    _explain_place(report, place, causes)
+                    _guarded(context, f"layer {index}", _explain_place, report, place, causes)
             for index in wiring:
-                place = side.wiring_place(index, profile, config.budget)
+                place = _guarded(context, f"layer {index} wiring", side.wiring_place, index, profile, config.budget)
                 if place is not None:
-                    _explain_place(report, place, [_wiring_cause()])
+                    _guarded(context, f"layer {index} wiring", _explain_place, report, place, [_wiring_cause()])
 
     stages = _divergent_stages(report)
     black_box = _black_box_cases(report)
@@ -734,22 +746,22 @@ def explain_report(report: Report, reference, config: ExplainConfig | None = Non
         if _is_dump(config.candidate) and not config.loss_candidate:
             context["not_explained"].append("loss: a candidate dump's recorded stages are not re-run")
         else:
-            try:
-                loss_side = _LossSide(reference, config, loss_inject)
-            except ParityError as error:
-                context["not_explained"].append(f"loss: {error}")
+            loss_side = _guarded(context, "loss", _LossSide, reference, config, loss_inject)
         if loss_side is not None:
             exposed = set(loss_side.adapter.exposed(None)) | {s for b in loss_side.spec.branches
                                                                for s in loss_side.adapter.exposed(b)}
             for case, stage, branch in stages:
-                place = loss_side.stage_place(case, stage, branch, profile, config.budget)
+                where = f"loss {case} {stage}"
+                place = _guarded(context, where, loss_side.stage_place, case, stage, branch, profile, config.budget)
                 if place is not None:
-                    _explain_place(report, place, causes)
+                    _guarded(context, where, _explain_place, report, place, causes)
             if not exposed and black_box:
-                place = loss_side.black_box_place(black_box[0], profile, config.budget)
+                where = f"loss {black_box[0]} (black box)"
+                place = _guarded(context, where, loss_side.black_box_place, black_box[0], profile, config.budget)
                 if place is not None:
-                    finding = _explain_place(report, place, causes)
-                    _black_box_terms_finding(place, finding)
+                    finding = _guarded(context, where, _explain_place, report, place, causes)
+                    if finding is not None:
+                        _black_box_terms_finding(place, finding)
     return report.findings[before:]
 
 

@@ -453,7 +453,6 @@ def _explain_bias_init(report: Report, reference, side: _ModelSide) -> None:
 
 def _explain_class_width(report: Report, reference, side: _ModelSide, finding: Finding) -> None:
     from parity.causes.model_causes import CLASS_WIDTH_RULES
-    from parity.reimpl.blocks import DetectHead
 
     det = side.detector
     wanted = finding.evidence.get("candidate")

@@ -13,7 +13,6 @@ import math
 from dataclasses import replace
 
 import torch
-import torch.nn.functional as F
 
 from parity.causes.registry import Cause, plant, register
 from parity.reimpl import assigner as steps

@@ -21,7 +21,7 @@ one definition.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 
 __all__ = ["CAUSES", "Cause", "INJECTIONS", "Plant", "REGISTRY", "all_causes", "all_injections", "cause",

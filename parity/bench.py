@@ -764,9 +764,124 @@ def worker_cuda(params: dict) -> dict:
     return out
 
 
+# ------------------------------------------------------------------------------------- explain time
+# One plant per cause family: (plant, fixture, what). The explainer's time at each divergent place is compared
+# with one run of that place: one forward of the layer, one stage call, one loss evaluation (black box).
+EXPLAIN_PLANTS = [
+    ("upsample-bilinear", "yolov8-narrow-nc12-96", "layers"), ("feature-scale", "yolov8-narrow-nc12-96", "layers"),
+    ("bn-eps", "yolov8-narrow-nc12-96", "layers"), ("activation-relu", "yolov8-narrow-nc12-96", "layers"),
+    ("shortcut-flipped", "yolov8-narrow-nc12-96", "layers"), ("concat-order", "yolov8-narrow-nc12-96", "layers"),
+    ("concat-channels", "yolov8-narrow-nc12-96", "layers"), ("sppf-zero-padding", "yolo11-narrow-nc80-96", "layers"),
+    ("missing-sigmoid", "yolov8-narrow-nc12-96", "loss"), ("double-sigmoid", "yolov8-narrow-nc12-96", "loss"),
+    ("no-detach", "yolov8-narrow-nc12-96", "loss"), ("all-anchors-positive", "yolov8-narrow-nc12-96", "loss"),
+    ("topk-13", "yolov8-narrow-nc12-96", "loss"), ("tal-alpha-1", "yolov8-narrow-nc12-96", "loss"),
+    ("tal-beta-4", "yolov8-narrow-nc12-96", "loss"), ("small-box-floor-8", "yolov8-narrow-nc12-96", "loss"),
+    ("unclamped-target-scores-sum", "yolov8-narrow-nc12-96", "loss-no_boxes"),
+    ("weights-broadcast", "yolo11-narrow-nc80-96", "loss"), ("iou-weight-broadcast", "yolov8-narrow-nc12-96", "loss"),
+    ("iou-giou", "yolov8-narrow-nc12-96", "loss"), ("reg-max-4", "yolov8-narrow-nc12-96", "loss"),
+    ("dfl-view-transposed", "yolov8-narrow-nc12-96", "loss"), ("ltrb-order", "yolov8-narrow-nc12-96", "loss"),
+    ("targets-xywh-as-xyxy", "yolov8-narrow-nc12-96", "loss"), ("anchors-coarse-first", "yolov8-narrow-nc12-96", "loss"),
+    ("gain-twice", "yolov8-narrow-nc12-96", "loss"), ("no-batch-scale", "yolov8-narrow-nc12-96", "loss"),
+    ("as-of-8.3-loss", "yolov8-narrow-nc12-96", "loss"), ("loss-output-scalar", "yolov8-narrow-nc12-96", "loss"),
+    ("topk-13", "yolov8-narrow-nc12-96", "black-box"), ("gain-twice", "yolov8-narrow-nc12-96", "black-box"),
+]
+
+
+def _isolated_report(dump, inject):
+    """The isolated replay's verdict up to the first divergent layer (what the explainer reads), and the
+    loaded candidate."""
+    from parity.candidates import load_candidate
+    from parity.compare.metrics import compare_tensors
+    from parity.compare.tolerances import get_profile, profile_for_environment
+    from parity.report import Report, Row
+
+    candidate = load_candidate("builtin", dump, inject=inject)
+    candidate.prepare(dump)
+    profile = get_profile(profile_for_environment(dump.manifest.get("environment"), dump.config.get("precision")))
+    report = Report("compare --what layers", str(dump.path), candidate.label, profile.name)
+    head, first = dump.model["head_index"], None
+    for entry in dump.layers:
+        index = entry["index"]
+        produced = candidate.run_layer(index, [dump.get(n) for n in entry["inputs"]], is_head=index == head)
+        for name in entry["outputs"]:
+            if name in produced and name in dump:
+                ok = compare_tensors(dump.get(name), produced[name], profile.for_name(name, mode="isolated")).passed
+                report.add(Row("isolated", f"layer {index}", name, ok))
+                first = index if first is None and not ok else first
+        if first is not None:
+            break
+    report.context["first_divergent_layer"] = {"isolated": first}
+    return report, candidate
+
+
+def worker_explain(params: dict) -> dict:
+    """Time the explainer at every divergent place of each plant, against one run of that place."""
+    from parity.causes import ExplainConfig, explain_report
+    from parity.dumpfile import Dump
+    from parity.reimpl.loss import build_loss
+    from parity.replay.loss import LossAdapter, compare_loss
+    from parity.runtime import PROJECT_ROOT
+
+    rows = []
+    plants = EXPLAIN_PLANTS[: params.get("limit") or None]
+    for repeat in range(max(1, params.get("repeats", 1))):
+        for plant, fixture, what in plants:
+            dump = Dump(PROJECT_ROOT / "fixtures" / fixture)
+            if what == "layers":
+                report, candidate = _isolated_report(dump, plant)
+                config = ExplainConfig(candidate=candidate, inject=plant)
+            elif what == "black-box":
+                planted = build_loss(dump.manifest, inject=plant)
+                adapter = LossAdapter(lambda p, b, planted=planted: planted(p, b), name=plant)
+                report = compare_loss(dump, adapter, cases=["default"], progress=False)
+                config = ExplainConfig(loss_candidate=adapter)
+            else:
+                case = what.partition("-")[2] or "default"
+                report = compare_loss(dump, "builtin", inject=plant, cases=[case], progress=False)
+                config = ExplainConfig(inject=plant)
+            t0 = time.perf_counter()
+            explain_report(report, dump, config)
+            total = time.perf_counter() - t0
+            loss_eval = None
+            if what != "layers":
+                loss = build_loss(dump.manifest)
+                head = dump.model["head_index"]
+                preds = {"boxes": dump.get(f"act.{head}.boxes"), "scores": dump.get(f"act.{head}.scores"),
+                         "feat_shapes": [tuple(dump.index[f"act.{i}"]["shape"][2:]) for i in dump.layers[head]["from"]]}
+                batch = {k: dump.get(f"batch.default.{k}") for k in ("cls", "bboxes", "batch_idx")}
+                loss.run(preds, batch)
+                t1 = time.perf_counter()
+                loss.run(preds, batch)
+                loss_eval = time.perf_counter() - t1
+            for entry in report.context.get("explanations", []):
+                rows.append({"repeat": repeat, "plant": plant, "fixture": fixture, "place": entry["place"],
+                             "cause": entry["cause"], "runs": entry["runs"], "seconds": entry["seconds"],
+                             "one_run_seconds": entry["one_run_seconds"], "loss_eval_seconds": loss_eval,
+                             "explain_report_seconds": total})
+    return {"rows": rows}
+
+
+def explain_summary(result: dict) -> list[dict]:
+    """Per (plant, place): median explain time, runs, and its ratio to one run of the place (and to one loss
+    evaluation for loss places)."""
+    groups: dict[tuple, list[dict]] = {}
+    for row in result.get("rows", []):
+        groups.setdefault((row["plant"], row["place"]), []).append(row)
+    out = []
+    for (plant, place), rows in groups.items():
+        seconds = [r["seconds"] for r in rows]
+        ratio = [r["seconds"] / r["one_run_seconds"] for r in rows if r["one_run_seconds"]]
+        vs_loss = [r["seconds"] / r["loss_eval_seconds"] for r in rows if r.get("loss_eval_seconds")]
+        out.append({"plant": plant, "place": place, "cause": rows[0]["cause"], "runs": rows[0]["runs"],
+                    "seconds": summarize(seconds), "vs_one_run": summarize(ratio),
+                    "vs_loss_eval": summarize(vs_loss) if vs_loss else None,
+                    "explain_report_seconds": summarize([r["explain_report_seconds"] for r in rows])})
+    return out
+
+
 WORKERS = {"step": worker_step, "replay": worker_replay, "make-candidate": worker_make_candidate,
            "compare": worker_compare, "compare-base": worker_compare_base, "fused": worker_fused,
-           "cuda": worker_cuda}
+           "cuda": worker_cuda, "explain": worker_explain}
 
 
 def run_worker_main(kind: str, params_json: str) -> int:
@@ -1061,6 +1176,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="tiny sizes and one repeat: checks the code paths (tests), numbers mean nothing")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default 2, as parity)")
     parser.add_argument("--workdir", default=None, help="scratch folder for dumps (default: a temporary folder)")
+    parser.add_argument("--explain-only", action="store_true",
+                        help="only the explainer's time per divergent place (the committed fixtures, no dump)")
     parser.add_argument("--inprocess", action="store_true",
                         help="run the workers in this process (tests: faster; memory figures lose their meaning)")
     args = parser.parse_args(argv)
@@ -1090,7 +1207,16 @@ def main(argv: list[str] | None = None) -> int:
     _progress(budget, f"machine: {doc['machine']['cpu_model']}, {doc['machine']['usable_cpus']} cpus, "
                       f"{doc['machine'].get('memory_gib')} GiB, torch threads {threads}, load {doc['load_average_start']}")
     try:
-        _run_all(args, doc, common, budget, workdir, out_dir)
+        if not args.explain_only:
+            _run_all(args, doc, common, budget, workdir, out_dir)
+        _progress(budget, f"explainer time per divergent place, {len(EXPLAIN_PLANTS)} plants")
+        explained, info = run_worker("explain", {**common, "repeats": 1 if args.quick else 3},
+                                     timeout=max(5.0, budget.left()))
+        doc["explain"] = {"worker": info}
+        if explained is not None:
+            doc["explain"].update({"raw": explained, "summary": explain_summary(explained)})
+        else:
+            doc["skipped"].append(f"explain: {info.get('error')}")
     finally:
         CONTENTION.mark("end")
         doc["contention"] = CONTENTION.stages
@@ -1382,6 +1508,7 @@ def render_markdown(doc: dict) -> str:
     lines += _compare_section(doc)
     lines += _growth_section(doc)
     lines += _cuda_section(doc)
+    lines += _explain_section(doc)
     if doc.get("skipped"):
         lines += ["## Left out of this run", ""] + [f"- {s}" for s in doc["skipped"]] + [""]
     return "\n".join(lines) + "\n"
@@ -1664,6 +1791,25 @@ def _growth_section(doc: dict) -> list[str]:
         for figure, fit in figures.items():
             lines.append(f"| {axis} | {figure} | {fit['exponent']:.2f} | {fit['per_doubling']:.2f}x | {fit['points']} | "
                          f"{fit['max_log_residual']:.2f} |")
+    return lines + [""]
+
+
+def _explain_section(doc: dict) -> list[str]:
+    summary = (doc.get("explain") or {}).get("summary")
+    if not summary:
+        return ["## Explainer", "", "Not measured in this run.", ""]
+    lines = ["## Explainer time per divergent place", "",
+             "`parity.causes.explain_report` on a report of the built-in with one plant (target: at most 20x one "
+             "run of the place: one forward of the layer, one stage call, or one loss evaluation for a black "
+             "box). `runs` counts trials in runs of the place; setup (loading the candidate and the built-in with "
+             "the reference weights) is in the last column, not in the ratio.", "",
+             "| plant | place | cause named | runs | explain s | / one run of the place | / one loss evaluation "
+             "| whole explain_report s |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for row in summary:
+        vs_loss = _cell(row["vs_loss_eval"], "x") if row["vs_loss_eval"] else "-"
+        lines.append(f"| {row['plant']} | {row['place']} | {row['cause'] or 'none'} | {row['runs']:g} | "
+                     f"{_cell(row['seconds'], ' s')} | {_cell(row['vs_one_run'], 'x')} | {vs_loss} | "
+                     f"{_cell(row['explain_report_seconds'], ' s')} |")
     return lines + [""]
 
 

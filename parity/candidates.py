@@ -590,7 +590,7 @@ def builtin_candidate(model: str, nc: int, inject: str | None = None, device: st
     except ImportError as error:  # pragma: no cover - the built-in model ships with the tool
         raise ParityError(f"the built-in candidate is not available: {error}") from None
     if inject:
-        from parity.reimpl.inject import get as get_injection
+        from parity.causes import get as get_injection
 
         try:
             get_injection(inject)

@@ -25,14 +25,15 @@ def list_injections() -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from parity.reimpl.inject import all_injections
+    from parity.causes import all_injections
 
-    table = Table(title="known bugs the built-in candidate can plant (--inject NAME)")
-    table.add_column("name")
+    table = Table(title="known causes the built-in candidate can plant (--inject NAME)")
+    table.add_column("name", no_wrap=True)
     table.add_column("where")
-    table.add_column("what it does")
+    table.add_column("what it does (the cause it plants)")
     for injection in all_injections().values():
-        table.add_row(injection.name, injection.kind, injection.description)
+        named = "" if injection.cause == injection.name else f" (`{injection.cause}`)"
+        table.add_row(injection.name, injection.kind, injection.description + named)
     Console().print(table)
     return 0
 
@@ -82,6 +83,13 @@ def run_compare(args) -> int:
     assert report is not None
     if args.old_reference:
         explain_version_drift(report, reference, args, modes, model_inject, loss_inject)
+    # ---- issue-13: the counterfactual explainer names known causes at divergent places (keep as one call) ----
+    from parity.causes import ExplainConfig, explain_report
+
+    explain_report(report, reference, ExplainConfig(candidate=args.candidate, loss_candidate=args.loss_candidate,
+                                                    inject=inject, profile=args.profile, map_file=args.map_file,
+                                                    device=args.device))
+    # ---- end of the issue-13 block ----
     render(report, verbose=args.layer is not None)
     if args.json_out:
         to_json(report, args.json_out)
@@ -192,7 +200,7 @@ def _split_injection(inject: str | None) -> tuple[str | None, str | None]:
     """A bug name belongs to the model or to the loss; each replay gets only its own."""
     if not inject:
         return None, None
-    from parity.reimpl.inject import get
+    from parity.causes import get
 
     try:
         kind = get(inject).kind

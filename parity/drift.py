@@ -22,8 +22,9 @@ Exit code: 0 when the dumps agree (bitwise), 1 when anything drifted, 2 for bad 
 
 `explain(metrics_vs_current, metrics_vs_old)` turns a candidate's comparison against two references into
 `version-drift` findings: "matches ultralytics X.Y on this point" instead of a bug. `as_of(version)` describes
-an older release's behaviour, and `register_injections()` plants it in the built-in candidate (`as-of-8.3`
-for the model: box bias 1.0; `as-of-8.3-loss` for the loss: no small-box floor).
+an older release's behaviour. The release history itself, and the as-of modes the built-in candidate can plant
+(`as-of-8.3` for the model: box bias 1.0; `as-of-8.3-loss` for the loss: no small-box floor), are entries of
+the cause registry (`parity.causes.releases`), which the counterfactual explainer tries without an old dump.
 """
 
 from __future__ import annotations
@@ -34,27 +35,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
+from parity.causes.releases import RELEASE_HISTORY
 from parity.errors import ParityError
 from parity.report import Finding
 
 # ----------------------------------------------------------------------------------- release history
-# (first release with the change, cause, what changed). From shared/notes/ultralytics-facts.md, checked
-# against the released wheels' source (8.3.200, 8.4.0, 8.4.125, 8.4.137).
-RELEASE_HISTORY: list[tuple[str, str, str]] = [
-    ("8.0.12", "target-scores-sum-clamp", "target_scores_sum clamped to at least 1"),
-    ("8.0.52", "assigner-inside-only", "assigner metrics only for anchors inside the box"),
-    ("8.3.0", "model-structure", "yolov8 yaml built with the YOLO11 depthwise class head (until 8.3.16)"),
-    ("8.3.17", "model-structure", "`legacy` flag: yolov8 yaml builds the legacy class head again"),
-    ("8.3.99", "loss-output-shape", "model.loss()[0]: scalar sum*B -> 3-vector (box, cls, dfl) *B"),
-    ("8.4.0", "box-bias-init", "Detect box bias 1.0 -> 2.0"),
-    ("8.4.0", "head-output-layout", "train-mode head output: list of per-level maps -> dict boxes/scores/feats"),
-    ("8.4.0", "small-box-floor", "assigner: box sides under 8 px (stride[0]) enlarged to 16 px (stride[1])"),
-    ("8.4.0", "model-structure", "YOLO26 and E2ELoss"),
-    ("8.4.100", "numerics", "vectorized target preprocessing (needs sorted batch_idx)"),
-    ("8.4.137", "small-box-floor", "small-box threshold 8 px -> 16 px (sides under 16 px enlarged to 16 px)"),
-    ("8.4.142", "model-structure", "end-to-end models default to the one2many head in eval"),
-    ("8.4.170", "numerics", "CIoU alpha rewritten (last-bit differences)"),
-]
+# RELEASE_HISTORY is data of the cause registry (each entry is a known cause, `parity.causes.releases`).
 
 CAUSE_TITLES = {
     "versions": "software versions",
@@ -149,51 +135,13 @@ def apply_to_detector(detector, version: str):
     return detector
 
 
-def candidates_without_floor(anc_points, gt_bboxes, mask_gt, min_side=None, eps: float = 1e-9):
-    """mask_in_gts as ultralytics up to 8.3.x computes it: the anchor centre strictly inside the box as given
-    (no widening, no centre/size round trip)."""
-    import torch
-
-    b, m, _ = gt_bboxes.shape
-    lt, rb = gt_bboxes.view(-1, 1, 4).chunk(2, 2)
-    deltas = torch.cat((anc_points[None] - lt, rb - anc_points[None]), dim=2).view(b, m, anc_points.shape[0], -1)
-    return deltas.amin(3) > eps  # 8.3 returns the same mask as float32; the built-in assigner wants bool
-
-
-def _assigner_as_of_83(loss, *, pd_scores, pd_bboxes, anc_points, targets, mask_gt):
-    """Loss-side hook (`assigner` stage of `parity.reimpl.loss.DetectionLoss`): the 8.3.x assigner, no floor."""
-    from parity.reimpl import assigner as clean
-
-    original = clean.candidates_in_boxes
-    clean.candidates_in_boxes = candidates_without_floor
-    try:
-        return clean.assign(pd_scores, pd_bboxes, anc_points, targets, mask_gt, loss.config.assigner)
-    finally:
-        clean.candidates_in_boxes = original
-
-
-def _configure_as_of_83(tweaks) -> None:
-    """Model-side hook: ModelTweaks.box_bias = 1.0 (the built-in Detector must read `tweaks.box_bias`)."""
-    tweaks.box_bias = 1.0
-
-
-AS_OF_INJECTIONS = {
-    "as-of-8.3": ("model", "ultralytics 8.3.x Detect init: box bias 1.0 instead of 2.0", {"configure": _configure_as_of_83}),
-    "as-of-8.3-loss": ("loss", "ultralytics 8.3.x assigner: no small-box floor (boxes under 16 px are not widened)",
-                       {"assigner": _assigner_as_of_83}),
-}
-
-
 def register_injections() -> list[str]:
-    """Add the as-of modes to the built-in candidate's injection registry (`parity.reimpl.inject`); idempotent."""
-    from parity.reimpl import inject
+    """The as-of modes (`as-of-8.3` for the model: box bias 1.0; `as-of-8.3-loss` for the loss: no small-box
+    floor) are entries of the cause registry (`parity.causes.releases`), registered with it. Returns the names
+    this call added: none, they are always there."""
+    from parity.causes import all_injections
 
-    added = []
-    for name, (kind, description, hooks) in AS_OF_INJECTIONS.items():
-        if name not in inject.REGISTRY:
-            inject.register(name, description, kind, **hooks)
-            added.append(name)
-    return added
+    return [name for name in ("as-of-8.3", "as-of-8.3-loss") if name not in all_injections()]
 
 
 # ------------------------------------------------------------------------------------------- drift

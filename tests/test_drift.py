@@ -80,7 +80,7 @@ def write_dump(path: Path, *, version: str, box_bias: float, floor, layout: str,
 def isolated_injections():
     """register_injections() changes the shared registry of parity.reimpl.inject: undo it after the test, so
     tests that walk every registered bug do not see the as-of modes."""
-    from parity.reimpl import inject, loss_inject  # noqa: F401 - the loss bugs register on import: keep them
+    from parity.causes import registry as inject
 
     registry, injections = dict(inject.REGISTRY), dict(inject.INJECTIONS)
     yield

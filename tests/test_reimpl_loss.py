@@ -13,10 +13,10 @@ import torch
 
 from parity import names
 from parity.dumpfile import Dump, DumpWriter
-from parity.reimpl.inject import all_injections, get
+from parity.causes import all_injections, get
 from parity.reimpl.loss import (INPUT_SOURCES, STAGE_INPUTS, DetectionLoss, EndToEndLoss, LossConfig, build_loss,
                                 preprocess)
-from parity.reimpl.loss_inject import LOSS_INJECTIONS
+from parity.causes.loss_causes import LOSS_INJECTIONS
 
 FIXTURE_DUMPS = ("yolo11-narrow-nc80-96", "yolov8-narrow-nc12-96", "yolo26-narrow-nc12-64")
 FILLER = ("target_labels", "target_bboxes", "target_gt_idx")  # background rows are filler: foreground only

@@ -15,8 +15,8 @@ import pytest
 import torch
 
 from parity.mapping import build_mapping, compare_param_counts, layer_of_from_map, param_counts_by_layer
-from parity.reimpl import INJECTIONS, build_detector
-from parity.reimpl.inject import all_injections
+from parity.causes import INJECTIONS, all_injections
+from parity.reimpl import build_detector
 
 IMGSZ = 128
 NC80_BIAS = [-11.536642074584961, -10.150347709655762, -8.764053344726562]

@@ -1,7 +1,8 @@
-"""The built-in clean-room re-implementation of ultralytics YOLOv8 / YOLO11 detection, and its injected bugs."""
+"""The built-in clean-room re-implementation of ultralytics YOLOv8 / YOLO11 detection (model and loss).
+
+Clean reference code only: known causes of divergence are planted from outside by `parity.causes`."""
 
 from .blocks import dfl
-from .inject import INJECTIONS
-from .model import Detector, ModelTweaks, build_detector, find_model_yaml, parse_model_yaml
+from .model import Detector, build_detector, find_model_yaml, parse_model_yaml
 
-__all__ = ["Detector", "INJECTIONS", "ModelTweaks", "build_detector", "dfl", "find_model_yaml", "parse_model_yaml"]
+__all__ = ["Detector", "build_detector", "dfl", "find_model_yaml", "parse_model_yaml"]

@@ -25,11 +25,10 @@ BN_MOMENTUM = 0.03
 class ConvNormAct(nn.Module):
     """yaml `Conv`: conv (no bias, 'same' padding for odd k) -> BatchNorm -> SiLU (or nothing)."""
 
-    def __init__(self, c_in: int, c_out: int, k: int = 1, s: int = 1, groups: int = 1, act: bool = True,
-                 bn_eps: float = BN_EPS):
+    def __init__(self, c_in: int, c_out: int, k: int = 1, s: int = 1, groups: int = 1, act: bool = True):
         super().__init__()
         self.conv = nn.Conv2d(c_in, c_out, k, s, padding=k // 2, groups=groups, bias=False)
-        self.norm = nn.BatchNorm2d(c_out, eps=bn_eps, momentum=BN_MOMENTUM)
+        self.norm = nn.BatchNorm2d(c_out, eps=BN_EPS, momentum=BN_MOMENTUM)
         self.act = nn.SiLU() if act else nn.Identity()
 
     def forward(self, x):
@@ -39,19 +38,19 @@ class ConvNormAct(nn.Module):
 class DepthwiseConvNormAct(ConvNormAct):
     """`DWConv`: one filter per channel group; groups = gcd(c_in, c_out), which is c_in when c_in == c_out."""
 
-    def __init__(self, c_in: int, c_out: int, k: int = 1, s: int = 1, act: bool = True, bn_eps: float = BN_EPS):
-        super().__init__(c_in, c_out, k, s, groups=math.gcd(c_in, c_out), act=act, bn_eps=bn_eps)
+    def __init__(self, c_in: int, c_out: int, k: int = 1, s: int = 1, act: bool = True):
+        super().__init__(c_in, c_out, k, s, groups=math.gcd(c_in, c_out), act=act)
 
 
 class Bottleneck(nn.Module):
     """Two convs, plus the input when shapes allow and `shortcut` is set (a residual unit)."""
 
     def __init__(self, c_in: int, c_out: int, shortcut: bool = True, k: tuple[int, int] = (3, 3),
-                 expand: float = 0.5, bn_eps: float = BN_EPS):
+                 expand: float = 0.5):
         super().__init__()
         hidden = int(c_out * expand)
-        self.conv_a = ConvNormAct(c_in, hidden, k[0], bn_eps=bn_eps)
-        self.conv_b = ConvNormAct(hidden, c_out, k[1], bn_eps=bn_eps)
+        self.conv_a = ConvNormAct(c_in, hidden, k[0])
+        self.conv_b = ConvNormAct(hidden, c_out, k[1])
         self.residual = shortcut and c_in == c_out
 
     def forward(self, x):
@@ -63,18 +62,17 @@ class C2f(nn.Module):
     """CSP block with a split: one 1x1 conv makes two halves, a chain of bottlenecks grows from the second half,
     and every intermediate (both halves and each bottleneck output) is concatenated into a final 1x1 conv."""
 
-    def __init__(self, c_in: int, c_out: int, n: int = 1, shortcut: bool = False, expand: float = 0.5,
-                 bn_eps: float = BN_EPS):
+    def __init__(self, c_in: int, c_out: int, n: int = 1, shortcut: bool = False, expand: float = 0.5):
         super().__init__()
         self.hidden = int(c_out * expand)
         h = self.hidden
-        self.split_conv = ConvNormAct(c_in, 2 * h, 1, bn_eps=bn_eps)
-        self.blocks = nn.ModuleList(self._make_block(h, shortcut, bn_eps) for _ in range(n))
-        self.merge_conv = ConvNormAct((2 + n) * h, c_out, 1, bn_eps=bn_eps)
+        self.split_conv = ConvNormAct(c_in, 2 * h, 1)
+        self.blocks = nn.ModuleList(self._make_block(h, shortcut) for _ in range(n))
+        self.merge_conv = ConvNormAct((2 + n) * h, c_out, 1)
 
-    def _make_block(self, h: int, shortcut: bool, bn_eps: float) -> nn.Module:
+    def _make_block(self, h: int, shortcut: bool) -> nn.Module:
         # C2f's bottlenecks keep the width (expand 1.0) and use two 3x3 convs
-        return Bottleneck(h, h, shortcut, k=(3, 3), expand=1.0, bn_eps=bn_eps)
+        return Bottleneck(h, h, shortcut, k=(3, 3), expand=1.0)
 
     def forward(self, x):
         parts = list(self.split_conv(x).chunk(2, dim=1))
@@ -87,17 +85,16 @@ class C3k(nn.Module):
     """CSP block with three convs: a bottleneck chain on one 1x1 projection, a plain 1x1 projection beside it,
     both concatenated into a 1x1 merge. Used inside C3k2 when `c3k` is set (YOLO11 m/l/x and some rows)."""
 
-    def __init__(self, c_in: int, c_out: int, n: int = 2, shortcut: bool = True, expand: float = 0.5, k: int = 3,
-                 bn_eps: float = BN_EPS):
+    def __init__(self, c_in: int, c_out: int, n: int = 2, shortcut: bool = True, expand: float = 0.5, k: int = 3):
         super().__init__()
         h = int(c_out * expand)
         # Registered in reading order (chain first), which differs from ultralytics' registration order: the
         # mapping has to match these by shape sequence, not by position.
-        self.main_conv = ConvNormAct(c_in, h, 1, bn_eps=bn_eps)
-        self.blocks = nn.Sequential(*(Bottleneck(h, h, shortcut, k=(k, k), expand=1.0, bn_eps=bn_eps)
+        self.main_conv = ConvNormAct(c_in, h, 1)
+        self.blocks = nn.Sequential(*(Bottleneck(h, h, shortcut, k=(k, k), expand=1.0)
                                       for _ in range(n)))
-        self.skip_conv = ConvNormAct(c_in, h, 1, bn_eps=bn_eps)
-        self.merge_conv = ConvNormAct(2 * h, c_out, 1, bn_eps=bn_eps)
+        self.skip_conv = ConvNormAct(c_in, h, 1)
+        self.merge_conv = ConvNormAct(2 * h, c_out, 1)
 
     def forward(self, x):
         return self.merge_conv(torch.cat((self.blocks(self.main_conv(x)), self.skip_conv(x)), dim=1))
@@ -108,27 +105,27 @@ class C3k2(C2f):
     that halves its width internally (expand 0.5, unlike C2f's)."""
 
     def __init__(self, c_in: int, c_out: int, n: int = 1, c3k: bool = False, expand: float = 0.5,
-                 shortcut: bool = True, bn_eps: float = BN_EPS):
+                 shortcut: bool = True):
         self.use_c3k = c3k
-        super().__init__(c_in, c_out, n, shortcut, expand, bn_eps=bn_eps)
+        super().__init__(c_in, c_out, n, shortcut, expand)
 
-    def _make_block(self, h: int, shortcut: bool, bn_eps: float) -> nn.Module:
+    def _make_block(self, h: int, shortcut: bool) -> nn.Module:
         if self.use_c3k:
-            return C3k(h, h, 2, shortcut, bn_eps=bn_eps)
-        return Bottleneck(h, h, shortcut, k=(3, 3), expand=0.5, bn_eps=bn_eps)
+            return C3k(h, h, 2, shortcut)
+        return Bottleneck(h, h, shortcut, k=(3, 3), expand=0.5)
 
 
 class SPPF(nn.Module):
     """Fast spatial pyramid pooling: project to half width, max-pool three times in a row (receptive fields 5, 9,
     13), concatenate the projection and the three pooled maps, project back."""
 
-    def __init__(self, c_in: int, c_out: int, k: int = 5, bn_eps: float = BN_EPS):
+    def __init__(self, c_in: int, c_out: int, k: int = 5):
         super().__init__()
         h = c_in // 2
         # The v8/v11 yaml rows predate YOLO26's unactivated SPPF, so this projection keeps its SiLU.
-        self.reduce = ConvNormAct(c_in, h, 1, act=True, bn_eps=bn_eps)
+        self.reduce = ConvNormAct(c_in, h, 1, act=True)
         self.pool = nn.MaxPool2d(kernel_size=k, stride=1, padding=k // 2)
-        self.expand = ConvNormAct(4 * h, c_out, 1, bn_eps=bn_eps)
+        self.expand = ConvNormAct(4 * h, c_out, 1)
 
     def forward(self, x):
         maps = [self.reduce(x)]
@@ -141,16 +138,16 @@ class Attention(nn.Module):
     """Multi-head self-attention over all H*W positions, with a depthwise 3x3 conv on the values added as a
     positional term. One 1x1 conv makes q, k and v; keys are narrower than values (attn_ratio)."""
 
-    def __init__(self, dim: int, num_heads: int = 8, attn_ratio: float = 0.5, bn_eps: float = BN_EPS):
+    def __init__(self, dim: int, num_heads: int = 8, attn_ratio: float = 0.5):
         super().__init__()
         self.num_heads = num_heads
         self.head_dim = dim // num_heads
         self.key_dim = int(self.head_dim * attn_ratio)
         self.scale = self.key_dim ** -0.5
         qkv_channels = dim + 2 * self.key_dim * num_heads
-        self.to_qkv = ConvNormAct(dim, qkv_channels, 1, act=False, bn_eps=bn_eps)
-        self.out_proj = ConvNormAct(dim, dim, 1, act=False, bn_eps=bn_eps)
-        self.pos_conv = ConvNormAct(dim, dim, 3, groups=dim, act=False, bn_eps=bn_eps)
+        self.to_qkv = ConvNormAct(dim, qkv_channels, 1, act=False)
+        self.out_proj = ConvNormAct(dim, dim, 1, act=False)
+        self.pos_conv = ConvNormAct(dim, dim, 3, groups=dim, act=False)
 
     def forward(self, x):
         b, c, h, w = x.shape
@@ -168,11 +165,11 @@ class Attention(nn.Module):
 class PSABlock(nn.Module):
     """Attention then a 2x-wide 1x1 feed-forward, each as a residual."""
 
-    def __init__(self, c: int, attn_ratio: float = 0.5, num_heads: int = 4, bn_eps: float = BN_EPS):
+    def __init__(self, c: int, attn_ratio: float = 0.5, num_heads: int = 4):
         super().__init__()
-        self.attn = Attention(c, num_heads=num_heads, attn_ratio=attn_ratio, bn_eps=bn_eps)
-        self.ffn = nn.Sequential(ConvNormAct(c, 2 * c, 1, bn_eps=bn_eps),
-                                 ConvNormAct(2 * c, c, 1, act=False, bn_eps=bn_eps))
+        self.attn = Attention(c, num_heads=num_heads, attn_ratio=attn_ratio)
+        self.ffn = nn.Sequential(ConvNormAct(c, 2 * c, 1),
+                                 ConvNormAct(2 * c, c, 1, act=False))
 
     def forward(self, x):
         x = x + self.attn(x)
@@ -182,16 +179,16 @@ class PSABlock(nn.Module):
 class C2PSA(nn.Module):
     """Split in two halves, run PSA blocks on the second, concatenate back and project (YOLO11 layer 10)."""
 
-    def __init__(self, c_in: int, c_out: int, n: int = 1, expand: float = 0.5, bn_eps: float = BN_EPS):
+    def __init__(self, c_in: int, c_out: int, n: int = 1, expand: float = 0.5):
         super().__init__()
         if c_in != c_out:
             raise ValueError(f"C2PSA keeps its width, got {c_in} -> {c_out}")
         self.hidden = int(c_in * expand)
         h = self.hidden
-        self.split_conv = ConvNormAct(c_in, 2 * h, 1, bn_eps=bn_eps)
-        self.blocks = nn.Sequential(*(PSABlock(h, attn_ratio=0.5, num_heads=max(h // 64, 1), bn_eps=bn_eps)
+        self.split_conv = ConvNormAct(c_in, 2 * h, 1)
+        self.blocks = nn.Sequential(*(PSABlock(h, attn_ratio=0.5, num_heads=max(h // 64, 1))
                                       for _ in range(n)))
-        self.merge_conv = ConvNormAct(2 * h, c_in, 1, bn_eps=bn_eps)
+        self.merge_conv = ConvNormAct(2 * h, c_in, 1)
 
     def forward(self, x):
         a, b = self.split_conv(x).split((self.hidden, self.hidden), dim=1)
@@ -199,31 +196,25 @@ class C2PSA(nn.Module):
 
 
 class Concat(nn.Module):
-    """Concatenate the inputs along channels. `duplicate_last` concatenates the last input twice: that is the
-    `concat-channels` injected bug, never the clean model."""
+    """Concatenate the inputs along channels."""
 
-    def __init__(self, dim: int = 1, duplicate_last: bool = False):
+    def __init__(self, dim: int = 1):
         super().__init__()
         self.dim = dim
-        self.duplicate_last = duplicate_last
 
     def forward(self, xs: list[torch.Tensor]):
-        xs = list(xs) + [xs[-1]] if self.duplicate_last else list(xs)
-        return torch.cat(xs, dim=self.dim)
+        return torch.cat(list(xs), dim=self.dim)
 
 
 class Upsample(nn.Module):
-    """2x nearest-neighbour upsampling (`bilinear` only under the `upsample-bilinear` injected bug)."""
+    """Nearest-neighbour upsampling by an integer factor (ultralytics' `nn.Upsample(None, 2, "nearest")`)."""
 
-    def __init__(self, scale: int = 2, mode: str = "nearest"):
+    def __init__(self, scale: int = 2):
         super().__init__()
         self.scale = scale
-        self.mode = mode
 
     def forward(self, x):
-        if self.mode == "nearest":
-            return F.interpolate(x, scale_factor=self.scale, mode="nearest")
-        return F.interpolate(x, scale_factor=self.scale, mode=self.mode, align_corners=False)
+        return F.interpolate(x, scale_factor=self.scale, mode="nearest")
 
 
 def dfl(boxes: torch.Tensor, reg_max: int = 16, bins: torch.Tensor | None = None) -> torch.Tensor:
@@ -248,8 +239,7 @@ class DetectHead(nn.Module):
     (legacy: two 3x3 convs; YOLO11: depthwise 3x3 + 1x1, twice), then 1x1 to nc logits. Train mode returns the
     raw logits with anchors concatenated level-major."""
 
-    def __init__(self, nc: int, in_channels: list[int], reg_max: int = 16, legacy: bool = False,
-                 bn_eps: float = BN_EPS):
+    def __init__(self, nc: int, in_channels: list[int], reg_max: int = 16, legacy: bool = False):
         super().__init__()
         self.nc = nc
         self.reg_max = reg_max
@@ -257,23 +247,23 @@ class DetectHead(nn.Module):
         self.num_levels = len(in_channels)
         # Branch widths are set by the finest level's channels, so every level has the same branch width.
         box_c = max(16, in_channels[0] // 4, 4 * reg_max)
-        cls_c = max(in_channels[0], min(nc, 100))
+        cls_c = self.class_width(in_channels[0], nc)
         # Per level: box branch then class branch. ultralytics registers all box branches, then all class
         # branches; the mapping matches them by shape, so our reading order is fine.
         self.levels = nn.ModuleList()
         for c in in_channels:
-            box = nn.Sequential(ConvNormAct(c, box_c, 3, bn_eps=bn_eps), ConvNormAct(box_c, box_c, 3, bn_eps=bn_eps),
+            box = nn.Sequential(ConvNormAct(c, box_c, 3), ConvNormAct(box_c, box_c, 3),
                                 nn.Conv2d(box_c, 4 * reg_max, 1))
             if legacy:
-                cls = nn.Sequential(ConvNormAct(c, cls_c, 3, bn_eps=bn_eps),
-                                    ConvNormAct(cls_c, cls_c, 3, bn_eps=bn_eps),
+                cls = nn.Sequential(ConvNormAct(c, cls_c, 3),
+                                    ConvNormAct(cls_c, cls_c, 3),
                                     nn.Conv2d(cls_c, nc, 1))
             else:
                 cls = nn.Sequential(
-                    nn.Sequential(DepthwiseConvNormAct(c, c, 3, bn_eps=bn_eps),
-                                  ConvNormAct(c, cls_c, 1, bn_eps=bn_eps)),
-                    nn.Sequential(DepthwiseConvNormAct(cls_c, cls_c, 3, bn_eps=bn_eps),
-                                  ConvNormAct(cls_c, cls_c, 1, bn_eps=bn_eps)),
+                    nn.Sequential(DepthwiseConvNormAct(c, c, 3),
+                                  ConvNormAct(c, cls_c, 1)),
+                    nn.Sequential(DepthwiseConvNormAct(cls_c, cls_c, 3),
+                                  ConvNormAct(cls_c, cls_c, 1)),
                     nn.Conv2d(cls_c, nc, 1))
             self.levels.append(nn.ModuleDict({"box": box, "cls": cls}))
         # The DFL integral weights 0..reg_max-1, frozen. Kept as a (non-trainable) parameter so the parameter
@@ -281,6 +271,11 @@ class DetectHead(nn.Module):
         # (reg_max == 1 means no distribution at all: ultralytics then has no DFL module.)
         self.dfl_bins = (nn.Parameter(torch.arange(reg_max, dtype=torch.float32).view(1, reg_max, 1, 1),
                                       requires_grad=False) if reg_max > 1 else None)
+
+    @staticmethod
+    def class_width(finest_channels: int, nc: int) -> int:
+        """Width of the class branch: at least the finest level's channels, and at least nc up to 100."""
+        return max(finest_channels, min(nc, 100))
 
     def box_final(self, level: int) -> nn.Conv2d:
         return self.levels[level]["box"][-1]

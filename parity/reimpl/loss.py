@@ -289,23 +289,11 @@ class LossRun:
 class DetectionLoss:
     """`v8DetectionLoss`: each stage is a method taking and returning contract names.
 
-    An injected bug (`parity.reimpl.loss_inject`) replaces stage methods: its hooks are functions
-    `hook(loss, **inputs) -> outputs` registered under a stage's method name.
-    """
+    A stage is looked up on the instance (`stage(name)`), so a known cause (`parity.causes`) can replace or wrap
+    one stage of one loss object from outside without touching this code."""
 
-    def __init__(self, config: LossConfig, inject: str | None = None):
+    def __init__(self, config: LossConfig):
         self.config = config
-        self.inject = inject
-        if inject:
-            from parity.reimpl.inject import get
-
-            injection = get(inject)
-            if injection.kind != "loss":
-                raise ValueError(f"injection {inject!r} is a {injection.kind} bug, not a loss bug")
-            for name, hook in injection.hooks.items():
-                if name not in STAGE_INPUTS and name not in ("assigner_inputs", "post_assign"):
-                    raise ValueError(f"injection {inject!r} hooks unknown stage {name!r}")
-                setattr(self, name, _bind(hook, self))
 
     # Stage methods: keyword inputs and outputs as in STAGE_INPUTS.
     def anchors(self, *, feat_shapes, dtype=torch.float32, device=None):
@@ -323,14 +311,10 @@ class DetectionLoss:
     def assigner(self, *, pd_scores, pd_bboxes, anc_points, targets, mask_gt):
         return run_assigner(pd_scores, pd_bboxes, anc_points, targets, mask_gt, self.config.assigner)
 
-    def post_assign(self, outputs: dict[str, torch.Tensor], *, mask_gt: torch.Tensor) -> dict[str, torch.Tensor]:
-        return outputs  # injection point: a bug may rewrite the finished assignment here
-
     def assign(self, *, scores, pred_bboxes, anchor_points, stride_tensor, targets, mask_gt):
         inputs = self.assigner_inputs(scores=scores, pred_bboxes=pred_bboxes, anchor_points=anchor_points,
                                       stride_tensor=stride_tensor)
-        result = self.assigner(targets=targets, mask_gt=mask_gt, **inputs)
-        return self.post_assign({**inputs, **result}, mask_gt=mask_gt)
+        return {**inputs, **self.assigner(targets=targets, mask_gt=mask_gt, **inputs)}
 
     def normalize(self, *, target_scores):
         return normalize(target_scores)
@@ -356,9 +340,15 @@ class DetectionLoss:
         return getattr(self, name)
 
     # The whole loss.
-    def run(self, preds: dict[str, Any], batch: dict[str, torch.Tensor]) -> LossRun:
+    def run(self, preds: dict[str, Any], batch: dict[str, torch.Tensor], *,
+            reuse: dict[str, torch.Tensor] | None = None) -> LossRun:
         """preds: the head's train dict (`boxes`, `scores`, and `feats` or `feat_shapes`); batch: `cls`,
-        `bboxes`, `batch_idx` as `model.loss(batch)` takes them (normalized xywh, batch_idx sorted)."""
+        `bboxes`, `batch_idx` as `model.loss(batch)` takes them (normalized xywh, batch_idx sorted).
+
+        `reuse` holds `{stage}.{name}` outputs of an earlier run on the same inputs: those stages are not run
+        again (a partial re-run from the first stage it lacks)."""
+        reuse = reuse or {}
+        done = {key.split(".", 1)[0] for key in reuse}
         values: dict[str, torch.Tensor] = {}
         head = {"boxes": preds["boxes"], "scores": preds["scores"]}
         feat_shapes = feature_shapes(preds)
@@ -375,6 +365,9 @@ class DetectionLoss:
             return out
 
         for stage in STAGES:
+            if stage in done:
+                values.update({k: v for k, v in reuse.items() if k.startswith(stage + ".")})
+                continue
             kwargs = inputs_of(stage)
             if stage == "anchors":
                 kwargs.update(dtype=head["scores"].dtype, device=head["scores"].device)
@@ -394,20 +387,25 @@ class EndToEndLoss:
 
     branches = ("one2many", "one2one")
 
-    def __init__(self, config: LossConfig, inject: str | None = None, o2m: float = 0.8):
+    def __init__(self, config: LossConfig, o2m: float = 0.8):
         self.config = config
-        self.inject = inject
-        self.one2many = DetectionLoss(replace(config, topk=10, topk2=None), inject)
-        self.one2one = DetectionLoss(replace(config, topk=7, topk2=1), inject)
+        self.one2many = DetectionLoss(replace(config, topk=10, topk2=None))
+        self.one2one = DetectionLoss(replace(config, topk=7, topk2=1))
         self.o2m = o2m
         self.o2o = 1.0 - o2m  # the reference computes it this way; 0.19999999999999996 rounds to 0.2f
 
     def branch(self, name: str) -> DetectionLoss:
         return getattr(self, name)
 
-    def run(self, preds: dict[str, Any], batch: dict[str, torch.Tensor]) -> LossRun:
-        many = self.one2many.run(preds["one2many"], batch)
-        one = self.one2one.run(preds["one2one"], batch)
+    def run(self, preds: dict[str, Any], batch: dict[str, torch.Tensor], *,
+            reuse: dict[str, torch.Tensor] | None = None) -> LossRun:
+        reuse = reuse or {}
+
+        def own(branch: str) -> dict[str, torch.Tensor]:
+            return {k[len(branch) + 1:]: v for k, v in reuse.items() if k.startswith(branch + ".")}
+
+        many = self.one2many.run(preds["one2many"], batch, reuse=own("one2many"))
+        one = self.one2one.run(preds["one2one"], batch, reuse=own("one2one"))
         tensors = {f"one2many.{k}": v for k, v in many.tensors.items() if not k.startswith("output.")}
         tensors.update({f"one2one.{k}": v for k, v in one.tensors.items() if not k.startswith("output.")})
         loss = many.loss * self.o2m + one.loss * self.o2o
@@ -433,22 +431,18 @@ def image_size(feat_shapes, strides, like: torch.Tensor) -> torch.Tensor:
 
 def build_loss(config: LossConfig | dict, *, inject: str | None = None, end2end: bool | None = None
                ) -> DetectionLoss | EndToEndLoss:
-    """The built-in loss for a configuration (or a dump manifest), optionally with an injected bug."""
+    """The built-in loss for a configuration (or a dump manifest). `inject` names a known loss cause to plant
+    (`parity.causes`): it replaces stages of the built loss object from outside."""
     if isinstance(config, dict):
         if end2end is None:
             end2end = bool(config.get("model", {}).get("end2end", False))
         weights = (config.get("loss") or {}).get("branch_weights") or {}
         config = LossConfig.from_manifest(config)
-        if end2end:
-            return EndToEndLoss(config, inject, o2m=float(weights.get("one2many", 0.8)))
-    if end2end:
-        return EndToEndLoss(config, inject)
-    return DetectionLoss(config, inject)
+        loss = EndToEndLoss(config, o2m=float(weights.get("one2many", 0.8))) if end2end else DetectionLoss(config)
+    else:
+        loss = EndToEndLoss(config) if end2end else DetectionLoss(config)
+    if inject:
+        from parity.causes.plant import plant_loss  # planting sits outside the loss: see parity/causes
 
-
-def _bind(hook: Callable, loss: DetectionLoss) -> Callable:
-    def bound(*args, **kwargs):
-        return hook(loss, *args, **kwargs)
-
-    bound.__name__ = getattr(hook, "__name__", "hook")
-    return bound
+        plant_loss(loss, inject)
+    return loss

@@ -22,14 +22,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn as nn
 import yaml
 
-from .blocks import BN_EPS, C2PSA, C2f, C3k2, Concat, ConvNormAct, DetectHead, SPPF, Upsample, dfl
+from .blocks import C2PSA, C2f, C3k2, Concat, ConvNormAct, DetectHead, SPPF, Upsample, dfl
 
-__all__ = ["Detector", "LayerSpec", "ModelTweaks", "build_detector", "dfl", "find_model_yaml", "parse_model_yaml"]
+__all__ = ["Detector", "LayerSpec", "build_detector", "build_layer", "dfl", "find_model_yaml", "parse_model_yaml"]
 
 # Rows that take the repeat count as an argument (the others must have n == 1 here).
 _REPEATED = {"C2f", "C3k2", "C2PSA"}
@@ -76,16 +75,6 @@ class LayerSpec:
     c_in: list[int] = field(default_factory=list)
     c_out: int = 0
     stride: float = 1.0       # total downsampling of this layer's output
-
-
-@dataclass
-class ModelTweaks:
-    """Knobs that injected bugs (`parity.reimpl.inject`) turn. The defaults are the clean model."""
-    upsample_mode: str = "nearest"
-    bn_eps: dict[int, float] = field(default_factory=dict)       # layer index -> BatchNorm eps for that layer
-    duplicate_concat: int | str | None = None                    # a Concat index, or "first-neck"
-    bias_init: str = "ultralytics"      # "ultralytics" | "float32" | "float64" | "skipped" | "int-division"
-    box_bias: float = 2.0               # 1.0 up to ultralytics 8.3.x (the `as-of-8.3` mode)
 
 
 def _make_divisible(x: float, divisor: int = 8) -> int:
@@ -155,28 +144,28 @@ def parse_model_yaml(model: str = "yolo11n.yaml", nc: int = 80) -> dict:
 # --------------------------------------------------------------------------------------------------------------
 # the model
 
-def _build_layer(spec: LayerSpec, *, scale: str, nc: int, reg_max: int, legacy: bool, eps: float,
-                 upsample_mode: str, duplicate: bool) -> nn.Module:
+def build_layer(spec: LayerSpec, *, scale: str, nc: int, reg_max: int, legacy: bool) -> nn.Module:
+    """The module for one yaml row."""
     t, a, c1, c2, n = spec.type, spec.args, spec.c_in[0], spec.c_out, spec.repeats
     if t == "Conv":
-        return ConvNormAct(c1, c2, a[1] if len(a) > 1 else 1, a[2] if len(a) > 2 else 1, bn_eps=eps)
+        return ConvNormAct(c1, c2, a[1] if len(a) > 1 else 1, a[2] if len(a) > 2 else 1)
     if t == "C2f":
-        return C2f(c1, c2, n, shortcut=bool(a[1]) if len(a) > 1 else False, bn_eps=eps)
+        return C2f(c1, c2, n, shortcut=bool(a[1]) if len(a) > 1 else False)
     if t == "C3k2":
         c3k = bool(a[1]) if len(a) > 1 else False
         if scale in {"m", "l", "x"}:      # the larger YOLO11 scales use C3k inner blocks on every row
             c3k = True
-        return C3k2(c1, c2, n, c3k=c3k, expand=a[2] if len(a) > 2 else 0.5, bn_eps=eps)
+        return C3k2(c1, c2, n, c3k=c3k, expand=a[2] if len(a) > 2 else 0.5)
     if t == "SPPF":
-        return SPPF(c1, c2, a[1] if len(a) > 1 else 5, bn_eps=eps)
+        return SPPF(c1, c2, a[1] if len(a) > 1 else 5)
     if t == "C2PSA":
-        return C2PSA(c1, c2, n, bn_eps=eps)
+        return C2PSA(c1, c2, n)
     if t == "Upsample":
-        return Upsample(a[1], upsample_mode)
+        return Upsample(a[1])
     if t == "Concat":
-        return Concat(a[0] if a else 1, duplicate_last=duplicate)
+        return Concat(a[0] if a else 1)
     if t == "Detect":
-        return DetectHead(nc, spec.c_in, reg_max, legacy=legacy, bn_eps=eps)
+        return DetectHead(nc, spec.c_in, reg_max, legacy=legacy)
     raise NotImplementedError(t)
 
 
@@ -184,9 +173,8 @@ class Detector(nn.Module):
     """The detector: `layers[i]` is yaml row `i`; `forward` runs the rows in order, feeding each the outputs
     named by `sources[i]`, and returns the head's train-mode dict."""
 
-    def __init__(self, model: str = "yolo11n.yaml", nc: int = 80, tweaks: ModelTweaks | None = None):
+    def __init__(self, model: str = "yolo11n.yaml", nc: int = 80):
         super().__init__()
-        self.tweaks = tweaks = tweaks or ModelTweaks()
         parsed = parse_model_yaml(model, nc)
         specs: list[LayerSpec] = parsed["layers"]
         self.model_name = model
@@ -198,28 +186,16 @@ class Detector(nn.Module):
         self.specs = specs
         self.sources = [list(s.sources) for s in specs]
         self._types = [s.type for s in specs]
-
-        dup = tweaks.duplicate_concat
-        if dup == "first-neck":            # the first Concat: in v8 and 11 the first of the neck
-            dup = next(s.index for s in specs if s.type == "Concat")
-        if dup is not None:
-            # The widened Concat feeds the next layer: rebuild that layer's input width to accept it.
-            extra = specs[dup].c_in[-1]
-            specs[dup].c_out += extra
-            for s in specs[dup + 1:]:
-                s.c_in = [c + extra if src == dup else c for c, src in zip(s.c_in, s.sources)]
-
-        self.layers = nn.ModuleList(
-            _build_layer(s, scale=self.scale, nc=nc, reg_max=self.reg_max, legacy=self.legacy_head,
-                         eps=tweaks.bn_eps.get(s.index, BN_EPS), upsample_mode=tweaks.upsample_mode,
-                         duplicate=(s.index == dup))
-            for s in specs)
+        self.layers = nn.ModuleList(self.build_layer(s) for s in specs)
         # A non-persistent buffer: it follows .to(device) but is not in the state_dict (ultralytics has no such
         # tensor under model.*, so it would be an unexpected key for the mapping).
         self.register_buffer("strides", torch.tensor(parsed["head_strides"], dtype=torch.float32),
                              persistent=False)
-        if tweaks.bias_init != "skipped":
-            self.bias_init()
+        self.bias_init()
+
+    def build_layer(self, spec: LayerSpec) -> nn.Module:
+        """A fresh module for one row of this model (after `spec`'s widths changed, say)."""
+        return build_layer(spec, scale=self.scale, nc=self.nc, reg_max=self.reg_max, legacy=self.legacy_head)
 
     # ---- structure ------------------------------------------------------------------------------------------
     def layer_types(self) -> list[str]:
@@ -239,7 +215,7 @@ class Detector(nn.Module):
     def run_layer(self, i: int, inputs: list[torch.Tensor]) -> Any:
         """Run layer `i` alone on the given inputs (one tensor per entry of `sources[i]`)."""
         layer = self.layers[i]
-        if isinstance(layer, (Concat, DetectHead)):
+        if self._types[i] in ("Concat", "Detect"):
             return layer(list(inputs))
         if len(inputs) != 1:
             raise ValueError(f"layer {i} ({self._types[i]}) takes one input, got {len(inputs)}")
@@ -312,50 +288,35 @@ class Detector(nn.Module):
         return out
 
     # ---- Detect bias initialisation -------------------------------------------------------------------------
-    def _class_prior_logit(self, level: int) -> torch.Tensor:
+    def class_prior_logit(self, level: int) -> torch.Tensor:
         """Initial class logit: log of a prior of 5 objects per 640x640 image spread over nc classes and the
-        (640/stride)^2 cells of the level. Returned as a float32 scalar tensor."""
-        mode, nc = self.tweaks.bias_init, self.nc
+        (640/stride)^2 cells of the level. Returned as a float32 scalar tensor.
+
+        ultralytics' arithmetic: 640 / stride and the square run in float32 (stride is a float32 tensor), the
+        quotient too; math.log then takes that float32 value as a double, and the store rounds back."""
         stride = self.strides[level].cpu()          # a float32 tensor element, as in ultralytics
-        if mode == "ultralytics":
-            # ultralytics' arithmetic: 640 / stride and the square run in float32 (stride is a float32 tensor),
-            # the quotient too; math.log then takes that float32 value as a double, and the store rounds back.
-            prior = 5 / nc / (640 / stride) ** 2
-            return torch.tensor(math.log(prior), dtype=torch.float32)
-        if mode == "float32":   # injected bug: every step in float32, including the log (numpy's logf)
-            s = np.float32(stride.item())
-            prior = np.float32(5) / np.float32(nc) / (np.float32(640) / s) ** np.float32(2)
-            return torch.tensor(np.log(prior), dtype=torch.float32)
-        if mode == "float64":   # injected bug: every step in float64, rounded to float32 once at the end
-            return torch.tensor(math.log(5.0 / nc / (640.0 / float(stride.item())) ** 2), dtype=torch.float32)
-        if mode == "int-division":   # injected bug: C-style 5 / nc on integers, 0 for nc > 5: log(0) = -inf
-            prior = torch.tensor(float(5 // nc), dtype=torch.float32) / (640 / stride) ** 2
-            return torch.log(prior)
-        raise ValueError(f"unknown bias init mode {mode!r}")
+        prior = 5 / self.nc / (640 / stride) ** 2
+        return torch.tensor(math.log(prior), dtype=torch.float32)
 
     @torch.no_grad()
     def bias_init(self) -> None:
         """Detect biases: box logits 2.0 (a flat start that cancels in the DFL softmax), class logits at the prior
-        above. Needs `strides`. The `bias-init-skipped` injection makes this a no-op."""
-        if self.tweaks.bias_init == "skipped":
-            return
+        above. Needs `strides`."""
         for level in range(self.head.num_levels):
-            self.head.box_final(level).bias.fill_(self.tweaks.box_bias)
-            self.head.cls_final(level).bias[: self.nc] = self._class_prior_logit(level)
+            self.head.box_final(level).bias.fill_(2.0)
+            self.head.cls_final(level).bias[: self.nc] = self.class_prior_logit(level)
 
     def extra_repr(self) -> str:
         return f"model={self.model_name!r}, scale={self.scale!r}, nc={self.nc}, reg_max={self.reg_max}"
 
 
 def build_detector(model: str = "yolo11n.yaml", nc: int = 80, inject: str | None = None) -> Detector:
-    """Build the built-in detector, optionally with one injected bug (`parity.reimpl.inject.INJECTIONS`).
-
-    Loss-side injections are accepted and leave the model untouched (they act in the loss)."""
-    tweaks = ModelTweaks()
+    """Build the built-in detector. `inject` names a known cause to plant in it (`parity.causes`); the cause is
+    applied from outside, to the finished model, by replacing or wrapping its modules. A loss-side cause leaves
+    the model as it is."""
+    detector = Detector(model, nc=nc)
     if inject:
-        from .inject import apply_model_injection
+        from parity.causes.plant import plant_detector  # planting sits outside the model: see parity/causes
 
-        apply_model_injection(inject, tweaks)
-    det = Detector(model, nc=nc, tweaks=tweaks)
-    det.injection = inject
-    return det
+        plant_detector(detector, inject)
+    return detector

@@ -521,9 +521,14 @@ def _exception_words(exception: dict) -> str:
 
 
 def builtin_loss_adapter(spec: LossSpec, inject: str | None = None) -> LossAdapter:
-    """The clean-room loss (`parity.reimpl.loss`), every stage exposed; `inject` plants a known bug."""
+    """The clean-room loss (`parity.reimpl.loss`), every stage exposed; `inject` plants a known cause
+    (`parity.causes`) into it from outside."""
     try:
-        loss = build_loss(spec.manifest, inject=inject)
+        loss = build_loss(spec.manifest)
+        if inject:
+            from parity.causes import plant_loss
+
+            plant_loss(loss, inject)
     except KeyError as error:
         raise ParityError(str(error).strip("'\"")) from None
     except ValueError as error:

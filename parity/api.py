@@ -143,13 +143,14 @@ def dump_reference(out: str | os.PathLike, *, model: str = "yolo11n.yaml", nc: i
 def assert_parity(reference, candidate: Any = "builtin", *, what: str = "all", profile: str | None = None,
                   layer: int | None = None, mode: str = "both", inject: str | None = None,
                   map_file: str | None = None, loss: Any = None, device: str = "cpu",
-                  report_dir: str | os.PathLike | None = None, html: bool = False,
+                  report_dir: str | os.PathLike | None = None, html: bool = True,
                   name: str = "parity-report") -> Report:
     """Compare and raise an `AssertionError` when the candidate departs from the reference.
 
     The message's first line is the verdict and the first divergence, then one line per finding (signature,
     where, one sentence), and last the paths of the JSON (and HTML) report written to `report_dir` (a new
     temporary directory when None). Bad input raises `ParityError`. Returns the report when it passes."""
+    __tracebackhide__ = True  # pytest shows the caller's line and this message, not this function
     report = compare(reference, candidate, what=what, profile=profile, layer=layer, mode=mode, inject=inject,
                      map_file=map_file, loss=loss, device=device, histograms=html)
     if report.verdict == "parity":
@@ -172,7 +173,7 @@ def failure_message(report: Report, files: ReportFiles | None = None, *, finding
         lines.append(f"  ... {len(findings) - findings_shown} more finding(s) in the report")
     if not report.errors:
         for row in report.failed_rows[:5]:
-            lines.append(f"  failed [{row.section}] {row.where} {row.name}: {_sentence(row.note)}")
+            lines.append(f"  failed [{row.section}] {row.where} {row.name}: {_sentence(row_detail(row))}")
     for path in (files.paths() if files else []):
         lines.append(f"report: {path}")
     return "\n".join(lines)
@@ -194,6 +195,29 @@ def headline(report: Report) -> str:
     elif report.errors:
         parts.append(f"first error: {report.errors[0].signature} @ {report.errors[0].where}")
     return "; ".join(parts)
+
+
+def row_detail(row: Row) -> str:
+    """What a failed (or passed) row says: its note, or else its numbers."""
+    if str(row.note).strip():
+        return " ".join(str(row.note).split())
+    m = row.metrics or {}
+    if not m:
+        return "passed" if row.passed else "failed"
+    if m.get("ref_shape") != m.get("cand_shape"):
+        return f"shape {m.get('cand_shape')} != reference {m.get('ref_shape')}"
+    parts = [f"max|d| {_g(m.get('max_abs'))}"]
+    if m.get("mismatched"):
+        parts.append(f"{m.get('mismatched')} of {m.get('numel')} elements out of tolerance")
+    if m.get("nan_cand") or m.get("inf_cand"):
+        parts.append(f"candidate NaN {m.get('nan_cand')} Inf {m.get('inf_cand')} (reference NaN {m.get('nan_ref')})")
+    if m.get("worst_index") is not None:
+        parts.append(f"worst at {m.get('worst_index')}: {_g(m.get('ref_at_worst'))} -> {_g(m.get('cand_at_worst'))}")
+    return ", ".join(parts)
+
+
+def _g(value: Any) -> str:
+    return f"{value:.3g}" if isinstance(value, float) else str(value)
 
 
 def _sentence(text: str, width: int = 160) -> str:

@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -46,7 +49,8 @@ def test_a_planted_bug_raises_an_assertion_error_that_names_it(fixtures_dir, tmp
     finding = next(line for line in lines[1:] if "missing-sigmoid" in line)
     assert finding.startswith("  error missing-sigmoid @ loss stage assign: the assigner receives raw class logits")
     assert lines.index(finding) == 1, "errors come first, right under the verdict"
-    assert lines[-1] == f"report: {tmp_path / 'parity-report.json'}"
+    assert lines[-2:] == [f"report: {tmp_path / 'parity-report.json'}", f"report: {tmp_path / 'parity-report.html'}"]
+    assert "<h1>DIVERGENCE</h1>" in (tmp_path / "parity-report.html").read_text()
     document = json.loads((tmp_path / "parity-report.json").read_text())
     assert document["verdict"] == "divergence"
     assert any(f["signature"] == "missing-sigmoid" for f in document["findings"])
@@ -117,3 +121,40 @@ def test_dump_reference_writes_a_dump_the_api_reads(tmp_path):
     assert report.verdict == "parity"
     with pytest.raises(ParityError):  # never overwrites what is there
         parity.dump_reference(path, model="fixtures/models/yolo11-narrow.yaml", imgsz=64)
+
+
+# ------------------------------------------------------------------------------------------ pytest plugin
+def _pytest(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    """pytest in a fresh process, the plugin loaded by name (a source checkout has no installed entry point)."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return subprocess.run([sys.executable, "-m", "pytest", "-p", "parity.pytest_plugin", "-p", "no:cacheprovider",
+                           *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=600, check=False)
+
+
+def test_the_pytest_example_runs_with_the_plugin():
+    proc = _pytest(["-q", "examples/pytest"], ROOT)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
+    assert "3 passed" in proc.stdout
+
+
+def test_a_failing_check_prints_the_report_path_and_writes_html(tmp_path, fixtures_dir):
+    (tmp_path / "test_bug.py").write_text(
+        "def test_planted_bug(assert_parity):\n"
+        "    assert_parity(inject='missing-sigmoid', what='loss')\n")
+    html = tmp_path / "html"
+    proc = _pytest(["-q", "test_bug.py", "--parity-reference", str(fixtures_dir / "yolo11-narrow-nc80-96"),
+                    "--parity-html", str(html)], tmp_path)
+    assert proc.returncode == 1, proc.stdout[-4000:] + proc.stderr[-2000:]
+    written = html / "test_bug.py_test_planted_bug.html"
+    assert written.exists() and "<h1>DIVERGENCE</h1>" in written.read_text()
+    assert f"report: {written}" in proc.stdout
+    assert "AssertionError: DIVERGENCE: " in proc.stdout and "missing-sigmoid @ loss stage assign" in proc.stdout
+    summary = proc.stdout[proc.stdout.index("parity reports"):]
+    assert f"test_bug.py::test_planted_bug: {written}" in summary
+
+
+def test_a_missing_parity_reference_is_a_usage_error(tmp_path):
+    (tmp_path / "test_any.py").write_text("def test_any(assert_parity):\n    assert_parity()\n")
+    proc = _pytest(["-q", "test_any.py", "--parity-reference", str(tmp_path / "nowhere")], tmp_path)
+    assert proc.returncode != 0
+    assert "expected a reference dump directory holding manifest.json, found none" in proc.stdout + proc.stderr

@@ -6,6 +6,7 @@ The screenshots are kept under runs/screenshots/ for a person to look at.
 
 from __future__ import annotations
 
+import functools
 import re
 import shutil
 import subprocess
@@ -22,8 +23,18 @@ BROWSERS = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stab
 RED, GREEN = (0xC6, 0x28, 0x28), (0x2E, 0x7D, 0x32)  # the verdict header's colours
 
 
+@functools.lru_cache(maxsize=1)
 def browser() -> str | None:
-    return next((path for path in map(shutil.which, BROWSERS) if path), None)
+    """The first installed browser that really starts headless (a snap stub or a broken install does not)."""
+    for path in filter(None, map(shutil.which, BROWSERS)):
+        try:
+            probe = subprocess.run([path, "--headless=new", "--no-sandbox", "--disable-gpu", "--dump-dom",
+                                    "about:blank"], capture_output=True, text=True, timeout=90, check=False)
+        except (OSError, subprocess.TimeoutExpired):
+            continue
+        if probe.returncode == 0 and "<html" in probe.stdout:
+            return path
+    return None
 
 
 def headless(html: Path, *args: str) -> subprocess.CompletedProcess:
@@ -67,8 +78,8 @@ def test_the_drill_down_carries_the_worst_element_and_a_histogram(fixtures_dir):
     assert all("histogram" not in (r.metrics or {}) for r in clean.rows), "histograms only when asked for"
 
 
-@pytest.mark.skipif(browser() is None, reason="no headless browser (chromium) on this machine: "
-                                              "`apt-get install chromium`; .ci/run installs it")
+@pytest.mark.skipif(browser() is None, reason="no headless browser that starts (chromium, google-chrome) on "
+                                              "this machine: `apt-get install chromium`; .ci/run installs it")
 @pytest.mark.parametrize("name, verdict, colour", [("clean", "PARITY", GREEN), ("bn-eps", "DIVERGENCE", RED)])
 def test_it_renders_in_headless_chromium(reports, name, verdict, colour):
     from PIL import Image

@@ -39,7 +39,7 @@ def browser() -> str | None:
 
 def headless(html: Path, *args: str) -> subprocess.CompletedProcess:
     command = [browser(), "--headless=new", "--no-sandbox", "--disable-gpu", "--no-first-run", "--hide-scrollbars",
-               "--disable-extensions", "--window-size=1400,2400", "--virtual-time-budget=10000", *args,
+               "--disable-extensions", "--window-size=1400,2800", "--virtual-time-budget=10000", *args,
                html.resolve().as_uri()]
     return subprocess.run(command, capture_output=True, text=True, timeout=180, check=False)
 
@@ -100,5 +100,5 @@ def test_it_renders_in_headless_chromium(reports, name, verdict, colour):
     taken = headless(reports[name], f"--screenshot={shot}")
     assert taken.returncode == 0 and shot.exists(), taken.stderr[-2000:]
     with Image.open(shot) as image:
-        assert image.size == (1400, 2400)
+        assert image.size == (1400, 2800)
         assert image.convert("RGB").getpixel((20, 20)) == colour, "the verdict header is at the top, coloured"

@@ -142,13 +142,15 @@ def test_a_failing_check_prints_the_report_path_and_writes_html(tmp_path, fixtur
         "def test_planted_bug(assert_parity):\n"
         "    assert_parity(inject='missing-sigmoid', what='loss')\n")
     html = tmp_path / "html"
-    proc = _pytest(["-q", "test_bug.py", "--parity-reference", str(fixtures_dir / "yolo11-narrow-nc80-96"),
-                    "--parity-html", str(html)], tmp_path)
+    # the `=` form: pytest takes a separate option value that looks like a path into its rootdir guess
+    proc = _pytest(["-q", "test_bug.py", f"--parity-reference={fixtures_dir / 'yolo11-narrow-nc80-96'}",
+                    f"--parity-html={html}"], tmp_path)
     assert proc.returncode == 1, proc.stdout[-4000:] + proc.stderr[-2000:]
     written = html / "test_bug.py_test_planted_bug.html"
     assert written.exists() and "<h1>DIVERGENCE</h1>" in written.read_text()
     assert f"report: {written}" in proc.stdout
     assert "AssertionError: DIVERGENCE: " in proc.stdout and "missing-sigmoid @ loss stage assign" in proc.stdout
+    assert "FAILED test_bug.py::test_planted_bug" in proc.stdout
     summary = proc.stdout[proc.stdout.index("parity reports"):]
     assert f"test_bug.py::test_planted_bug: {written}" in summary
 

@@ -106,3 +106,13 @@ example-numpy: $(STAMP)
 	for l in $(NUMPY_LAYERS); do $(PY) -m parity check-layer --layer-file $(EXAMPLES_OUT)/numpy/layer$$l.safetensors \
 		--output $(EXAMPLES_OUT)/numpy/out/layer$$l.safetensors || exit $$?; done
 	$(PY) -m parity compare --reference $(NUMPY_REF) --candidate $(EXAMPLES_OUT)/numpy/dump --what layers
+
+# ---- the whole CUDA path on whatever GPU is present (parity/gpu_check.py): appends to docs/cuda-results.md;
+# exits 2 without a GPU. `make examples-pytest` runs the user-side pytest example with the plugin.
+GPU_CHECK_ARGS ?=
+.PHONY: gpu-check examples-pytest
+examples-pytest: $(STAMP)
+	$(PY) -m pytest -q -p parity.pytest_plugin examples/pytest
+
+gpu-check: $(STAMP)
+	$(PY) -m parity.gpu_check $(GPU_CHECK_ARGS)

@@ -10,6 +10,7 @@ import sys
 from contextlib import contextmanager
 from pathlib import Path
 
+from parity.compare_command import add_report_output_options
 from parity.errors import ParityError
 from parity.runtime import PROJECT_ROOT, prepare
 
@@ -161,6 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
                               "either dump was written with --stats-only); the report lists what this cannot show")
     compare.add_argument("--old-reference", help="a reference dump from an older ultralytics release: what the "
                                                  "candidate matches there is reported as version drift, not a bug")
+    add_report_output_options(compare)
     _add_capture_options(compare)
     compare.set_defaults(func=cmd_compare)
 

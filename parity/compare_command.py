@@ -5,7 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 
 from parity.errors import ParityError
-from parity.report import Report
 
 
 def resolve_reference(args):
@@ -39,7 +38,9 @@ def list_injections() -> int:
 
 
 def run_compare(args) -> int:
-    from parity.render import render, to_json
+    """`parity compare`: the flags become a `parity.api.CompareConfig`; the public API does the work."""
+    from parity.api import run, write_reports
+    from parity.render import render
 
     if args.list_injections:
         return list_injections()
@@ -47,153 +48,63 @@ def run_compare(args) -> int:
 
     check_device(args.device)
     reference = resolve_reference(args)
-    progress = not args.no_progress
-    whole_dump = _dump_against_dump(reference, args)
-    if whole_dump is not None:
-        render(whole_dump)
-        if args.json_out:
-            to_json(whole_dump, args.json_out)
-        return whole_dump.exit_code
-    modes = ("isolated", "chained") if args.mode == "both" else (args.mode,)
-    report: Report | None = None
-    inject = args.inject
-    model_inject, loss_inject = _split_injection(inject)
-
-    if args.what in ("layers", "all"):
-        from parity.replay.layers import compare_layers
-
-        report = compare_layers(reference, args.candidate, profile=args.profile, layer=args.layer, modes=modes,
-                                progress=progress, inject=model_inject, map_file=args.map_file, device=args.device)
-    if args.what in ("loss", "all"):
-        if not reference.manifest.get("loss", {}).get("cases"):
-            if args.what == "loss":
-                raise ParityError(f"{reference.path} holds no loss tensors; the loss cannot be compared")
-        else:
-            from parity.replay.loss import compare_loss
-
-            loss_candidate = args.loss_candidate or "builtin"
-            if not Path(str(args.candidate)).is_dir() or args.loss_candidate:
-                loss_report = compare_loss(reference, loss_candidate, profile=args.profile, progress=progress,
-                                           inject=loss_inject)
-            else:
-                loss_report = compare_loss(reference, args.candidate, profile=args.profile, progress=progress)
-            report = loss_report if report is None else report.merge(loss_report)
-            if args.what == "all":
-                report.command = "compare --what all"
-    assert report is not None
-    if args.old_reference:
-        explain_version_drift(report, reference, args, modes, model_inject, loss_inject)
-    # ---- issue-13: the counterfactual explainer names known causes at divergent places (keep as one call) ----
-    from parity.causes import ExplainConfig, explain_report
-
-    explain_report(report, reference, ExplainConfig(candidate=args.candidate, loss_candidate=args.loss_candidate,
-                                                    inject=inject, profile=args.profile, map_file=args.map_file,
-                                                    device=args.device))
-    # ---- end of the issue-13 block ----
-    render(report, verbose=args.layer is not None)
-    if args.json_out:
-        to_json(report, args.json_out)
+    _check_two_dumps(args)
+    files = report_files(args)
+    report = run(reference, args.candidate, compare_config(args))
+    render(report, verbose=args.layer is not None and report.command.startswith("compare --what"))
+    write_reports(report, files)
     return report.exit_code
 
 
-def _dump_against_dump(reference, args) -> Report | None:
-    """Tensor-by-tensor comparison of two whole dumps, when asked for (`--streamed`, `--stats-only`) or when
-    either dump is statistics-only (it has no values to replay). None: run the layer and loss replays."""
-    from parity.dumpfile import MANIFEST, Dump
+def compare_config(args):
+    """The typed configuration `parity compare`'s flags stand for."""
+    from parity.api import CompareConfig
 
-    candidate_path = Path(str(args.candidate))
-    is_dump = (candidate_path / MANIFEST).exists()
-    wanted = args.streamed or args.stats_only
-    if wanted and not is_dump:
+    return CompareConfig(what=args.what, profile=args.profile, layer=args.layer, mode=args.mode, inject=args.inject,
+                         map_file=args.map_file, loss=args.loss_candidate, device=args.device,
+                         streamed=args.streamed, stats_only=args.stats_only, old_reference=args.old_reference,
+                         progress=not args.no_progress, histograms=getattr(args, "html", None) is not None)
+
+
+def _check_two_dumps(args) -> None:
+    """The library says the same, in its own words; the CLI names its flags."""
+    from parity.dumpfile import MANIFEST
+
+    if (args.streamed or args.stats_only) and not (Path(str(args.candidate)) / MANIFEST).exists():
         flag = "--stats-only" if args.stats_only else "--streamed"
         raise ParityError(f"{flag} compares two dumps: --candidate must be a dump directory (holding {MANIFEST}), "
                           f"not {args.candidate!r}")
-    if not is_dump:
-        return None
-    candidate = Dump(candidate_path)
-    if args.stats_only or reference.stats_only or candidate.stats_only:
-        from parity.compare.stats import compare_stats
-
-        return compare_stats(reference, candidate, profile=args.profile)
-    if args.streamed:
-        from parity.cli import progress_enabled, step_progress
-        from parity.compare.stream import compare_dumps
-
-        shared = len(set(reference.names()) & set(candidate.names()))
-        with step_progress(progress_enabled(args), shared, "comparing dumps") as advance:
-            return compare_dumps(reference, candidate, profile=args.profile, progress=advance)
-    return None
 
 
-def _rows_by_key(report: Report) -> dict[tuple[str, str], dict]:
-    """The first compared row of each (section, tensor) as metrics: a loss tensor is judged twice, once in its
-    stage on the reference's inputs and once end to end, and the two can disagree."""
-    rows = {}
-    for row in report.rows:
-        if row.metrics is not None and (row.section, row.name) not in rows:
-            rows[(row.section, row.name)] = {**row.metrics, "passed": row.passed}
-    return rows
+# ------------------------------------------------------------------------------------ report outputs
+GITHUB_SUMMARY_FROM_ENV = "$GITHUB_STEP_SUMMARY"
 
 
-def explain_version_drift(report: Report, reference, args, modes, model_inject, loss_inject) -> None:
-    """Run the same comparison against an older reference: what matches it is release drift, not a bug.
-
-    Rows that fail against the current reference but match the older one pass, with a note naming the
-    release; error findings about those tensors become warnings; `version-drift` findings say why.
-    """
-    from parity.drift import explain
-    from parity.dumpfile import Dump
-    from parity.replay.loss import mark_drifted_stages
-
-    old = Dump(args.old_reference)
-    old_report = None
-    if args.what in ("layers", "all"):
-        from parity.replay.layers import compare_layers
-
-        old_report = compare_layers(old, args.candidate, profile=args.profile, modes=modes, progress=False,
-                                    inject=model_inject, map_file=args.map_file, device=args.device)
-    if args.what in ("loss", "all") and old.manifest.get("loss", {}).get("cases"):
-        from parity.replay.loss import compare_loss
-
-        try:
-            loss_report = compare_loss(old, args.loss_candidate or "builtin", profile=args.profile, progress=False,
-                                       inject=loss_inject)
-            old_report = loss_report if old_report is None else old_report.merge(loss_report)
-        except ParityError as error:  # an older release's layout the loss replay cannot read (8.3 head lists)
-            report.coverage.setdefault("not_checked", []).append(f"loss against {old.path}: {error}")
-    if old_report is None:
-        return
-    versions = (report_versions(reference), report_versions(old))
-    now, then = _rows_by_key(report), _rows_by_key(old_report)
-    failing = [key for key, metrics in now.items() if not metrics["passed"] and key in then]
-    # explain() reads one row per tensor: the first failing one, beside the old reference's row of that section
-    first_failing = {}
-    for key in failing:
-        first_failing.setdefault(key[1], key)
-    findings = explain({name: now[key] for name, key in first_failing.items()},
-                       {name: then[key] for name, key in first_failing.items()},
-                       current_version=versions[0], old_version=versions[1])
-    named = {item["name"] for f in findings for item in f.evidence.get("tensors", [])}
-    explained_keys = {key for key in failing if then[key]["passed"] or key[1] in named}
-    explained = {name for _, name in explained_keys}
-    for row in report.rows:
-        if not row.passed and (row.section, row.name) in explained_keys:
-            row.passed = True
-            row.note = f"matches ultralytics {versions[1]} (version drift). " + row.note
-    for finding in report.findings:
-        mentioned = " ".join([finding.where, finding.message, str(finding.evidence)])
-        if finding.severity == "error" and any(name in mentioned for name in explained):
-            finding.severity = "warning"
-            finding.message += f" [matches ultralytics {versions[1]}: release drift, not a port bug]"
-    for finding in findings:
-        report.find(finding)
-    mark_drifted_stages(report)
-    report.context["old_reference"] = {"path": str(old.path), "ultralytics": versions[1],
-                                       "explained_tensors": sorted(explained)}
+def add_report_output_options(parser) -> None:
+    """`--html`, `--junit`, `--github-summary` on `parity compare` (`--json` is defined beside the others)."""
+    parser.add_argument("--html", metavar="FILE",
+                        help="also write the report as one self-contained HTML file (charts, drill-down; no network)")
+    parser.add_argument("--junit", metavar="FILE",
+                        help="also write JUnit XML: one test case per check section, failing rows as failures")
+    parser.add_argument("--github-summary", nargs="?", const=GITHUB_SUMMARY_FROM_ENV, metavar="FILE",
+                        help="append a markdown summary for a GitHub Actions job summary (without FILE: the file "
+                             "$GITHUB_STEP_SUMMARY names)")
 
 
-def report_versions(dump) -> str:
-    return (dump.manifest.get("versions") or {}).get("ultralytics") or "unknown"
+def report_files(args):
+    """The files the flags ask for, checked before any work is done."""
+    import os
+
+    from parity.api import ReportFiles
+
+    summary = getattr(args, "github_summary", None)
+    if summary == GITHUB_SUMMARY_FROM_ENV:
+        summary = os.environ.get("GITHUB_STEP_SUMMARY")
+        if not summary:
+            raise ParityError("--github-summary without FILE writes to $GITHUB_STEP_SUMMARY, which is not set "
+                              "(GitHub Actions sets it inside a job): give a FILE")
+    return ReportFiles(json=args.json_out, html=getattr(args, "html", None), junit=getattr(args, "junit", None),
+                       github_summary=summary)
 
 
 def _split_injection(inject: str | None) -> tuple[str | None, str | None]:

@@ -162,3 +162,24 @@ def test_schema(name):
     proc = subprocess.run([tool, "--builtin-schema", "vendor.github-workflows", str(FILES[name])],
                           capture_output=True, text=True, check=False)
     assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_gpu_workflow_runs_make_gpu_check_and_uploads_its_results():
+    document = load(FILES["parity-gpu"])
+    assert "make gpu-check" in run_lines(document)
+    (job,) = document["jobs"].values()
+    upload = next(s for s in job["steps"] if s.get("uses", "").startswith("actions/upload-artifact@"))
+    assert "docs/cuda-results.md" in upload["with"]["path"] and "reports/*.html" in upload["with"]["path"]
+    compares = [line for line in run_lines(document) if " compare " in f" {line} "]
+    assert all("--html" in line and "--junit" in line for line in compares)
+
+
+def test_ci_run_is_make_test_and_installs_a_browser_without_failing_on_it():
+    script = (ROOT / ".ci" / "run").read_text()
+    commands = [line.strip() for line in script.splitlines() if line.strip() and not line.strip().startswith("#")]
+    assert commands[-1] == "make test", "make test stays the test command, and the last word"
+    install = next(line for line in commands if "apt-get install" in line)
+    assert "timeout" in install and "chromium" in install
+    assert "|| echo" in script and "install_browser || true" in commands
+    proc = subprocess.run(["bash", "-n", str(ROOT / ".ci" / "run")], capture_output=True, text=True, check=False)
+    assert proc.returncode == 0, proc.stderr

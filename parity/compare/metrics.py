@@ -427,3 +427,9 @@ def ulp_distance(ref: torch.Tensor, cand: torch.Tensor) -> torch.Tensor:
     if ref.dtype != torch.float32 or cand.dtype != torch.float32:
         raise TypeError("ulp_distance needs two float32 tensors")
     return (_ordered_int(ref.contiguous()) - _ordered_int(cand.contiguous())).abs()
+
+
+# A report that wants the differences' histograms (the HTML drill-down) observes every comparison.
+from parity.compare.histogram import observed as _observed  # noqa: E402 - wraps the function defined above
+
+compare_tensors = _observed(compare_tensors)

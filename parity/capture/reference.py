@@ -116,6 +116,10 @@ def build_model(model_yaml: str, nc: int, seed: int) -> nn.Module:
     LOGGER.setLevel("ERROR")  # a yaml outside ultralytics' names draws a harmless "no model scale" warning
     try:
         model = DetectionModel(model_yaml, nc=nc, verbose=False)
+        # parse_model sets `legacy` on the head's class, and the reset below takes it back; pin it on the instance
+        # so the head keeps saying what it was built as (YOLOv8's class branch is the legacy one).
+        head = head_of(model)
+        head.legacy = bool(getattr(head, "legacy", False))
     except FileNotFoundError as error:
         raise ParityError(
             f"unknown model yaml {model_yaml!r} ({error}); try e.g. yolo11n.yaml, yolov8n.yaml, yolo12n.yaml, yolo26n.yaml"

@@ -106,3 +106,19 @@ example-numpy: $(STAMP)
 	for l in $(NUMPY_LAYERS); do $(PY) -m parity check-layer --layer-file $(EXAMPLES_OUT)/numpy/layer$$l.safetensors \
 		--output $(EXAMPLES_OUT)/numpy/out/layer$$l.safetensors || exit $$?; done
 	$(PY) -m parity compare --reference $(NUMPY_REF) --candidate $(EXAMPLES_OUT)/numpy/dump --what layers
+
+# ---- the Jittor example (docs/porting-jittor.md): its own environment, jittor from the registry, offline flags.
+# The compile cache lives in runs/jittor-home (about 5 minutes to build the first time, reused after).
+JITTOR_VENV ?= .venv-jittor
+JITTOR_HOME ?= $(CURDIR)/runs/jittor-home
+JITTOR_STAMP := $(JITTOR_VENV)/.installed
+
+$(JITTOR_STAMP):
+	@test -x $(JITTOR_VENV)/bin/python || $(PYTHON_BOOT) -m venv $(JITTOR_VENV)
+	$(JITTOR_VENV)/bin/python -m pip install -q jittor==1.3.11.0 numpy safetensors
+	@touch $(JITTOR_STAMP)
+
+.PHONY: example-jittor
+example-jittor: $(STAMP) $(JITTOR_STAMP)
+	PARITY_JITTOR_PYTHON="$(abspath $(JITTOR_VENV))/bin/python" PARITY_JITTOR_HOME="$(JITTOR_HOME)" \
+		$(PY) -m pytest -q tests/test_jittor_example.py

@@ -309,9 +309,19 @@ def layer_table(model: nn.Module, capture: Capture) -> list[dict]:
             "from": sources,
             "inputs": inputs,
             "parameters": sum(p.numel() for p in layer.parameters()),
+            **parameter_kinds(layer),
             "outputs": {n: list(capture.tensors[n].shape) for n in own},
         })
     return table
+
+
+def parameter_kinds(layer: nn.Module) -> dict[str, int]:
+    """What a layer holds, by kind (docs/dump-format.md, "What is counted"): `trainable` parameters, `frozen`
+    parameters (requires_grad off: the DFL's fixed bins) and `buffers` (BatchNorm running statistics and
+    `num_batches_tracked`). `parameters` stays trainable + frozen, as ultralytics counts them."""
+    trainable = sum(p.numel() for p in layer.parameters() if p.requires_grad)
+    return {"trainable": trainable, "frozen": sum(p.numel() for p in layer.parameters()) - trainable,
+            "buffers": sum(b.numel() for b in layer.buffers())}
 
 
 def _is_direct_output(name: str, index: int) -> bool:

@@ -525,12 +525,13 @@ def check_layer(layer_file: str | os.PathLike | LayerFile, output: str | os.Path
 
 # ====================================================================================== candidate dump
 def write_candidate_dump(reference, candidate, out: str | os.PathLike, *, force: bool = False,
-                         inject: str | None = None, weights: bool = True) -> Path:
+                         inject: str | None = None, weights: bool = True, isolated: bool = False) -> Path:
     """Run a live candidate end to end on the reference's batch and write what it computed as a candidate dump.
 
     This is what a port in another language writes (docs/porting-protocol.md): `batch.img` it ran on, its
     weights under reference names, every `act.*` it produced, its own fresh Detect biases as
-    `init.{cls,box}_bias.{l}.stored`, and a manifest with `kind: "candidate"`.
+    `init.{cls,box}_bias.{l}.stored`, and a manifest with `kind: "candidate"`. With `isolated`, also each layer
+    run alone on the reference's own inputs, as `isolated.act.*`.
     """
     from parity.candidates import Candidate, load_candidate
     from parity.dumpfile import Dump, DumpWriter
@@ -548,6 +549,11 @@ def write_candidate_dump(reference, candidate, out: str | os.PathLike, *, force:
     head = reference.model.get("head_index")
     img = reference.get(names.batch_img())
     acts = candidate.run_chained(img, None, head_index=head)
+    if isolated:
+        for entry in reference.layers:
+            inputs = [reference.get(n) for n in entry["inputs"]]
+            produced = candidate.run_layer(entry["index"], inputs, is_head=entry["index"] == head)
+            acts.update({names.isolated(n): t for n, t in produced.items()})
     biases = candidate.fresh_head_biases(reference) or {}
     counts = candidate.param_counts() or {}
     with DumpWriter(out, force=force, kind="candidate") as writer:

@@ -552,7 +552,9 @@ def write_candidate_dump(reference, candidate, out: str | os.PathLike, *, force:
     if isolated:
         for entry in reference.layers:
             inputs = [reference.get(n) for n in entry["inputs"]]
-            produced = candidate.run_layer(entry["index"], inputs, is_head=entry["index"] == head)
+            is_head = entry["index"] == head
+            produced = {**candidate.layer_stages(entry["index"], inputs, is_head=is_head),
+                        **candidate.run_layer(entry["index"], inputs, is_head=is_head)}
             acts.update({names.isolated(n): t for n, t in produced.items()})
     biases = candidate.fresh_head_biases(reference) or {}
     counts = candidate.param_counts() or {}

@@ -116,3 +116,19 @@ examples-pytest: $(STAMP)
 
 gpu-check: $(STAMP)
 	$(PY) -m parity.gpu_check $(GPU_CHECK_ARGS)
+
+# ---- the Jittor example (docs/porting-jittor.md): its own environment, jittor from the registry, offline flags.
+# The compile cache lives in runs/jittor-home (about 5 minutes to build the first time, reused after).
+JITTOR_VENV ?= .venv-jittor
+JITTOR_HOME ?= $(CURDIR)/runs/jittor-home
+JITTOR_STAMP := $(JITTOR_VENV)/.installed
+
+$(JITTOR_STAMP):
+	@test -x $(JITTOR_VENV)/bin/python || $(PYTHON_BOOT) -m venv $(JITTOR_VENV)
+	$(JITTOR_VENV)/bin/python -m pip install -q jittor==1.3.11.0 numpy safetensors
+	@touch $(JITTOR_STAMP)
+
+.PHONY: example-jittor
+example-jittor: $(STAMP) $(JITTOR_STAMP)
+	PARITY_JITTOR_PYTHON="$(abspath $(JITTOR_VENV))/bin/python" PARITY_JITTOR_HOME="$(JITTOR_HOME)" \
+		$(PY) -m pytest -q tests/test_jittor_example.py

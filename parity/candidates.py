@@ -577,7 +577,22 @@ class DumpCandidate(Candidate):
         return LazyTensors(self.dump, "model.") if self.dump.names("model.") else None
 
     def has_layer(self, index: int) -> bool:
-        return any(n == names.act(index) or n.startswith(names.act(index) + ".") for n in self.dump.index)
+        return bool(self._outputs(names.act(index)) or self._outputs(names.isolated(names.act(index))))
+
+    def has_isolated_outputs(self) -> bool:
+        return bool(self.dump.names(names.isolated("act.")))
+
+    def _outputs(self, prefix: str) -> list[str]:
+        return [n for n in self.dump.index if n == prefix or n.startswith((prefix + ".", prefix + "#"))]
+
+    def run_layer(self, index: int, inputs: list[torch.Tensor], *, is_head: bool = False) -> dict[str, torch.Tensor]:
+        """What the port computed for layer `index` on the reference's own inputs (`isolated.act.{index}…`, under
+        their `act.*` names); `inputs` are the reference's, which the port read from its export-layers file."""
+        return {n[len(names.ISOLATED):]: self.dump.get(n) for n in self._outputs(names.isolated(names.act(index)))}
+
+    def layer_stages(self, index: int, inputs: list[torch.Tensor], *, is_head: bool = False,
+                     reference_paths: list[str] | None = None) -> dict[str, torch.Tensor]:
+        return {n: t for n, t in self.run_layer(index, inputs, is_head=is_head).items() if n != names.act(index)}
 
     def get(self, name: str) -> torch.Tensor | None:
         return self.dump.get_optional(name)

@@ -32,6 +32,15 @@ LOSS_OUTPUT = ("loss", "items")
 FOREGROUND_ONLY = ("target_labels", "target_bboxes", "target_gt_idx")
 
 
+# A candidate dump's outputs computed on the reference's own inputs (one layer at a time) carry this prefix in
+# front of their `act.*` name; the bare `act.*` names are one end-to-end forward.
+ISOLATED = "isolated."
+
+
+def isolated(name: str) -> str:
+    return ISOLATED + name
+
+
 def weight(key: str) -> str:
     return key
 

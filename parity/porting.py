@@ -41,6 +41,9 @@ if TYPE_CHECKING:  # torch is imported by the commands, not when the CLI registe
     import torch
 
 LAYER_SCHEMA = "yolo-parity-layer"
+# `parity export-layers`: every layer file in one, each layer's names under `layer.{i}.`.
+LAYERS_SCHEMA = "yolo-parity-layers"
+LAYERS_PREFIX = "layer."
 LAYER_SCHEMA_VERSION = 1
 INPUT, PARAM, MAPPED, EXPECTED = "input.", "param.", "mapped.", "expected."
 DEFAULT_PROFILE = "cpu-fp32"
@@ -93,18 +96,24 @@ def _mapped_params(reference, layer: int, spec: str, map_file: str | None) -> tu
 def export_layer(reference, layer: int, out: str | os.PathLike, *, candidate: str | None = None,
                  map_file: str | None = None, force: bool = True) -> Path:
     """Write layer `layer`'s inputs, parameters and expected outputs as one safetensors file (see module doc)."""
-    from safetensors.torch import save_file
-
     from parity.dumpfile import Dump
 
     if not isinstance(reference, Dump):
         reference = Dump(reference)
-    entry = _layer_entry(reference, layer)
     out = Path(out)
     if out.is_dir():
         raise ParityError(f"--out {out} is a directory; export-layer writes one .safetensors file")
     if out.exists() and not force:
         raise ParityError(f"--out {out} already exists")
+    tensors, metadata = layer_file_contents(reference, layer, candidate=candidate, map_file=map_file)
+    _write_safetensors(tensors, metadata, out)
+    return out
+
+
+def layer_file_contents(reference, layer: int, *, candidate: str | None = None, map_file: str | None = None
+                        ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The tensors and the `__metadata__` of layer `layer`'s layer file."""
+    entry = _layer_entry(reference, layer)
     head = reference.model.get("head_index")
     tensors: dict[str, torch.Tensor] = {}
     for k, source in enumerate(entry["inputs"]):
@@ -163,6 +172,37 @@ def export_layer(reference, layer: int, out: str | os.PathLike, *, candidate: st
     if mapping is not None:
         metadata["candidate"] = candidate
         metadata["mapping"] = json.dumps(mapping)
+    return tensors, metadata
+
+
+def export_layers(reference, out: str | os.PathLike, *, layers: list[int] | None = None, force: bool = True) -> Path:
+    """Every layer's layer file in ONE safetensors file, so a port loops over one file: layer i's tensors under
+    `layer.{i}.` + their layer-file names, its metadata under `layers` (a JSON object keyed by the index)."""
+    from parity.dumpfile import Dump
+
+    if not isinstance(reference, Dump):
+        reference = Dump(reference)
+    out = Path(out)
+    if out.is_dir():
+        raise ParityError(f"--out {out} is a directory; export-layers writes one .safetensors file")
+    if out.exists() and not force:
+        raise ParityError(f"--out {out} already exists")
+    indices = layers if layers is not None else [e["index"] for e in reference.model.get("layers", [])]
+    tensors: dict[str, torch.Tensor] = {}
+    per_layer: dict[str, dict[str, str]] = {}
+    for index in indices:
+        layer_tensors, metadata = layer_file_contents(reference, index)
+        tensors.update({f"{LAYERS_PREFIX}{index}.{name}": t for name, t in layer_tensors.items()})
+        per_layer[str(index)] = metadata
+    _write_safetensors(tensors, {"schema": LAYERS_SCHEMA, "schema_version": str(LAYER_SCHEMA_VERSION),
+                                 "layer_indices": json.dumps(indices), "layers": json.dumps(per_layer)}, out)
+    return out
+
+
+def _write_safetensors(tensors: dict[str, torch.Tensor], metadata: dict[str, str], out: Path) -> None:
+    """One safetensors file written beside `out` and renamed into place (nothing half-written), with the umask's mode."""
+    from safetensors.torch import save_file
+
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.partial-{os.getpid()}")
     try:
@@ -174,7 +214,6 @@ def export_layer(reference, layer: int, out: str | os.PathLike, *, candidate: st
     finally:
         if tmp.exists():
             tmp.unlink()
-    return out
 
 
 # ========================================================================================= layer file
@@ -486,12 +525,13 @@ def check_layer(layer_file: str | os.PathLike | LayerFile, output: str | os.Path
 
 # ====================================================================================== candidate dump
 def write_candidate_dump(reference, candidate, out: str | os.PathLike, *, force: bool = False,
-                         inject: str | None = None, weights: bool = True) -> Path:
+                         inject: str | None = None, weights: bool = True, isolated: bool = False) -> Path:
     """Run a live candidate end to end on the reference's batch and write what it computed as a candidate dump.
 
     This is what a port in another language writes (docs/porting-protocol.md): `batch.img` it ran on, its
     weights under reference names, every `act.*` it produced, its own fresh Detect biases as
-    `init.{cls,box}_bias.{l}.stored`, and a manifest with `kind: "candidate"`.
+    `init.{cls,box}_bias.{l}.stored`, and a manifest with `kind: "candidate"`. With `isolated`, also each layer
+    run alone on the reference's own inputs, as `isolated.act.*`.
     """
     from parity.candidates import Candidate, load_candidate
     from parity.dumpfile import Dump, DumpWriter
@@ -509,6 +549,13 @@ def write_candidate_dump(reference, candidate, out: str | os.PathLike, *, force:
     head = reference.model.get("head_index")
     img = reference.get(names.batch_img())
     acts = candidate.run_chained(img, None, head_index=head)
+    if isolated:
+        for entry in reference.layers:
+            inputs = [reference.get(n) for n in entry["inputs"]]
+            is_head = entry["index"] == head
+            produced = {**candidate.layer_stages(entry["index"], inputs, is_head=is_head),
+                        **candidate.run_layer(entry["index"], inputs, is_head=is_head)}
+            acts.update({names.isolated(n): t for n, t in produced.items()})
     biases = candidate.fresh_head_biases(reference) or {}
     counts = candidate.param_counts() or {}
     with DumpWriter(out, force=force, kind="candidate") as writer:
@@ -559,6 +606,32 @@ def cmd_export_layer(args) -> int:
     return 0
 
 
+def parse_layer_list(text: str) -> list[int]:
+    """'0-9,22' -> [0, 1, ..., 9, 22]."""
+    indices: list[int] = []
+    for part in text.split(","):
+        first, _, last = part.strip().partition("-")
+        try:
+            lo, hi = int(first), int(last or first)
+        except ValueError:
+            raise ParityError(f"--layers {text!r}: expected indices and ranges like 0-9,22; found {part!r}") from None
+        if lo < 0 or hi < lo:
+            raise ParityError(f"--layers {text!r}: expected ascending non-negative ranges; found {part!r}")
+        indices.extend(range(lo, hi + 1))
+    return indices
+
+
+def cmd_export_layers(args) -> int:
+    from parity.dumpfile import Dump
+
+    reference = Dump(args.reference)
+    layers = parse_layer_list(args.layers) if args.layers else None
+    out = export_layers(reference, args.out, layers=layers)
+    count = len(layers) if layers is not None else len(reference.model.get("layers", []))
+    print(f"wrote {out}: {count} layers (layer.<i>.input.k / .param.<name> / .expected.<name>)")
+    return 0
+
+
 def cmd_check_layer(args) -> int:
     from rich.console import Console
 
@@ -594,6 +667,16 @@ def register(sub) -> None:
     export.add_argument("--map", dest="map_file", help="YAML/JSON key_map/layer_map for --candidate")
     export.set_defaults(func=cmd_export_layer)
 
+    every = sub.add_parser(
+        "export-layers", help="write every layer's inputs, parameters and expected outputs into one file",
+        description="Write ONE safetensors file holding every layer's layer file (see export-layer): layer i's "
+                    "tensors as layer.<i>.input.k, layer.<i>.param.<name>, layer.<i>.expected.<name>, and its metadata "
+                    "in the JSON metadata entry `layers`. A port loops over the layers of one file.")
+    every.add_argument("--reference", required=True, help="reference dump directory")
+    every.add_argument("--out", required=True, help="output .safetensors file")
+    every.add_argument("--layers", help="layers to export, e.g. 0-9,22 (default: all)")
+    every.set_defaults(func=cmd_export_layers)
+
     check = sub.add_parser(
         "check-layer", help="judge a port's output for one layer against an export-layer file",
         description="Compare the tensors a port wrote (act.N..., init.cls_bias.L) with an export-layer file. "
@@ -607,6 +690,6 @@ def register(sub) -> None:
     check.set_defaults(func=cmd_check_layer)
 
 
-__all__ = ["LayerFile", "check_layer", "export_layer", "expected_names", "read_port_output", "register",
+__all__ = ["LayerFile", "check_layer", "export_layer", "export_layers", "layer_file_contents", "expected_names", "read_port_output", "register",
            "write_candidate_dump"]
 

@@ -116,6 +116,10 @@ def build_model(model_yaml: str, nc: int, seed: int) -> nn.Module:
     LOGGER.setLevel("ERROR")  # a yaml outside ultralytics' names draws a harmless "no model scale" warning
     try:
         model = DetectionModel(model_yaml, nc=nc, verbose=False)
+        # parse_model sets `legacy` on the head's class, and the reset below takes it back; pin it on the instance
+        # so the head keeps saying what it was built as (YOLOv8's class branch is the legacy one).
+        head = head_of(model)
+        head.legacy = bool(getattr(head, "legacy", False))
     except FileNotFoundError as error:
         raise ParityError(
             f"unknown model yaml {model_yaml!r} ({error}); try e.g. yolo11n.yaml, yolov8n.yaml, yolo12n.yaml, yolo26n.yaml"
@@ -305,9 +309,19 @@ def layer_table(model: nn.Module, capture: Capture) -> list[dict]:
             "from": sources,
             "inputs": inputs,
             "parameters": sum(p.numel() for p in layer.parameters()),
+            **parameter_kinds(layer),
             "outputs": {n: list(capture.tensors[n].shape) for n in own},
         })
     return table
+
+
+def parameter_kinds(layer: nn.Module) -> dict[str, int]:
+    """What a layer holds, by kind (docs/dump-format.md, "What is counted"): `trainable` parameters, `frozen`
+    parameters (requires_grad off: the DFL's fixed bins) and `buffers` (BatchNorm running statistics and
+    `num_batches_tracked`). `parameters` stays trainable + frozen, as ultralytics counts them."""
+    trainable = sum(p.numel() for p in layer.parameters() if p.requires_grad)
+    return {"trainable": trainable, "frozen": sum(p.numel() for p in layer.parameters()) - trainable,
+            "buffers": sum(b.numel() for b in layer.buffers())}
 
 
 def _is_direct_output(name: str, index: int) -> bool:

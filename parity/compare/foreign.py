@@ -347,7 +347,7 @@ _GRAMMAR = [
     re.compile(r"^model\.\d+(\.[A-Za-z0-9_]+)+$"),
     re.compile(r"^batch\.img$"),
     re.compile(r"^batch\.(%s)\.(cls|bboxes|batch_idx)$" % "|".join(names.LOSS_CASES)),
-    re.compile(r"^act\.\d+(\.[A-Za-z0-9_]+)*(#\d+)?$"),
+    re.compile(r"^(isolated\.)?act\.\d+(\.[A-Za-z0-9_]+)*(#\d+)?$"),
     re.compile(r"^init\.(cls_bias|box_bias)\.\d+\.(stored|float32|float64)$"),
     re.compile(r"^loss\.(%s)(\.(%s))?\.(%s)$" % (
         "|".join(names.LOSS_CASES), "|".join(names.E2E_BRANCHES),
@@ -674,6 +674,7 @@ def _name_problems(entries: dict[str, dict], reference) -> list[Problem]:
     known = list(reference.index) if reference is not None else None
     ref_index = reference.index if reference is not None else {}
     for name, entry in entries.items():
+        name = name[len(names.ISOLATED):] if name.startswith(names.ISOLATED + "act.") else name
         problem = name_problem(name, known)
         if problem is not None:
             problems.append(problem)

@@ -620,3 +620,88 @@ def compare_param_counts(ref_counts: Mapping[int, int],
         if r != c:
             rows.append((i, r, c, c - r))
     return rows
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# structure differences in words
+
+# ultralytics' class of a layer type's repeated children (`m.{j}`), for the words of a structure finding
+_CHILD_CLASS = {"C2f": "Bottleneck", "C3k2": "Bottleneck", "C3": "Bottleneck", "C2PSA": "PSABlock", "C3k": "Bottleneck"}
+_STATS = ("running_mean", "running_var", "num_batches_tracked")
+
+
+def _module_pairs(mapping: KeyMapping, index: int) -> dict[str, str]:
+    """Candidate module path -> reference module path (inside layer `index`), read off the mapped tensors."""
+    pairs: dict[str, str] = {}
+    prefix = f"model.{index}."
+    for rk, entry in mapping.ref_to_cand.items():
+        if not rk.startswith(prefix) or len(entry.cand_keys) != 1:
+            continue
+        r, c = rk[len(prefix):].split("."), entry.cand_keys[0].split(".")
+        while r and c and r[-1] == c[-1]:
+            r, c = r[:-1], c[:-1]
+        while r and c:
+            pairs.setdefault(".".join(c), ".".join(r))
+            r, c = r[:-1], c[:-1]
+    return pairs
+
+
+def describe_block_difference(mapping: KeyMapping, index: int, layer_type: str | None = None) -> str:
+    """"layer 12: 2 extra Bottlenecks m.1, m.2; cv2 (32, 80, 1, 1) vs (32, 48, 1, 1)": the candidate's extra or
+    missing sub-modules in ultralytics' names, and the tensors whose shapes differ (candidate vs reference)."""
+    prefix = f"model.{index}."
+    missing = [k for k in mapping.missing if k.startswith(prefix) and k.rsplit(".", 1)[-1] not in _STATS
+               and not mapping._allowed(k)]
+    unexpected = [k for k in mapping.unexpected if mapping._layer_of_cand.get(k) == index
+                  and k.rsplit(".", 1)[-1] not in _STATS]
+    if not missing and not unexpected:
+        return ""
+    pairs = _module_pairs(mapping, index)
+    parts: list[str] = []
+    # whole extra sub-modules: an unmapped candidate module whose parent has a reference counterpart
+    extra: dict[str, list[str]] = {}
+    for key in unexpected:
+        path = key.split(".")[:-1]
+        for depth in range(len(path) - 1, 0, -1):
+            parent, child = ".".join(path[:depth]), path[depth]
+            if parent in pairs and ".".join(path[:depth + 1]) not in pairs:
+                extra.setdefault(pairs[parent], []).append(child)
+                break
+    grouped_keys = set()
+    for ref_parent, children in extra.items():
+        children = list(dict.fromkeys(children))
+        cls = _CHILD_CLASS.get(layer_type or "", "sub-module") if ref_parent.split(".")[-1] == "m" else "sub-module"
+        plural = cls + ("s" if len(children) > 1 else "")
+        parts.append(f"{len(children)} extra {plural} " + ", ".join(f"{ref_parent}.{c}" for c in children))
+        for key in unexpected:
+            for c in children:
+                cand_parent = next(cp for cp, rp in pairs.items() if rp == ref_parent)
+                if key.startswith(f"{cand_parent}.{c}."):
+                    grouped_keys.add(key)
+    # reference sub-modules the candidate lacks entirely
+    missing_modules: dict[str, None] = {}
+    for key in missing:
+        rel = key[len(prefix):].split(".")[:-1]
+        for depth in range(1, len(rel) + 1):
+            path = ".".join(rel[:depth])
+            if path not in pairs.values():
+                missing_modules.setdefault(path, None)
+                break
+    # tensors left over on both sides: pair them in order as "shape differs"
+    left_cand = [k for k in unexpected if k not in grouped_keys and len(mapping.cand_shapes[k]) >= 2]
+    left_ref = [k for k in missing if len(mapping.ref_shapes[k]) >= 2]
+    shapes = []
+    for rk, ck in zip(left_ref, left_cand):
+        name = rk[len(prefix):].rsplit(".", 1)[0]
+        name = name[:-len(".conv")] if name.endswith(".conv") else name
+        shapes.append(f"{name} {_fmt(mapping.cand_shapes[ck])} vs {_fmt(mapping.ref_shapes[rk])}")
+    paired = {k[len(prefix):].split(".")[0] for k in left_ref[:len(left_cand)]}
+    lacking = [m for m in missing_modules if m.split(".")[0] not in paired and not any(
+        m.startswith(p) for p in paired)]
+    if lacking:
+        parts.append("missing " + ", ".join(lacking))
+    parts.extend(shapes)
+    extra_cand = left_cand[len(left_ref):]
+    if extra_cand:
+        parts.append("extra tensors " + ", ".join(f"{k} {_fmt(mapping.cand_shapes[k])}" for k in extra_cand[:3]))
+    return f"layer {index}: " + "; ".join(parts) + " (candidate vs ultralytics)" if parts else ""

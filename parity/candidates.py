@@ -311,6 +311,7 @@ class ModuleCandidate(Candidate):
                                           f"sub-module {path!r}") from None
                     self.layer_paths[index] = path
             self.traced = not hasattr(module, "run_layer") and not hasattr(module, "forward_layers")
+            self.user_layer_map = dict(self.layer_map or {})
         self.module.to(self.device)
         self.module.train()
 
@@ -339,18 +340,170 @@ class ModuleCandidate(Candidate):
         self.layer_inputs = {e["index"]: list(e.get("inputs") or []) for e in reference.layers if "index" in e}
         if self.traced:
             findings.extend(self._infer_layers(reference))
+        orders = self._orders(reference, ref_shapes) if self.traced and self.trace is not None else (None, None)
         try:
             self.mapping = build_mapping(ref_shapes, self.module.state_dict(), key_map=self.key_map,
-                                         layer_map=self.layer_map, strict=False)
+                                         layer_map=self.layer_map, strict=False, call_order=orders[0],
+                                         reference_order=orders[1])
         except MappingError as error:
             raise ParityError(f"cannot map the candidate's parameters onto the reference's: {error}") from None
+        self._check_user_layer_map(reference)
         findings.extend(self._unmapped_findings(reference))
+        findings.extend(self._never_run_findings())
         try:
             self.mapping.load_reference_into(self.module, LazyTensors(reference, "model."))
         except MappingError as error:
             raise ParityError(f"cannot load the reference weights into the candidate: {error}") from None
         self.module.to(self.device).train()
+        findings.extend(self._resolve_ambiguities(reference))
         self.mapping_findings = findings
+        return findings
+
+    def _orders(self, reference: Dump, ref_shapes) -> tuple[dict[str, float], dict[str, float]]:
+        """{key: rank} by the order the owning modules ran: the candidate's from its trace, the reference's from
+        the order of its sub-block activations in the dump (`act.{i}.{path}`)."""
+        first: dict[str, int] = {}
+        for event in self.trace.events:
+            if event.kind == "module":
+                first.setdefault(event.name, event.seq)
+        cand = {}
+        for key in self.module.state_dict():
+            parts = key.split(".")[:-1]
+            while parts and ".".join(parts) not in first:
+                parts = parts[:-1]
+            cand[key] = first.get(".".join(parts), math.inf) if parts else math.inf
+        act_rank: dict[str, int] = {}
+        for n, name in enumerate(reference.names("act.")):
+            act_rank.setdefault(name[len("act."):], n)
+        ref = {}
+        for n, key in enumerate(ref_shapes):
+            parts = key.split(".")[1:-1]          # "12", "m", "0", "cv1", "conv"
+            rank = math.inf
+            while parts:
+                if ".".join(parts) in act_rank:
+                    rank = act_rank[".".join(parts)]
+                    break
+                parts = parts[:-1]
+            ref[key] = rank + n / 1e6
+        return cand, ref
+
+    def _resolve_ambiguities(self, reference: Dump) -> list[Finding]:
+        """Where equal shapes leave a layer's tensors ambiguous, replay the layer alone under each assignment and
+        keep the first that reproduces the reference's output (the call-order match is tried first)."""
+        from parity.compare.metrics import compare_tensors
+        from parity.compare.tolerances import get_profile, profile_for_environment
+
+        mapping = self.mapping
+        if not mapping.alternatives:
+            return []
+        profile = get_profile(profile_for_environment(reference.manifest.get("environment"),
+                                                      reference.config.get("precision")))
+        entries = {e["index"]: e for e in reference.layers if "index" in e}
+        head = reference.model.get("head_index")
+        findings = []
+
+        def reproduces(index: int) -> bool | None:
+            entry = entries.get(index)
+            if entry is None or not self.has_layer(index):
+                return None
+            try:
+                out = self.run_layer(index, [reference.get(n) for n in entry["inputs"]], is_head=index == head)
+            except Exception:  # noqa: BLE001 - reported by the replay itself
+                return None
+            wanted = [n for n in entry["outputs"] if n in out]
+            return bool(wanted) and all(compare_tensors(reference.get(n), out[n].cpu(),
+                                                        profile.for_name(n, mode="isolated")).passed for n in wanted)
+
+        def apply(assignment: dict) -> None:
+            mapping.ref_to_cand.update(assignment)
+            subset = {k: reference.get(k) for k in assignment}
+            sub = type(mapping)(mapping.ref_shapes, mapping.cand_shapes, dict(assignment), [], [],
+                                lambda _k: True, [], {})
+            sub.load_reference_into(self.module, subset)
+
+        for index, alternatives in sorted(mapping.alternatives.items()):
+            default = {k: e for k, e in mapping.ref_to_cand.items() if k in alternatives[0]}
+            first = reproduces(index)
+            if first is None:
+                continue
+            if first:
+                mapping.resolved[index] = (f"the {'call-order' if self.traced else 'shape'} match reproduces the "
+                                           f"reference in isolation")
+                if index in mapping.order_decided:
+                    findings.append(Finding(
+                        "mapping-ambiguous", f"layer {index}",
+                        f"layer {index}: {mapping.ambiguous[index]} have equal shapes and the shapes alone would "
+                        f"match them differently; matched in the order the modules run, which isolated replay "
+                        f"confirms (it reproduces the reference)", severity="info",
+                        evidence={"layer": index, "ambiguous": mapping.ambiguous[index], "resolved": True}))
+                continue
+            kept = None
+            for n, alternative in enumerate(alternatives, 1):
+                apply(alternative)
+                if reproduces(index):
+                    kept = n
+                    break
+            if kept is not None:
+                mapping.resolved[index] = (f"resolved by isolated replay: of {len(alternatives) + 1} assignments "
+                                           f"only #{kept + 1} reproduces the reference, and it is kept")
+                findings.append(Finding(
+                    "mapping-ambiguous", f"layer {index}",
+                    f"layer {index}: {mapping.ambiguous[index]} have equal shapes; {mapping.resolved[index]}",
+                    severity="info", evidence={"layer": index, "ambiguous": mapping.ambiguous[index],
+                                               "resolved": True, "kept": kept + 1}))
+            else:
+                apply(default)
+                mapping.resolved[index] = (f"none of the {len(alternatives) + 1} assignments tried reproduces the "
+                                           f"reference in isolation")
+                findings.append(Finding(
+                    "mapping-ambiguous", f"layer {index}",
+                    f"layer {index}: {mapping.ambiguous[index]} have equal shapes and none of the "
+                    f"{len(alternatives) + 1} assignments tried reproduces the reference in isolation: a divergence "
+                    f"here may come from the mapping, not the port. Fix: pin them with key_map entries "
+                    f"(`parity scaffold` writes them)", severity="warning",
+                    evidence={"layer": index, "ambiguous": mapping.ambiguous[index],
+                              "tried": len(alternatives) + 1}))
+        self.module.to(self.device).train()
+        return findings
+
+    def _check_user_layer_map(self, reference: Dump) -> None:
+        """A layer_map entry the mapping never used is an error naming it (nothing is dropped silently)."""
+        given = getattr(self, "user_layer_map", None) or {}
+        params = {e["index"]: int(e.get("parameters") or 0) for e in reference.layers if "index" in e}
+        keys = list(self.mapping.cand_shapes)
+        for prefix, index in given.items():
+            if index not in params:
+                raise ParityError(f"layer_map entry {prefix!r}: {index}: the reference has no layer {index} "
+                                  f"(layers 0..{max(params, default=-1)})")
+            if params[index] and prefix and not any(k.startswith(prefix) for k in keys):
+                raise ParityError(f"layer_map entry {prefix!r}: {index}: no candidate tensor starts with {prefix!r}, "
+                                  f"but ultralytics' layer {index} has {params[index]:,} parameters")
+
+    def _never_run_findings(self) -> list[Finding]:
+        """Candidate modules holding mapped weights that the traced forward never called."""
+        if self.trace is None:
+            return []
+        ran = {e.name for e in self.trace.events if e.kind == "module"}
+        cand_to_ref = self.mapping.cand_to_ref
+        idle: dict[str, str] = {}
+        for key, ref_key in cand_to_ref.items():
+            path = key.rsplit(".", 1)[0] if "." in key else ""
+            if self.mapping._allowed(ref_key):       # a frozen DFL conv runs at inference only
+                continue
+            if path and path not in ran and not any(p == path or path.startswith(p + ".") for p in idle):
+                parts = path.split(".")
+                while len(parts) > 1 and ".".join(parts[:-1]) not in ran:
+                    parts = parts[:-1]
+                idle.setdefault(".".join(parts), ref_key)
+        findings = []
+        for path, ref_key in idle.items():
+            layer = names.layer_of(ref_key)
+            findings.append(Finding(
+                "module-not-run", f"layer {layer}" if layer is not None else "model",
+                f"candidate module {path} holds weights mapped to {ref_key.rsplit('.', 1)[0]}, but the candidate's "
+                f"forward never runs it: those weights are loaded and unused. Fix: call it in forward, or if another "
+                f"module does its work, remove it (or map that one with a key_map entry)",
+                evidence={"module": path, "reference": ref_key, "layer": layer}))
         return findings
 
     def _unmapped_findings(self, reference: Dump) -> list[Finding]:
@@ -701,7 +854,7 @@ class ModuleCandidate(Candidate):
                 out[paths[event.name]] = event.output
         for index, layer in self.functional.items():
             event = trace.events[layer.seq] if layer.seq < len(trace.events) else None
-            if event is not None and event.kind == "op" and event.name == layer.name:
+            if event is not None and event.name == layer.name:
                 out[index] = event.output
         self.last_trace = trace
         return out

@@ -207,8 +207,11 @@ def infer_layers(module: nn.Module, trace: Trace, reference, *, given: dict[str,
             continue
         used.add(event.seq)
         if event.kind == "module":
-            inference.layers[index] = module_layer(index, event)
-            assigned[event.name] = index
+            # a parameterless module may serve several layers (one `nn.Upsample` called twice): the layer is
+            # this call, replayed like an op
+            style, arity = call_style(event)
+            inference.layers[index] = InferredLayer(index, "op", event.name, event.seq, style, arity,
+                                                    site=None)
         else:
             inference.layers[index] = InferredLayer(index, "op", event.name, event.seq, "list"
                                                     if event.name in _OPS_FOR["Concat"] else "single",
@@ -224,8 +227,6 @@ def _find_parameterless(trace: Trace, ref_type: str, shape: list[int], after: in
         if event.seq <= after or event.seq in used or event.output is None:
             continue
         if any(p == s or s.startswith(p + ".") for s in event.stack for p in assigned):
-            continue
-        if event.kind == "module" and (event.name in assigned):
             continue
         outs = tensors_in(event.output)
         if len(outs) != 1 or list(outs[0].shape) != shape:

@@ -261,6 +261,70 @@ def _ok(res: _BlockResult, allowed: Callable[[_Unit], bool]) -> bool:
     return not res.unused and all(allowed(u) for u in res.unmatched)
 
 
+def _align_in_order(ref: list[_Unit], cand: list[_Unit], allowed: Callable[[_Unit], bool]) -> _BlockResult | None:
+    """Both sides in the order their modules run: each reference unit takes the next candidate unit of its shapes,
+    or the next few candidate units that concatenate to it (a split conv). None when the orders do not agree."""
+    res = _BlockResult()
+    j = 0
+    for r in ref:
+        if j < len(cand) and cand[j].sig == r.sig:
+            res.pairs.append((r, [cand[j]]))
+            j += 1
+            continue
+        parts, fit = [], None
+        for k in range(j, len(cand)):
+            parts.append(cand[k])
+            fit = _split_fits(r, parts)
+            if fit is not None:
+                break
+        if fit:
+            res.pairs.append((r, parts))
+            j += len(parts)
+        elif allowed(r):
+            res.unmatched.append(r)
+        else:
+            return None
+    return res if j == len(cand) else None
+
+
+def _same_pairs(a: _BlockResult, b: _BlockResult) -> bool:
+    def key(res):
+        return sorted((tuple(r.keys), tuple(k for p in parts for k in p.keys)) for r, parts in res.pairs)
+    return key(a) == key(b)
+
+
+def _swaps(res: _BlockResult, limit: int = 8) -> list[_BlockResult]:
+    """The block's result with two equal-shaped reference units trading their candidates (first `limit`)."""
+    out = []
+    pairs = res.pairs
+    for x in range(len(pairs)):
+        for y in range(x + 1, len(pairs)):
+            (rx, px), (ry, py) = pairs[x], pairs[y]
+            if rx.sig != ry.sig:       # equal shapes: a split's parts fit the other unit as well
+                continue
+            alt = _BlockResult(list(pairs), list(res.unmatched), list(res.unused))
+            alt.pairs[x], alt.pairs[y] = (rx, py), (ry, px)
+            out.append(alt)
+            if len(out) >= limit:
+                return out
+    return out
+
+
+def _equal_shapes(res: _BlockResult, layer: int) -> str:
+    """Words for the reference units of a block that a shape cannot tell apart ("cv1 and cv2 (32, 48, 1, 1)")."""
+    groups: dict[tuple, list[str]] = {}
+    for r, parts in res.pairs:
+        groups.setdefault(r.sig, []).append(_module_name(r.head[0], layer))
+    words = [f"{' and '.join(names_)} {_fmt(sig[0])}" for sig, names_ in groups.items() if len(names_) > 1]
+    return "; ".join(words[:3])
+
+
+def _module_name(key: str, layer: int) -> str:
+    rel = key[len(f"model.{layer}."):] if key.startswith(f"model.{layer}.") else key
+    path = rel.rsplit(".", 1)[0]
+    return path[:-len(".conv")] if path.endswith(".conv") else path
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # the mapping
 
@@ -285,6 +349,12 @@ class KeyMapping:
         self._allowed = allowed_missing
         self._layer_of_cand = layer_of_cand
         self.errors = list(errors or [])        # what strict mode would have raised (strict=False only)
+        # layer -> other assignments of that block's tensors a shape alone cannot rule out ({ref_key: MapEntry}
+        # each), and the words for what is ambiguous; `resolved` says how isolated replay settled each one
+        self.alternatives: dict[int, list[dict[str, MapEntry]]] = {}
+        self.ambiguous: dict[int, str] = {}
+        self.resolved: dict[int, str] = {}
+        self.order_decided: set[int] = set()    # layers where the call order and the shapes alone disagree
 
     @property
     def missing_required(self) -> list[str]:
@@ -360,6 +430,9 @@ class KeyMapping:
         for k in self.unexpected:
             lines.append(f"  unexpected {k} {list(self.cand_shapes[k])}")
         lines.extend(f"  note: {n}" for n in self.notes)
+        for layer, words in sorted(self.ambiguous.items()):
+            lines.append(f"  ambiguous: layer {layer}: {words}: "
+                         + self.resolved.get(layer, "not checked by replay (run `parity compare` to check it)"))
         lines.extend(f"  error: {e}" for e in self.errors)
         return "\n".join(lines)
 
@@ -406,7 +479,9 @@ def _fail_unmatched(r: _Unit, layer: int | None, pool: list[_Unit]) -> MappingEr
 
 
 def build_mapping(reference, candidate, key_map=None, layer_map: Mapping[str, int] | None = None,
-                  allow_missing: Sequence[str] = DEFAULT_ALLOWED_MISSING, strict: bool = True) -> KeyMapping:
+                  allow_missing: Sequence[str] = DEFAULT_ALLOWED_MISSING, strict: bool = True,
+                  call_order: Mapping[str, float] | None = None,
+                  reference_order: Mapping[str, float] | None = None) -> KeyMapping:
     """Map `candidate` onto `reference`.
 
     reference: {ref_key: tensor | shape | manifest entry} in state_dict order, or an nn.Module (ultralytics').
@@ -416,6 +491,9 @@ def build_mapping(reference, candidate, key_map=None, layer_map: Mapping[str, in
     allow_missing: regexes of reference keys that may be absent from the candidate (non-trainable tensors).
     strict: raise MappingError on a required reference tensor without candidate or an unexpected candidate
     tensor; otherwise record them in `missing` / `unexpected`.
+    call_order / reference_order: {key: rank} of the module each tensor belongs to, in the order the modules
+    run (a traced candidate; the reference dump's sub-block order). Inside a layer-map block, equal shapes are
+    then matched in that order first; the shape-only match is kept as an alternative where it differs.
     """
     if layer_map is None and isinstance(candidate, nn.Module):
         layer_map = getattr(candidate, "layer_map", None)
@@ -452,13 +530,20 @@ def build_mapping(reference, candidate, key_map=None, layer_map: Mapping[str, in
             taken.add(rk)
     # (b) user renames
     rules = _compile_key_map(key_map)
+    used_rules: set[int] = set()
     if rules:
         for ck in cand_shapes:
             if ck in taken:
                 continue
             new = ck
-            for pat, rep in rules:
-                new = pat.sub(rep, new)
+            touched = []
+            for n, (pat, rep) in enumerate(rules):
+                renamed = pat.sub(rep, new)
+                if renamed != new:
+                    touched.append(n)
+                new = renamed
+            if new != ck and new in ref_shapes:
+                used_rules.update(touched)
             if new != ck and new in ref_shapes:
                 if new in ref_to_cand:
                     raise MappingError(f"key_map sends {ck} onto {new}, which is already mapped to "
@@ -470,6 +555,10 @@ def build_mapping(reference, candidate, key_map=None, layer_map: Mapping[str, in
                     continue
                 ref_to_cand[new] = MapEntry([ck], "rename")
                 taken.add(ck)
+        unused = [rules[n][0].pattern for n in range(len(rules)) if n not in used_rules]
+        if unused:
+            raise ParityError(f"key_map entry {unused[0]!r} renames no candidate tensor onto a reference tensor "
+                              f"(of {len(rules)} entries, {len(unused)} unused): fix or remove it")
 
     # (c, d) blocks by order and shape
     ref_left = [(k, s) for k, s in ref_shapes.items() if k not in ref_to_cand]
@@ -515,12 +604,35 @@ def build_mapping(reference, candidate, key_map=None, layer_map: Mapping[str, in
         for c in res.unused:
             unexpected.extend(c.keys)
 
+    alternatives: dict[int, list[_BlockResult]] = {}
+    ambiguous: dict[int, str] = {}
+    order_decided: set[int] = set()
+
+    def solve_layer(i: int, ref_items, cand_items) -> _BlockResult:
+        units, cunits = _make_units(ref_items), _make_units(cand_items)
+        res = _solve_block(units, cunits)
+        others: list[_BlockResult] = []
+        if call_order is not None and reference_order is not None:
+            ordered = _align_in_order(sorted(units, key=lambda u: reference_order.get(u.head[0], math.inf)),
+                                      sorted(cunits, key=lambda u: call_order.get(u.head[0], math.inf)),
+                                      allowed_unit)
+            if ordered is not None:
+                ordered.unmatched = [r for r in units if any(r is u for u in ordered.unmatched)]
+                if not _same_pairs(ordered, res) and _ok(res, allowed_unit):
+                    others.append(res)
+                    order_decided.add(i)
+                res = ordered
+        others += [alt for alt in _swaps(res) if not any(_same_pairs(alt, o) for o in others)]
+        if others:
+            alternatives[i] = others
+            ambiguous[i] = _equal_shapes(res, i) or "tensors of equal shapes"
+        return res
+
     # blocks given by the layer map
     stream_layers = []
     for i in sorted(ref_blocks):
         if i in cand_blocks:
-            units = _make_units(ref_blocks[i])
-            res = _solve_block(units, _make_units(cand_blocks.pop(i)))
+            res = solve_layer(i, ref_blocks[i], cand_blocks.pop(i))
             record(i, res)
         else:
             stream_layers.append(i)
@@ -587,8 +699,26 @@ def build_mapping(reference, candidate, key_map=None, layer_map: Mapping[str, in
                            nearest=_nearest(cand_shapes[k], [(r, ref_shapes[r]) for r in missing]))
     order = {k: n for n, k in enumerate(ref_shapes)}
     ref_to_cand = dict(sorted(ref_to_cand.items(), key=lambda kv: order[kv[0]]))
-    return KeyMapping(ref_shapes, cand_shapes, ref_to_cand, sorted(set(missing), key=order.get), unexpected,
-                      allowed_key, notes, block_of_cand, errors)
+    mapping = KeyMapping(ref_shapes, cand_shapes, ref_to_cand, sorted(set(missing), key=order.get), unexpected,
+                         allowed_key, notes, block_of_cand, errors)
+    for i, others in alternatives.items():
+        mapping.alternatives[i] = [_entries(alt) for alt in others]
+        mapping.ambiguous[i] = ambiguous[i]
+    mapping.order_decided = order_decided
+    return mapping
+
+
+def _entries(res: _BlockResult) -> dict[str, MapEntry]:
+    out = {}
+    for r, parts in res.pairs:
+        how = "split" if len(parts) > 1 else "shape"
+        for j, (rk, _) in enumerate(r.tensors):
+            out[rk] = MapEntry([p.tensors[j][0] for p in parts], how)
+        for j, (rk, _) in enumerate(r.scalars):
+            cks = [p.scalars[j][0] for p in parts if j < len(p.scalars)]
+            if cks:
+                out[rk] = MapEntry(cks if len(parts) > 1 else cks[:1], how)
+    return out
 
 
 # ----------------------------------------------------------------------------------------------------------------

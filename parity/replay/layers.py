@@ -15,6 +15,7 @@ layer and compares its sub-blocks (`act.{N}.{path}`: for Detect every cv2/cv3 st
 
 from __future__ import annotations
 
+import math
 import sys
 import time
 from contextlib import contextmanager
@@ -113,6 +114,7 @@ def compare_layers(reference: Dump | str, candidate: Candidate | str | Any, *, p
     # ---- candidate setup and structure
     for finding in candidate.prepare(reference):
         report.find(finding)
+    report.context["candidate"] = candidate.describe()     # what preparing it found out (layers, mapping)
     if not candidate.live:
         _check_dump_candidate(reference, candidate, report, profile)
         modes_run = tuple(m for m in modes if m == "chained")
@@ -417,7 +419,8 @@ def _diagnose_chained(reference, candidate, by_index, head, report, results, ch,
     ratio = None
     if isinstance(metrics.get("max_abs"), (int, float)) and metrics.get("effective_atol"):
         ratio = metrics["max_abs"] / metrics["effective_atol"]
-    upstream = [_worst_row(results["chained"][j]).metrics or {} for j in _input_layers(entry)
+    feeding = set(_input_layers(entry)) | {j for u in unchecked for j in _input_layers(by_index[u])}
+    upstream = [_worst_row(results["chained"][j]).metrics or {} for j in sorted(feeding)
                 if j in results["chained"]]
     before = max((m.get("max_abs") or 0.0 for m in upstream if isinstance(m.get("max_abs"), (int, float))),
                  default=None)
@@ -469,6 +472,13 @@ def _wiring_search(reference: Dump, candidate: Candidate, entry: dict, head, rep
     index = entry["index"]
     inputs = list(entry["inputs"])
     words = []
+    strides = reference.model.get("strides") or []
+
+    def which(k: int) -> str:
+        if index == head and k < len(strides):
+            return f"the head's P{int(round(math.log2(strides[k])))} input"
+        return f"its input {k}"
+
     if callable(traced):
         sources = traced(index)
         if sources:
@@ -476,7 +486,7 @@ def _wiring_search(reference: Dump, candidate: Candidate, entry: dict, head, rep
                 expected = names.layer_of(name)
                 if found.get("layers") and found["layers"] != [expected]:
                     got = " + ".join(f"layer {j}'s" for j in found["layers"])
-                    words.append(f"its input {k} is {got} output, ultralytics uses layer {expected}'s")
+                    words.append(f"{which(k)} is {got} output, ultralytics uses layer {expected}'s")
                 if found.get("ops"):
                     words.append(f"its input {k} ({name}) passes through "
                                  + ", ".join(found["ops"][:3]) + " outside any layer")
@@ -510,7 +520,7 @@ def _wiring_search(reference: Dump, candidate: Candidate, entry: dict, head, rep
             feed = list(base)
             feed[k] = reference.get(other)
             if reproduces(feed):
-                words.append(f"its input {k} is layer {j}'s output, ultralytics uses layer {expected}'s")
+                words.append(f"{which(k)} is layer {j}'s output, ultralytics uses layer {expected}'s")
                 break
     if len(inputs) > 1 and not words and reproduces(list(reversed(base))):
         words.append("it takes its inputs in the other order")

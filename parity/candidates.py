@@ -471,6 +471,8 @@ class ModuleCandidate(Candidate):
         given = getattr(self, "user_layer_map", None) or {}
         params = {e["index"]: int(e.get("parameters") or 0) for e in reference.layers if "index" in e}
         keys = list(self.mapping.cand_shapes)
+        if not params:          # a dump without a layer table (weights and init only): nothing to check against
+            return
         for prefix, index in given.items():
             if index not in params:
                 raise ParityError(f"layer_map entry {prefix!r}: {index}: the reference has no layer {index} "

@@ -37,9 +37,10 @@ class InferredLayer:
     arity: int = 1
     site: str | None = None
     structure_differs: bool = False
+    module_call: bool = False    # kind "op" standing for one call of a parameterless module
 
     def describe(self) -> str:
-        if self.kind == "module":
+        if self.kind == "module" or self.module_call:
             return self.name
         return f"{self.name} at {self.site}" if self.site else self.name
 
@@ -211,7 +212,7 @@ def infer_layers(module: nn.Module, trace: Trace, reference, *, given: dict[str,
             # this call, replayed like an op
             style, arity = call_style(event)
             inference.layers[index] = InferredLayer(index, "op", event.name, event.seq, style, arity,
-                                                    site=None)
+                                                    module_call=True)
         else:
             inference.layers[index] = InferredLayer(index, "op", event.name, event.seq, "list"
                                                     if event.name in _OPS_FOR["Concat"] else "single",

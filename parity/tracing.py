@@ -135,10 +135,11 @@ class _Recorder(TorchFunctionMode):
         produced = tensors_in(out)
         if not produced:
             return out
-        if self.skip is not None and self.skip(stack):
-            trace.events.append(Event(seq, "op", name, stack, end=seq))    # counted, not kept
+        # ops inside torch's own modules (a Conv2d's conv2d) are that module's call, which is kept: counted only
+        if (stack and stack[-1] in self.torch_paths) or (self.skip is not None and self.skip(stack)):
+            trace.events.append(Event(seq, "op", name, stack, end=seq))
             return out
-        site = user_site() if not stack or stack[-1] not in self.torch_paths else None
+        site = user_site()
         event = Event(seq, "op", name, stack, args, kwargs, out, func, site=site, end=len(trace.events))
         trace.events.append(event)
         trace.keep.append((args, kwargs, out))

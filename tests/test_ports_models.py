@@ -125,6 +125,7 @@ def test_a_residual_shortcut_flipped_in_the_neck_is_localised_to_its_layer():
     assert report.context["first_divergent_layer"] == {"isolated": 12, "chained": 12}
     divergence = found(report, "layer-divergence")[0]
     assert divergence.where == "layer 12" and "fed the reference's own inputs" in divergence.message
+    assert "the first sub-block that differs is m.0" in divergence.message     # the residual unit
     assert not found(report, "param-count-mismatch")       # a shortcut has no parameters
 
 

@@ -364,6 +364,10 @@ def _diagnose(reference: Dump, candidate: Candidate, layers: list[dict], head, p
             hint = _affine(reference, candidate, entry, head)
             if hint:
                 hints.append(hint)
+            inside = _first_sub_block(reference, candidate, entry, head, profile)
+            if inside:
+                hints.append(inside)
+                ev["sub_block"] = inside.split(" is ", 1)[-1].split(" ", 1)[0]
         message = (f"first divergent layer: {iso} ({entry.get('type')}), fed the reference's own inputs "
                    f"(isolated), so the difference is made inside this layer: {ev.get('tensor')}: {detail}")
         if hints:
@@ -552,6 +556,31 @@ def _upsample_check(reference: Dump, candidate: Candidate, entry: dict, head, pr
         return None
     return structure.diagnose_upsample(index, inputs, produced[name].cpu(), reference.get(name),
                                        profile.for_name(name, mode="isolated"))
+
+
+def _first_sub_block(reference: Dump, candidate: Candidate, entry: dict, head, profile: Profile) -> str:
+    """The first of the layer's sub-blocks (execution order) that differs on the reference's inputs, in words."""
+    index = entry["index"]
+    sub = _sub_names(reference, entry, head)
+    if not sub:
+        return ""
+    try:
+        produced = candidate.layer_stages(index, [reference.get(n) for n in entry["inputs"]], is_head=index == head,
+                                          reference_paths=[n[len(names.act(index)) + 1:] for n in sub])
+    except Exception:  # noqa: BLE001 - the drill-down reports it when asked
+        return ""
+    ref_names = set(sub)
+    compared = 0
+    for name in sub:
+        cand, _ = _lookup(produced, name, ref_names)
+        if cand is None:
+            continue
+        compared += 1
+        if not compare_tensors(reference.get(name), cand.cpu(), profile.for_name(name, mode="isolated")).passed:
+            before = "" if compared > 1 else " (the first one)"
+            return (f"inside it, the first sub-block that differs is {name[len(names.act(index)) + 1:]}{before} "
+                    f"(--layer {index} shows them all)")
+    return ""
 
 
 def _affine(reference: Dump, candidate: Candidate, entry: dict, head) -> str:

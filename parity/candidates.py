@@ -394,7 +394,8 @@ class ModuleCandidate(Candidate):
         from parity.compare.tolerances import get_profile, profile_for_environment
 
         mapping = self.mapping
-        if not mapping.alternatives:
+        # a candidate with its own adapter (run_layer, a layer map it keeps in its own order) is not second-guessed
+        if not mapping.alternatives or not self.traced:
             return []
         profile = get_profile(profile_for_environment(reference.manifest.get("environment"),
                                                       reference.config.get("precision")))
@@ -463,6 +464,8 @@ class ModuleCandidate(Candidate):
                     f"(`parity scaffold` writes them)", severity="warning",
                     evidence={"layer": index, "ambiguous": mapping.ambiguous[index],
                               "tried": len(alternatives) + 1}))
+        # the replays ran in train mode and moved BatchNorm's running statistics: load the reference's again
+        mapping.load_reference_into(self.module, LazyTensors(reference, "model."))
         self.module.to(self.device).train()
         return findings
 

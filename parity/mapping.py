@@ -432,7 +432,7 @@ class KeyMapping:
         lines.extend(f"  note: {n}" for n in self.notes)
         for layer, words in sorted(self.ambiguous.items()):
             lines.append(f"  ambiguous: layer {layer}: {words}: "
-                         + self.resolved.get(layer, "not checked by replay (run `parity compare` to check it)"))
+                         + self.resolved.get(layer, "matched by shape in the order given, not checked by replay"))
         lines.extend(f"  error: {e}" for e in self.errors)
         return "\n".join(lines)
 

@@ -326,7 +326,7 @@ def render(report: Report, console=None, *, verbose: bool = False) -> None:
     for title, rows in (("checks", other), ("sub-blocks", drill)):
         if not rows:
             continue
-        if title == "sub-blocks":
+        if title == "sub-blocks" and report.command.startswith("compare"):
             # a drill-down lists the sub-blocks that fail; the passing ones are counted
             passing = [r for r in rows if r.passed]
             rows = [r for r in rows if not r.passed]

@@ -53,12 +53,54 @@ REFERENCE_BN_MOMENTUM = 0.03
 def layer_output_tensors(index: int, value: Any, *, reg_max: int | None = None, nc: int | None = None,
                          is_head: bool = False) -> dict[str, torch.Tensor]:
     """A layer's output under its dump names (`act.{i}`, `act.{i}.{k}`, `act.{i}.boxes`/`.scores`)."""
-    if is_head and isinstance(value, (list, tuple)) and value and all(isinstance(v, torch.Tensor) for v in value) \
-            and reg_max and nc and all(v.dim() == 4 and v.shape[1] == 4 * reg_max + nc for v in value):
-        from parity.drift import levels_to_dict  # ultralytics up to 8.3: one (B, 4*reg_max + nc, H, W) map per level
-
-        value = levels_to_dict(value, reg_max, nc)
+    if is_head and reg_max and nc:
+        value = head_outputs(value, reg_max, nc)
     return names.flatten_output(names.act(index), value)
+
+
+def head_outputs(value: Any, reg_max: int, nc: int) -> Any:
+    """A head's train-mode output as ultralytics 8.4's {boxes (B, 4*reg_max, A), scores (B, nc, A)} where it
+    can be recognised: a dict with those keys, per-level (B, 4*reg_max + nc, H, W) maps (ultralytics <= 8.3), per-level
+    box and class maps (two lists, or one list of pairs), or a (boxes, scores) tuple of flat tensors."""
+    if isinstance(value, Mapping) and ("boxes" in value or "scores" in value):
+        return value
+    flat = _tensors(value)
+    if not flat:
+        return value
+    box_c, both = 4 * reg_max, 4 * reg_max + nc
+    b = flat[0].shape[0]
+    if all(t.dim() == 4 and t.shape[1] == both for t in flat):
+        from parity.drift import levels_to_dict
+
+        return levels_to_dict(flat, reg_max, nc)
+    if all(t.dim() == 4 for t in flat) and len(flat) % 2 == 0:
+        if box_c != nc:
+            boxes = [t for t in flat if t.shape[1] == box_c]
+            scores = [t for t in flat if t.shape[1] == nc]
+        else:
+            boxes, scores = flat[: len(flat) // 2], flat[len(flat) // 2:]
+        if len(boxes) == len(scores) == len(flat) // 2:
+            return {"boxes": torch.cat([t.reshape(b, box_c, -1) for t in boxes], -1),
+                    "scores": torch.cat([t.reshape(b, nc, -1) for t in scores], -1)}
+    if len(flat) == 2 and all(t.dim() == 3 for t in flat):
+        first, second = flat
+        if first.shape[1] == box_c and second.shape[1] == nc:
+            return {"boxes": first, "scores": second}
+        if first.shape[1] == nc and second.shape[1] == box_c:
+            return {"boxes": second, "scores": first}
+    if len(flat) == 1 and flat[0].dim() == 3 and flat[0].shape[1] == both:
+        return {"boxes": flat[0][:, :box_c], "scores": flat[0][:, box_c:]}
+    return value
+
+
+def _tensors(value: Any) -> list[torch.Tensor]:
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if isinstance(value, Mapping):
+        return [t for v in value.values() for t in _tensors(v)]
+    if isinstance(value, (list, tuple)):
+        return [t for v in value for t in _tensors(v)]
+    return []
 
 
 @contextmanager
@@ -240,6 +282,13 @@ class ModuleCandidate(Candidate):
         self.nc: int | None = getattr(module, "nc", None)
         self.layers: dict[int, nn.Module] = {}
         self.layer_paths: dict[int, str] = {}
+        # A plain module without an adapter of its own: its layers are read off one traced forward (`prepare`)
+        self.traced = False
+        self.trace = None
+        self.inference = None
+        self.functional: dict[int, Any] = {}
+        self.layer_inputs: dict[int, list[str]] = {}
+        self.reference: Dump | None = None
         ultra = _ultralytics_layers(module)
         self.ultralytics_classes = ultra is not None
         if ultra is not None:
@@ -261,6 +310,8 @@ class ModuleCandidate(Candidate):
                         raise ParityError(f"layer_map names {prefix!r} for layer {index}, but the candidate has no "
                                           f"sub-module {path!r}") from None
                     self.layer_paths[index] = path
+            self.traced = not hasattr(module, "run_layer") and not hasattr(module, "forward_layers")
+            self.user_layer_map = dict(self.layer_map or {})
         self.module.to(self.device)
         self.module.train()
 
@@ -285,32 +336,214 @@ class ModuleCandidate(Candidate):
         model = reference.model
         self.nc = self.nc or model.get("nc")
         self.reg_max = self.reg_max or model.get("reg_max")
+        self.reference = reference
+        self.layer_inputs = {e["index"]: list(e.get("inputs") or []) for e in reference.layers if "index" in e}
+        if self.traced:
+            findings.extend(self._infer_layers(reference))
+        orders = self._orders(reference, ref_shapes) if self.traced and self.trace is not None else (None, None)
         try:
             self.mapping = build_mapping(ref_shapes, self.module.state_dict(), key_map=self.key_map,
-                                         layer_map=self.layer_map, strict=False)
+                                         layer_map=self.layer_map, strict=False, call_order=orders[0],
+                                         reference_order=orders[1])
         except MappingError as error:
             raise ParityError(f"cannot map the candidate's parameters onto the reference's: {error}") from None
-        for key in self.mapping.missing_required:
-            layer = names.layer_of(key)
-            findings.append(Finding(
-                "weight-unmapped", f"layer {layer}" if layer is not None else "model",
-                f"reference tensor {key} {list(self.mapping.ref_shapes[key])} has no counterpart in the candidate: "
-                f"it keeps its own initial value",
-                evidence={"reference_key": key, "shape": list(self.mapping.ref_shapes[key])}))
-        for key in self.mapping.unexpected:
-            if not self.mapping.cand_shapes.get(key):
-                continue
-            layer = self.mapping.layer_of_candidate(key)
-            findings.append(Finding(
-                "weight-unmapped", f"layer {layer}" if layer is not None else "model",
-                f"candidate tensor {key} {list(self.mapping.cand_shapes[key])} matches no reference tensor: it keeps "
-                f"its own initial value", evidence={"candidate_key": key, "shape": list(self.mapping.cand_shapes[key])}))
+        self._check_user_layer_map(reference)
+        findings.extend(self._unmapped_findings(reference))
+        findings.extend(self._never_run_findings())
         try:
             self.mapping.load_reference_into(self.module, LazyTensors(reference, "model."))
         except MappingError as error:
             raise ParityError(f"cannot load the reference weights into the candidate: {error}") from None
         self.module.to(self.device).train()
+        findings.extend(self._resolve_ambiguities(reference))
         self.mapping_findings = findings
+        return findings
+
+    def _orders(self, reference: Dump, ref_shapes) -> tuple[dict[str, float], dict[str, float]]:
+        """{key: rank} by the order the owning modules ran: the candidate's from its trace, the reference's from
+        the order of its sub-block activations in the dump (`act.{i}.{path}`)."""
+        first: dict[str, int] = {}
+        for event in self.trace.events:
+            if event.kind == "module":
+                first.setdefault(event.name, event.seq)
+        cand = {}
+        for key in self.module.state_dict():
+            parts = key.split(".")[:-1]
+            while parts and ".".join(parts) not in first:
+                parts = parts[:-1]
+            cand[key] = first.get(".".join(parts), math.inf) if parts else math.inf
+        act_rank: dict[str, int] = {}
+        for n, name in enumerate(reference.names("act.")):
+            act_rank.setdefault(name[len("act."):], n)
+        ref = {}
+        for n, key in enumerate(ref_shapes):
+            parts = key.split(".")[1:-1]          # "12", "m", "0", "cv1", "conv"
+            rank = math.inf
+            while parts:
+                if ".".join(parts) in act_rank:
+                    rank = act_rank[".".join(parts)]
+                    break
+                parts = parts[:-1]
+            ref[key] = rank + n / 1e6
+        return cand, ref
+
+    def _resolve_ambiguities(self, reference: Dump) -> list[Finding]:
+        """Where equal shapes leave a layer's tensors ambiguous, replay the layer alone under each assignment and
+        keep the first that reproduces the reference's output (the call-order match is tried first)."""
+        from parity.compare.metrics import compare_tensors
+        from parity.compare.tolerances import get_profile, profile_for_environment
+
+        mapping = self.mapping
+        # a candidate with its own adapter (run_layer, a layer map it keeps in its own order) is not second-guessed
+        if not mapping.alternatives or not self.traced:
+            return []
+        profile = get_profile(profile_for_environment(reference.manifest.get("environment"),
+                                                      reference.config.get("precision")))
+        entries = {e["index"]: e for e in reference.layers if "index" in e}
+        head = reference.model.get("head_index")
+        findings = []
+
+        def reproduces(index: int) -> bool | None:
+            entry = entries.get(index)
+            if entry is None or not self.has_layer(index):
+                return None
+            try:
+                out = self.run_layer(index, [reference.get(n) for n in entry["inputs"]], is_head=index == head)
+            except Exception:  # noqa: BLE001 - reported by the replay itself
+                return None
+            wanted = [n for n in entry["outputs"] if n in out]
+            return bool(wanted) and all(compare_tensors(reference.get(n), out[n].cpu(),
+                                                        profile.for_name(n, mode="isolated")).passed for n in wanted)
+
+        def apply(assignment: dict) -> None:
+            mapping.ref_to_cand.update(assignment)
+            subset = {k: reference.get(k) for k in assignment}
+            sub = type(mapping)(mapping.ref_shapes, mapping.cand_shapes, dict(assignment), [], [],
+                                lambda _k: True, [], {})
+            sub.load_reference_into(self.module, subset)
+
+        for index, alternatives in sorted(mapping.alternatives.items()):
+            default = {k: e for k, e in mapping.ref_to_cand.items() if k in alternatives[0]}
+            first = reproduces(index)
+            if first is None:
+                continue
+            if first:
+                mapping.resolved[index] = (f"the {'call-order' if self.traced else 'shape'} match reproduces the "
+                                           f"reference in isolation")
+                if index in mapping.order_decided:
+                    findings.append(Finding(
+                        "mapping-ambiguous", f"layer {index}",
+                        f"layer {index}: {mapping.ambiguous[index]} have equal shapes and the shapes alone would "
+                        f"match them differently; matched in the order the modules run, which isolated replay "
+                        f"confirms (it reproduces the reference)", severity="info",
+                        evidence={"layer": index, "ambiguous": mapping.ambiguous[index], "resolved": True}))
+                continue
+            kept = None
+            for n, alternative in enumerate(alternatives, 1):
+                apply(alternative)
+                if reproduces(index):
+                    kept = n
+                    break
+            if kept is not None:
+                mapping.resolved[index] = (f"resolved by isolated replay: of {len(alternatives) + 1} assignments "
+                                           f"only #{kept + 1} reproduces the reference, and it is kept")
+                findings.append(Finding(
+                    "mapping-ambiguous", f"layer {index}",
+                    f"layer {index}: {mapping.ambiguous[index]} have equal shapes; {mapping.resolved[index]}",
+                    severity="info", evidence={"layer": index, "ambiguous": mapping.ambiguous[index],
+                                               "resolved": True, "kept": kept + 1}))
+            else:
+                apply(default)
+                mapping.resolved[index] = (f"none of the {len(alternatives) + 1} assignments tried reproduces the "
+                                           f"reference in isolation")
+                findings.append(Finding(
+                    "mapping-ambiguous", f"layer {index}",
+                    f"layer {index}: {mapping.ambiguous[index]} have equal shapes and none of the "
+                    f"{len(alternatives) + 1} assignments tried reproduces the reference in isolation: a divergence "
+                    f"here may come from the mapping, not the port. Fix: pin them with key_map entries "
+                    f"(`parity scaffold` writes them)", severity="warning",
+                    evidence={"layer": index, "ambiguous": mapping.ambiguous[index],
+                              "tried": len(alternatives) + 1}))
+        # the replays ran in train mode and moved BatchNorm's running statistics: load the reference's again
+        mapping.load_reference_into(self.module, LazyTensors(reference, "model."))
+        self.module.to(self.device).train()
+        return findings
+
+    def _check_user_layer_map(self, reference: Dump) -> None:
+        """A layer_map entry the mapping never used is an error naming it (nothing is dropped silently)."""
+        given = getattr(self, "user_layer_map", None) or {}
+        params = {e["index"]: int(e.get("parameters") or 0) for e in reference.layers if "index" in e}
+        keys = list(self.mapping.cand_shapes)
+        if not params:          # a dump without a layer table (weights and init only): nothing to check against
+            return
+        for prefix, index in given.items():
+            if index not in params:
+                raise ParityError(f"layer_map entry {prefix!r}: {index}: the reference has no layer {index} "
+                                  f"(layers 0..{max(params, default=-1)})")
+            if params[index] and prefix and not any(k.startswith(prefix) for k in keys):
+                raise ParityError(f"layer_map entry {prefix!r}: {index}: no candidate tensor starts with {prefix!r}, "
+                                  f"but ultralytics' layer {index} has {params[index]:,} parameters")
+
+    def _never_run_findings(self) -> list[Finding]:
+        """Candidate modules holding mapped weights that the traced forward never called."""
+        if self.trace is None:
+            return []
+        ran = {e.name for e in self.trace.events if e.kind == "module"}
+        cand_to_ref = self.mapping.cand_to_ref
+        idle: dict[str, str] = {}
+        for key, ref_key in cand_to_ref.items():
+            path = key.rsplit(".", 1)[0] if "." in key else ""
+            if self.mapping._allowed(ref_key):       # a frozen DFL conv runs at inference only
+                continue
+            if path and path not in ran and not any(p == path or path.startswith(p + ".") for p in idle):
+                parts = path.split(".")
+                while len(parts) > 1 and ".".join(parts[:-1]) not in ran:
+                    parts = parts[:-1]
+                idle.setdefault(".".join(parts), ref_key)
+        findings = []
+        for path, ref_key in idle.items():
+            layer = names.layer_of(ref_key)
+            findings.append(Finding(
+                "module-not-run", f"layer {layer}" if layer is not None else "model",
+                f"candidate module {path} holds weights mapped to {ref_key.rsplit('.', 1)[0]}, but the candidate's "
+                f"forward never runs it: those weights are loaded and unused. Fix: call it in forward, or if another "
+                f"module does its work, remove it (or map that one with a key_map entry)",
+                evidence={"module": path, "reference": ref_key, "layer": layer}))
+        return findings
+
+    def _unmapped_findings(self, reference: Dump) -> list[Finding]:
+        """One `weight-unmapped` finding per layer whose tensors do not all map, naming the difference."""
+        from parity.mapping import describe_block_difference
+
+        mapping = self.mapping
+        per_layer: dict[Any, dict[str, list[str]]] = {}
+        for key in mapping.missing_required:
+            per_layer.setdefault(names.layer_of(key), {}).setdefault("reference", []).append(key)
+        for key in mapping.unexpected:
+            if mapping.cand_shapes.get(key):
+                per_layer.setdefault(mapping.layer_of_candidate(key), {}).setdefault("candidate", []).append(key)
+        types = {e["index"]: e.get("type") for e in reference.layers if "index" in e}
+        findings = []
+        for layer, keys in sorted(per_layer.items(), key=lambda kv: (kv[0] is None, kv[0] or 0)):
+            ref_keys, cand_keys = keys.get("reference", []), keys.get("candidate", [])
+            detail = describe_block_difference(mapping, layer, types.get(layer)) if layer is not None else ""
+            if not detail:
+                what = []
+                if ref_keys:
+                    what.append(f"reference tensor {ref_keys[0]} {list(mapping.ref_shapes[ref_keys[0]])}"
+                                + (f" and {len(ref_keys) - 1} more" if len(ref_keys) > 1 else "")
+                                + " have no counterpart in the candidate")
+                if cand_keys:
+                    what.append(f"candidate tensor {cand_keys[0]} {list(mapping.cand_shapes[cand_keys[0]])}"
+                                + (f" and {len(cand_keys) - 1} more" if len(cand_keys) > 1 else "")
+                                + " match no reference tensor")
+                detail = "; ".join(what)
+            findings.append(Finding(
+                "weight-unmapped", f"layer {layer}" if layer is not None else "model",
+                f"{detail}: those tensors keep their own initial values",
+                evidence={"layer": layer, "reference_keys": ref_keys[:50], "candidate_keys": cand_keys[:50],
+                          "reference_key": ref_keys[0] if ref_keys else None,
+                          "candidate_key": cand_keys[0] if cand_keys else None}))
         return findings
 
     def weight_tensors(self) -> Mapping[str, torch.Tensor] | None:
@@ -318,6 +551,39 @@ class ModuleCandidate(Candidate):
             return None
         state = self.module.state_dict()
         return self.mapping.candidate_to_reference(state)
+
+    def _infer_layers(self, reference: Dump) -> list[Finding]:
+        """Trace one forward on the reference's image and read the layers off it (`parity.layer_inference`)."""
+        from parity.layer_inference import infer_layers
+        from parity.tracing import error_site, run_traced
+
+        img = reference.get(names.batch_img()).to(self.device)
+        with torch.no_grad():
+            try:
+                trace = run_traced(self.module, img)
+            except Exception as error:  # noqa: BLE001 - a port may raise anything
+                site = error_site(error)
+                stack = getattr(error, "parity_module_stack", ())
+                raise ParityError(f"candidate {self.label}: its forward raised {type(error).__name__} on the "
+                                  f"reference's batch.img {list(img.shape)}"
+                                  + (f" in module {stack[-1]}" if stack else "")
+                                  + (f" at {site}" if site else "") + f": {error}") from None
+        inference = infer_layers(self.module, trace, reference, given=self.layer_map)
+        self.trace, self.inference = trace, inference
+        for index, layer in inference.layers.items():
+            if layer.kind == "module":
+                self.layers[index] = self.module.get_submodule(layer.name)
+                self.layer_paths[index] = layer.name
+        self.functional = {i: l for i, l in inference.layers.items() if l.kind == "op"}
+        self.layer_map = {**(self.layer_map or {}), **inference.layer_map}
+        self.kind = "traced"
+        findings = []
+        for problem in inference.problems:
+            findings.append(Finding("layer-not-inferred", f"layer {problem.index}",
+                                    f"{problem.message}; it is not compared. Fix: {problem.fix} "
+                                    f"(docs/model-adapter.md)", severity="warning",
+                                    evidence={"layer": problem.index, "fix": problem.fix}))
+        return findings
 
     # -- structure
     def layer_count(self) -> int | None:
@@ -334,6 +600,8 @@ class ModuleCandidate(Candidate):
         return getattr(layer, "type", None) and str(layer.type).split(".")[-1] or (type(layer).__name__ if layer else None)
 
     def param_counts(self) -> dict[int, int] | None:
+        if self.traced and self.mapping is not None:
+            return self._mapped_param_counts()
         if self.layers:
             counts = {i: sum(p.numel() for p in layer.parameters()) for i, layer in self.layers.items()}
             return dict(sorted(counts.items()))
@@ -342,6 +610,22 @@ class ModuleCandidate(Candidate):
 
             return param_counts_by_layer(self.mapping.cand_shapes, self.mapping.layer_of_candidate)
         return None
+
+    def _mapped_param_counts(self) -> dict[int, int]:
+        """Per reference layer: the candidate's parameters and the buffers the mapping gave reference tensors
+        (a frozen DFL kept as a buffer still counts, as ultralytics counts its DFL conv)."""
+        mapped = self.mapping.cand_to_ref
+        params = {k for k, _ in self.module.named_parameters()}
+        counts: dict[int, int] = {}
+        for key, shape in self.mapping.cand_shapes.items():
+            if key.rsplit(".", 1)[-1] in ("running_mean", "running_var", "num_batches_tracked"):
+                continue
+            if key not in params and key not in mapped:
+                continue
+            layer = self.mapping.layer_of_candidate(key)
+            if layer is not None:
+                counts[layer] = counts.get(layer, 0) + math.prod(shape)
+        return dict(sorted(counts.items()))
 
     def batchnorms(self) -> list[dict]:
         out = []
@@ -388,13 +672,109 @@ class ModuleCandidate(Candidate):
 
     # -- running
     def has_layer(self, index: int) -> bool:
-        return index in self.layers or (hasattr(self.module, "run_layer") and self.layer_count() is not None)
+        return index in self.layers or index in self.functional or (
+            hasattr(self.module, "run_layer") and self.layer_count() is not None)
 
     def _call_layer(self, index: int, inputs: list[torch.Tensor]):
         if hasattr(self.module, "run_layer") and not self.ultralytics_classes:
             return self.module.run_layer(index, inputs)
+        if index in self.functional:
+            return self._replay_functional(index, inputs)
         layer = self.layers[index]
-        return layer(inputs[0] if len(inputs) == 1 else list(inputs))
+        inferred = self.inference.layers.get(index) if self.inference is not None else None
+        if inferred is None or self.ultralytics_classes:
+            return layer(inputs[0] if len(inputs) == 1 else list(inputs))
+        # the way the candidate's own forward called it: one tensor, one list, or positional tensors
+        if inferred.call == "positional":
+            if len(inputs) != inferred.arity:
+                raise ParityError(f"{inferred.name} takes {inferred.arity} positional tensors in the candidate's "
+                                  f"forward, ultralytics layer {index} has {len(inputs)} inputs")
+            return layer(*inputs)
+        if inferred.call == "list":
+            return layer(list(inputs))
+        if len(inputs) != 1:
+            raise ParityError(f"{inferred.name} takes one tensor in the candidate's forward, ultralytics layer "
+                              f"{index} has {len(inputs)} inputs")
+        return layer(inputs[0])
+
+    def failing_layer(self, error: BaseException) -> int | None:
+        """The inferred layer whose module was running when the candidate's forward raised `error`."""
+        stack = getattr(error, "parity_module_stack", ())
+        by_path = {p: i for i, p in self.layer_paths.items()}
+        for path in reversed(stack):
+            if path in by_path:
+                return by_path[path]
+        return None
+
+    def input_sources(self, index: int) -> list[dict] | None:
+        """Per input of layer `index` in the candidate's own forward: the layers whose outputs reach it and the
+        operations outside any layer on the way ("mul at port.py:57")."""
+        if self.inference is None or index not in self.inference.layers:
+            return None
+        trace, layer = self.trace, self.inference.layers[index]
+        event = trace.events[layer.seq]
+        args = list(event.args[0]) if layer.call == "list" and event.args else list(event.args)
+        layer_events = self._layer_events()
+        layer_paths = {l.name for l in self.inference.layers.values() if l.kind == "module"}
+        out = []
+        for arg in args:
+            found = {"layers": [], "ops": []}
+            seen: set[int] = set()
+            todo = [t for t in _tensors(arg)]
+            while todo:
+                tensor = todo.pop()
+                if trace.image is not None and tensor is trace.image:
+                    continue
+                source = next((layer_events[p.seq] for p in trace.producers(tensor) if p.seq in layer_events
+                               and p.seq != layer.seq), None)
+                if source is not None:
+                    if source not in found["layers"]:
+                        found["layers"].append(source)
+                    continue
+                producer = trace.produced_by(tensor)
+                if producer is None or producer.seq in seen or any(p in layer_paths for p in producer.stack):
+                    continue
+                seen.add(producer.seq)
+                if producer.kind == "op" and producer.name not in ("__getitem__", "chunk", "split", "view",
+                                                                     "reshape", "unbind"):
+                    found["ops"].append(producer.name + (f" at {producer.site}" if producer.site else ""))
+                todo.extend(_tensors((producer.args, producer.kwargs)))
+            found["layers"].sort()
+            out.append(found)
+        return out
+
+    def _layer_events(self) -> dict[int, int]:
+        """trace seq of each inferred layer's event -> layer index"""
+        return {l.seq: i for i, l in self.inference.layers.items()}
+
+    def _replay_functional(self, index: int, inputs: list[torch.Tensor]):
+        """A layer the candidate computes with ops inside a parent's forward: the ops from its source layers'
+        outputs to it are run again with those outputs replaced by `inputs` (the reference's)."""
+        from parity.tracing import replay
+
+        trace, layer = self.trace, self.functional[index]
+        by_layer = {}
+        for name, tensor in zip(self.layer_inputs.get(index, []), inputs):
+            by_layer[-1 if name == names.batch_img() else names.layer_of(name)] = tensor
+        layer_events = self._layer_events()
+        layer_paths = {l.name for l in self.inference.layers.values() if l.kind == "module"}
+
+        def substitute(tensor, producers):
+            if trace.image is not None and tensor is trace.image:
+                return by_layer.get(-1, self.reference.get(names.batch_img()).to(self.device))
+            for producer in producers:
+                source = layer_events.get(producer.seq)
+                if source is not None:
+                    if source in by_layer:
+                        return by_layer[source]
+                    name = names.act(source)
+                    return self.reference.get(name).to(self.device) if name in self.reference else None
+            return None
+
+        def inside_a_layer(event) -> bool:
+            return any(p in layer_paths for p in event.stack) or (event.kind == "module" and event.name in layer_paths)
+
+        return replay(trace, trace.events[layer.seq], substitute, inside_a_layer)
 
     def _head_extras(self, index: int, flat: dict[str, torch.Tensor], is_head: bool) -> None:
         """The DFL of the head's boxes (`act.{head}.dfl`), when the candidate can compute it."""
@@ -423,7 +803,13 @@ class ModuleCandidate(Candidate):
         img = img.to(self.device)
         flat: dict[str, torch.Tensor] = {}
         with torch.no_grad():
-            if hasattr(self.module, "forward_layers") and not self.ultralytics_classes:
+            if self.traced and self.inference is not None:
+                for index, out in sorted(self._traced_outputs(img).items()):
+                    flat.update(layer_output_tensors(index, out, reg_max=self.reg_max, nc=self.nc,
+                                                     is_head=index == head_index))
+                    if on_layer:
+                        on_layer(index)
+            elif hasattr(self.module, "forward_layers") and not self.ultralytics_classes:
                 outs = self.module.forward_layers(img)
                 for index, out in enumerate(outs):
                     flat.update(layer_output_tensors(index, out, reg_max=self.reg_max, nc=self.nc,
@@ -460,6 +846,23 @@ class ModuleCandidate(Candidate):
             if head_index is not None:
                 self._head_extras(head_index, flat, True)
         return flat
+
+    def _traced_outputs(self, img: torch.Tensor) -> dict[int, Any]:
+        """One traced forward: each inferred layer's output (first call of its module, or its op)."""
+        from parity.tracing import run_traced
+
+        paths = {l.name: i for i, l in self.inference.layers.items() if l.kind == "module"}
+        trace = run_traced(self.module, img, skip=lambda stack: any(p in paths for p in stack))
+        out: dict[int, Any] = {}
+        for event in trace.events:
+            if event.kind == "module" and event.name in paths and paths[event.name] not in out:
+                out[paths[event.name]] = event.output
+        for index, layer in self.functional.items():
+            event = trace.events[layer.seq] if layer.seq < len(trace.events) else None
+            if event is not None and event.name == layer.name:
+                out[index] = event.output
+        self.last_trace = trace
+        return out
 
     def layer_stages(self, index: int, inputs: list[torch.Tensor], *, is_head: bool = False,
                      reference_paths: list[str] | None = None) -> dict[str, torch.Tensor]:

@@ -144,7 +144,8 @@ def build_parser() -> argparse.ArgumentParser:
     compare = sub.add_parser("compare", help="compare a candidate against a reference dump")
     compare.add_argument("--reference", help="reference dump (default: the default dump for the options below)")
     compare.add_argument("--candidate", default="builtin",
-                         help="builtin, package.module:factory, or a candidate dump directory")
+                         help="builtin, package.module:factory (a PyTorch port: docs/model-adapter.md), or a "
+                              "candidate dump directory")
     compare.add_argument("--what", default="all", choices=("layers", "loss", "all"))
     compare.add_argument("--layer", type=int, help="drill into one layer's sub-blocks (e.g. 23, the Detect head)")
     compare.add_argument("--inject", help="plant a known bug in the built-in candidate (see --list-injections)")
@@ -179,7 +180,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _add_optional_commands(sub) -> None:
     """Commands whose modules register their own arguments (porting harness, envelopes, drift)."""
-    for module_name in ("parity.porting", "parity.envelope", "parity.drift"):
+    for module_name in ("parity.porting", "parity.envelope", "parity.drift", "parity.scaffold"):
         try:
             module = __import__(module_name, fromlist=["register"])
         except ImportError:

@@ -261,6 +261,70 @@ def _ok(res: _BlockResult, allowed: Callable[[_Unit], bool]) -> bool:
     return not res.unused and all(allowed(u) for u in res.unmatched)
 
 
+def _align_in_order(ref: list[_Unit], cand: list[_Unit], allowed: Callable[[_Unit], bool]) -> _BlockResult | None:
+    """Both sides in the order their modules run: each reference unit takes the next candidate unit of its shapes,
+    or the next few candidate units that concatenate to it (a split conv). None when the orders do not agree."""
+    res = _BlockResult()
+    j = 0
+    for r in ref:
+        if j < len(cand) and cand[j].sig == r.sig:
+            res.pairs.append((r, [cand[j]]))
+            j += 1
+            continue
+        parts, fit = [], None
+        for k in range(j, len(cand)):
+            parts.append(cand[k])
+            fit = _split_fits(r, parts)
+            if fit is not None:
+                break
+        if fit:
+            res.pairs.append((r, parts))
+            j += len(parts)
+        elif allowed(r):
+            res.unmatched.append(r)
+        else:
+            return None
+    return res if j == len(cand) else None
+
+
+def _same_pairs(a: _BlockResult, b: _BlockResult) -> bool:
+    def key(res):
+        return sorted((tuple(r.keys), tuple(k for p in parts for k in p.keys)) for r, parts in res.pairs)
+    return key(a) == key(b)
+
+
+def _swaps(res: _BlockResult, limit: int = 8) -> list[_BlockResult]:
+    """The block's result with two equal-shaped reference units trading their candidates (first `limit`)."""
+    out = []
+    pairs = res.pairs
+    for x in range(len(pairs)):
+        for y in range(x + 1, len(pairs)):
+            (rx, px), (ry, py) = pairs[x], pairs[y]
+            if rx.sig != ry.sig:       # equal shapes: a split's parts fit the other unit as well
+                continue
+            alt = _BlockResult(list(pairs), list(res.unmatched), list(res.unused))
+            alt.pairs[x], alt.pairs[y] = (rx, py), (ry, px)
+            out.append(alt)
+            if len(out) >= limit:
+                return out
+    return out
+
+
+def _equal_shapes(res: _BlockResult, layer: int) -> str:
+    """Words for the reference units of a block that a shape cannot tell apart ("cv1 and cv2 (32, 48, 1, 1)")."""
+    groups: dict[tuple, list[str]] = {}
+    for r, parts in res.pairs:
+        groups.setdefault(r.sig, []).append(_module_name(r.head[0], layer))
+    words = [f"{' and '.join(names_)} {_fmt(sig[0])}" for sig, names_ in groups.items() if len(names_) > 1]
+    return "; ".join(words[:3])
+
+
+def _module_name(key: str, layer: int) -> str:
+    rel = key[len(f"model.{layer}."):] if key.startswith(f"model.{layer}.") else key
+    path = rel.rsplit(".", 1)[0]
+    return path[:-len(".conv")] if path.endswith(".conv") else path
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # the mapping
 
@@ -285,6 +349,12 @@ class KeyMapping:
         self._allowed = allowed_missing
         self._layer_of_cand = layer_of_cand
         self.errors = list(errors or [])        # what strict mode would have raised (strict=False only)
+        # layer -> other assignments of that block's tensors a shape alone cannot rule out ({ref_key: MapEntry}
+        # each), and the words for what is ambiguous; `resolved` says how isolated replay settled each one
+        self.alternatives: dict[int, list[dict[str, MapEntry]]] = {}
+        self.ambiguous: dict[int, str] = {}
+        self.resolved: dict[int, str] = {}
+        self.order_decided: set[int] = set()    # layers where the call order and the shapes alone disagree
 
     @property
     def missing_required(self) -> list[str]:
@@ -360,6 +430,9 @@ class KeyMapping:
         for k in self.unexpected:
             lines.append(f"  unexpected {k} {list(self.cand_shapes[k])}")
         lines.extend(f"  note: {n}" for n in self.notes)
+        for layer, words in sorted(self.ambiguous.items()):
+            lines.append(f"  ambiguous: layer {layer}: {words}: "
+                         + self.resolved.get(layer, "matched by shape in the order given, not checked by replay"))
         lines.extend(f"  error: {e}" for e in self.errors)
         return "\n".join(lines)
 
@@ -406,7 +479,9 @@ def _fail_unmatched(r: _Unit, layer: int | None, pool: list[_Unit]) -> MappingEr
 
 
 def build_mapping(reference, candidate, key_map=None, layer_map: Mapping[str, int] | None = None,
-                  allow_missing: Sequence[str] = DEFAULT_ALLOWED_MISSING, strict: bool = True) -> KeyMapping:
+                  allow_missing: Sequence[str] = DEFAULT_ALLOWED_MISSING, strict: bool = True,
+                  call_order: Mapping[str, float] | None = None,
+                  reference_order: Mapping[str, float] | None = None) -> KeyMapping:
     """Map `candidate` onto `reference`.
 
     reference: {ref_key: tensor | shape | manifest entry} in state_dict order, or an nn.Module (ultralytics').
@@ -416,6 +491,9 @@ def build_mapping(reference, candidate, key_map=None, layer_map: Mapping[str, in
     allow_missing: regexes of reference keys that may be absent from the candidate (non-trainable tensors).
     strict: raise MappingError on a required reference tensor without candidate or an unexpected candidate
     tensor; otherwise record them in `missing` / `unexpected`.
+    call_order / reference_order: {key: rank} of the module each tensor belongs to, in the order the modules
+    run (a traced candidate; the reference dump's sub-block order). Inside a layer-map block, equal shapes are
+    then matched in that order first; the shape-only match is kept as an alternative where it differs.
     """
     if layer_map is None and isinstance(candidate, nn.Module):
         layer_map = getattr(candidate, "layer_map", None)
@@ -452,13 +530,20 @@ def build_mapping(reference, candidate, key_map=None, layer_map: Mapping[str, in
             taken.add(rk)
     # (b) user renames
     rules = _compile_key_map(key_map)
+    used_rules: set[int] = set()
     if rules:
         for ck in cand_shapes:
             if ck in taken:
                 continue
             new = ck
-            for pat, rep in rules:
-                new = pat.sub(rep, new)
+            touched = []
+            for n, (pat, rep) in enumerate(rules):
+                renamed = pat.sub(rep, new)
+                if renamed != new:
+                    touched.append(n)
+                new = renamed
+            if new != ck and new in ref_shapes:
+                used_rules.update(touched)
             if new != ck and new in ref_shapes:
                 if new in ref_to_cand:
                     raise MappingError(f"key_map sends {ck} onto {new}, which is already mapped to "
@@ -470,6 +555,10 @@ def build_mapping(reference, candidate, key_map=None, layer_map: Mapping[str, in
                     continue
                 ref_to_cand[new] = MapEntry([ck], "rename")
                 taken.add(ck)
+        unused = [rules[n][0].pattern for n in range(len(rules)) if n not in used_rules]
+        if unused:
+            raise ParityError(f"key_map entry {unused[0]!r} renames no candidate tensor onto a reference tensor "
+                              f"(of {len(rules)} entries, {len(unused)} unused): fix or remove it")
 
     # (c, d) blocks by order and shape
     ref_left = [(k, s) for k, s in ref_shapes.items() if k not in ref_to_cand]
@@ -515,12 +604,35 @@ def build_mapping(reference, candidate, key_map=None, layer_map: Mapping[str, in
         for c in res.unused:
             unexpected.extend(c.keys)
 
+    alternatives: dict[int, list[_BlockResult]] = {}
+    ambiguous: dict[int, str] = {}
+    order_decided: set[int] = set()
+
+    def solve_layer(i: int, ref_items, cand_items) -> _BlockResult:
+        units, cunits = _make_units(ref_items), _make_units(cand_items)
+        res = _solve_block(units, cunits)
+        others: list[_BlockResult] = []
+        if call_order is not None and reference_order is not None:
+            ordered = _align_in_order(sorted(units, key=lambda u: reference_order.get(u.head[0], math.inf)),
+                                      sorted(cunits, key=lambda u: call_order.get(u.head[0], math.inf)),
+                                      allowed_unit)
+            if ordered is not None:
+                ordered.unmatched = [r for r in units if any(r is u for u in ordered.unmatched)]
+                if not _same_pairs(ordered, res) and _ok(res, allowed_unit):
+                    others.append(res)
+                    order_decided.add(i)
+                res = ordered
+        others += [alt for alt in _swaps(res) if not any(_same_pairs(alt, o) for o in others)]
+        if others:
+            alternatives[i] = others
+            ambiguous[i] = _equal_shapes(res, i) or "tensors of equal shapes"
+        return res
+
     # blocks given by the layer map
     stream_layers = []
     for i in sorted(ref_blocks):
         if i in cand_blocks:
-            units = _make_units(ref_blocks[i])
-            res = _solve_block(units, _make_units(cand_blocks.pop(i)))
+            res = solve_layer(i, ref_blocks[i], cand_blocks.pop(i))
             record(i, res)
         else:
             stream_layers.append(i)
@@ -587,8 +699,26 @@ def build_mapping(reference, candidate, key_map=None, layer_map: Mapping[str, in
                            nearest=_nearest(cand_shapes[k], [(r, ref_shapes[r]) for r in missing]))
     order = {k: n for n, k in enumerate(ref_shapes)}
     ref_to_cand = dict(sorted(ref_to_cand.items(), key=lambda kv: order[kv[0]]))
-    return KeyMapping(ref_shapes, cand_shapes, ref_to_cand, sorted(set(missing), key=order.get), unexpected,
-                      allowed_key, notes, block_of_cand, errors)
+    mapping = KeyMapping(ref_shapes, cand_shapes, ref_to_cand, sorted(set(missing), key=order.get), unexpected,
+                         allowed_key, notes, block_of_cand, errors)
+    for i, others in alternatives.items():
+        mapping.alternatives[i] = [_entries(alt) for alt in others]
+        mapping.ambiguous[i] = ambiguous[i]
+    mapping.order_decided = order_decided
+    return mapping
+
+
+def _entries(res: _BlockResult) -> dict[str, MapEntry]:
+    out = {}
+    for r, parts in res.pairs:
+        how = "split" if len(parts) > 1 else "shape"
+        for j, (rk, _) in enumerate(r.tensors):
+            out[rk] = MapEntry([p.tensors[j][0] for p in parts], how)
+        for j, (rk, _) in enumerate(r.scalars):
+            cks = [p.scalars[j][0] for p in parts if j < len(p.scalars)]
+            if cks:
+                out[rk] = MapEntry(cks if len(parts) > 1 else cks[:1], how)
+    return out
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -620,3 +750,88 @@ def compare_param_counts(ref_counts: Mapping[int, int],
         if r != c:
             rows.append((i, r, c, c - r))
     return rows
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# structure differences in words
+
+# ultralytics' class of a layer type's repeated children (`m.{j}`), for the words of a structure finding
+_CHILD_CLASS = {"C2f": "Bottleneck", "C3k2": "Bottleneck", "C3": "Bottleneck", "C2PSA": "PSABlock", "C3k": "Bottleneck"}
+_STATS = ("running_mean", "running_var", "num_batches_tracked")
+
+
+def _module_pairs(mapping: KeyMapping, index: int) -> dict[str, str]:
+    """Candidate module path -> reference module path (inside layer `index`), read off the mapped tensors."""
+    pairs: dict[str, str] = {}
+    prefix = f"model.{index}."
+    for rk, entry in mapping.ref_to_cand.items():
+        if not rk.startswith(prefix) or len(entry.cand_keys) != 1:
+            continue
+        r, c = rk[len(prefix):].split("."), entry.cand_keys[0].split(".")
+        while r and c and r[-1] == c[-1]:
+            r, c = r[:-1], c[:-1]
+        while r and c:
+            pairs.setdefault(".".join(c), ".".join(r))
+            r, c = r[:-1], c[:-1]
+    return pairs
+
+
+def describe_block_difference(mapping: KeyMapping, index: int, layer_type: str | None = None) -> str:
+    """"layer 12: 2 extra Bottlenecks m.1, m.2; cv2 (32, 80, 1, 1) vs (32, 48, 1, 1)": the candidate's extra or
+    missing sub-modules in ultralytics' names, and the tensors whose shapes differ (candidate vs reference)."""
+    prefix = f"model.{index}."
+    missing = [k for k in mapping.missing if k.startswith(prefix) and k.rsplit(".", 1)[-1] not in _STATS
+               and not mapping._allowed(k)]
+    unexpected = [k for k in mapping.unexpected if mapping._layer_of_cand.get(k) == index
+                  and k.rsplit(".", 1)[-1] not in _STATS]
+    if not missing and not unexpected:
+        return ""
+    pairs = _module_pairs(mapping, index)
+    parts: list[str] = []
+    # whole extra sub-modules: an unmapped candidate module whose parent has a reference counterpart
+    extra: dict[str, list[str]] = {}
+    for key in unexpected:
+        path = key.split(".")[:-1]
+        for depth in range(len(path) - 1, 0, -1):
+            parent, child = ".".join(path[:depth]), path[depth]
+            if parent in pairs and ".".join(path[:depth + 1]) not in pairs:
+                extra.setdefault(pairs[parent], []).append(child)
+                break
+    grouped_keys = set()
+    for ref_parent, children in extra.items():
+        children = list(dict.fromkeys(children))
+        cls = _CHILD_CLASS.get(layer_type or "", "sub-module") if ref_parent.split(".")[-1] == "m" else "sub-module"
+        plural = cls + ("s" if len(children) > 1 else "")
+        parts.append(f"{len(children)} extra {plural} " + ", ".join(f"{ref_parent}.{c}" for c in children))
+        for key in unexpected:
+            for c in children:
+                cand_parent = next(cp for cp, rp in pairs.items() if rp == ref_parent)
+                if key.startswith(f"{cand_parent}.{c}."):
+                    grouped_keys.add(key)
+    # reference sub-modules the candidate lacks entirely
+    missing_modules: dict[str, None] = {}
+    for key in missing:
+        rel = key[len(prefix):].split(".")[:-1]
+        for depth in range(1, len(rel) + 1):
+            path = ".".join(rel[:depth])
+            if path not in pairs.values():
+                missing_modules.setdefault(path, None)
+                break
+    # tensors left over on both sides: pair them in order as "shape differs"
+    left_cand = [k for k in unexpected if k not in grouped_keys and len(mapping.cand_shapes[k]) >= 2]
+    left_ref = [k for k in missing if len(mapping.ref_shapes[k]) >= 2]
+    shapes = []
+    for rk, ck in zip(left_ref, left_cand):
+        name = rk[len(prefix):].rsplit(".", 1)[0]
+        name = name[:-len(".conv")] if name.endswith(".conv") else name
+        shapes.append(f"{name} {_fmt(mapping.cand_shapes[ck])} vs {_fmt(mapping.ref_shapes[rk])}")
+    paired = {k[len(prefix):].split(".")[0] for k in left_ref[:len(left_cand)]}
+    lacking = [m for m in missing_modules if m.split(".")[0] not in paired and not any(
+        m.startswith(p) for p in paired)]
+    if lacking:
+        parts.append("missing " + ", ".join(lacking))
+    parts.extend(shapes)
+    extra_cand = left_cand[len(left_ref):]
+    if extra_cand:
+        parts.append("extra tensors " + ", ".join(f"{k} {_fmt(mapping.cand_shapes[k])}" for k in extra_cand[:3]))
+    return f"layer {index}: " + "; ".join(parts) + " (candidate vs ultralytics)" if parts else ""

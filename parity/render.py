@@ -78,6 +78,39 @@ def summary_counts(report: Report) -> dict:
 
 
 # -------------------------------------------------------------------------------------------- terminal
+def verdict_lines(report: Report) -> list[str]:
+    """The verdict of each part that was judged on its own (the layers, the Detect bias init), one line each;
+    empty for reports without parts (a loss or dump comparison)."""
+    parts = (report.context or {}).get("verdicts")
+    if not parts:
+        return []
+    lines = []
+    first = (report.context or {}).get("first_divergent_layer") or {}
+    types = {e.get("index"): e.get("type") for e in (report.context.get("layers") or [])}
+    layers = parts.get("layers")
+    if layers == "parity":
+        lines.append("layers: PARITY")
+    elif layers:
+        where = ", ".join(f"{mode} layer {i} ({types.get(i, '?')})" for mode, i in first.items() if i is not None)
+        row = report.first_divergence()
+        text = "layers: DIVERGENCE"
+        if where:
+            text += f"; first divergent: {where}"
+        elif row is not None and row.section != "bias init":
+            text += f"; first failed check: [{row.section}] {row.where} {row.name}"
+        lines.append(text)
+    bias = parts.get("bias_init")
+    if bias == "divergence":
+        found = [f for f in report.findings if f.signature.startswith("bias-init") and f.severity == "error"]
+        strides = [str(f.evidence.get("stride")).rstrip("0").rstrip(".") for f in found if "stride" in f.evidence]
+        sig = found[0].signature if found else "bias init differs"
+        lines.append(f"bias init: DIVERGENCE ({sig}" + (f", stride{'s' if len(strides) > 1 else ''} "
+                                                         f"{', '.join(strides)}" if strides else "") + ")")
+    elif bias == "parity":
+        lines.append("bias init: PARITY")
+    return lines
+
+
 def summary_line(report: Report) -> str:
     counts = summary_counts(report)
     if report.verdict == "parity":
@@ -91,9 +124,12 @@ def summary_line(report: Report) -> str:
     where = ", ".join(f"{mode} layer {i}" for mode, i in first.items() if i is not None)
     if where:
         parts.append(f"first divergent: {where}")
-    row = report.first_divergence()
+    failed = report.failed_rows
+    row = next((r for r in failed if r.section != "bias init"), None)
     if row is not None:
         parts.append(f"first failed check: [{row.section}] {row.where} {row.name}")
+    elif failed:
+        parts[0] += ", all of them in the bias init"
     return "; ".join(parts)
 
 
@@ -225,17 +261,30 @@ def render(report: Report, console=None, *, verbose: bool = False) -> None:
                   f"{_e(report.candidate)}  profile {_e(report.profile)}", highlight=False)
     console.print(f"[{style}]{_e(summary_line(report))}[/{style}]", highlight=False)
 
+    for line in verdict_lines(report):
+        console.print(f"[{_line_style(line)}]{_e(line)}[/{_line_style(line)}]", highlight=False)
+
     if report.findings:
-        table = Table(title="findings", show_lines=False, expand=True)
-        # the message is what a person reads: it keeps at least half the width; a long `where` wraps instead
-        table.add_column("severity", no_wrap=True)
-        table.add_column("signature", no_wrap=True)
-        table.add_column("where", overflow="fold", ratio=1)
-        table.add_column("message", ratio=2)
-        for f in sorted(report.findings, key=lambda f: _SEVERITY_ORDER.get(f.severity, 3)):
-            st = _SEVERITY_STYLE.get(f.severity, "")
-            table.add_row(f"[{st}]{f.severity}[/{st}]", _e(f.signature), _e(f.where), _e(f.message))
-        console.print(table)
+        findings = _grouped_findings(report)
+        if console.width < 100:
+            # narrow terminals: one block per finding, the message over the whole width
+            console.print("[bold]findings[/bold]")
+            for f in findings:
+                st = _SEVERITY_STYLE.get(f.severity, "")
+                console.print(f"[{st}]{f.severity}[/{st}] [bold]{_e(f.signature)}[/bold]  {_e(f.where)}",
+                              highlight=False)
+                console.print(_indented(f.message, console.width), highlight=False)
+        else:
+            table = Table(title="findings", show_lines=False, expand=True)
+            # the message is what a person reads: it keeps at least half the width; a long `where` wraps instead
+            table.add_column("severity", no_wrap=True)
+            table.add_column("signature", no_wrap=True)
+            table.add_column("where", ratio=1)
+            table.add_column("message", ratio=2)
+            for f in findings:
+                st = _SEVERITY_STYLE.get(f.severity, "")
+                table.add_row(f"[{st}]{f.severity}[/{st}]", _e(f.signature), _e(f.where), _e(f.message))
+            console.print(table)
 
     layer_rows: dict[int, list[Row]] = {}
     other: list[Row] = []
@@ -293,13 +342,33 @@ def render(report: Report, console=None, *, verbose: bool = False) -> None:
     for title, rows in (("checks", other), ("sub-blocks", drill)):
         if not rows:
             continue
-        table = Table(title=title, expand=False)
-        for column in ("section", "where", "tensor / check", "result", "detail"):
-            # Only the verdict must stay on one line; names wrap rather than lose their ends.
-            table.add_column(column, no_wrap=column == "result", overflow="fold")
+        if title == "sub-blocks" and report.command.startswith("compare"):
+            # a drill-down lists the sub-blocks that fail; the passing ones are counted
+            passing = [r for r in rows if r.passed]
+            rows = [r for r in rows if not r.passed]
+            if passing:
+                console.print(f"sub-blocks: {len(passing)} of {len(passing) + len(rows)} pass"
+                              + (" (--json lists them)" if rows else ""), highlight=False)
+            if not rows:
+                continue
         shown = rows if verbose else [r for r in rows if not r.passed] + [r for r in rows if r.passed][:60]
+        name_width = max(len(r.name) for r in shown)
+        table = Table(title=title, expand=False)
+        narrow = console.width < 100       # the section is said by the where of a row, or by the title
+        columns = ("where", "tensor / check", "result", "detail") if narrow else \
+            ("section", "where", "tensor / check", "result", "detail")
+        for column in columns:
+            # a tensor name and the verdict stay on one line; where and detail wrap at spaces
+            table.add_column(column, no_wrap=column in ("result", "tensor / check"),
+                             min_width=name_width if column == "tensor / check" else None)
         for row in sorted(shown, key=lambda r: rows.index(r)):
-            table.add_row(_e(row.section), _e(row.where), _e(row.name), _cell(row), _e(_short(row.note, 80)))
+            cells = [_e(row.where), _e(row.name), _cell(row), _e(_short(row.note, 80))]
+            if narrow:
+                if row.section not in row.where and row.section not in ("structure", "bias init"):
+                    cells[0] = _e(f"{row.section}: {row.where}")
+            else:
+                cells.insert(0, _e(row.section))
+            table.add_row(*cells)
         console.print(table)
 
     not_checked = (report.coverage or {}).get("not_checked") or []
@@ -315,3 +384,51 @@ def render(report: Report, console=None, *, verbose: bool = False) -> None:
                     f"provided by the candidate (first: {', '.join(sub['left_out'][:4])})")
     for line in list(not_checked) + left:
         console.print(f"[yellow]not covered:[/yellow] {_e(line)}", highlight=False)
+    # the verdict and the first divergence close the report too: they are what is left on the screen
+    closing = verdict_lines(report) or [summary_line(report)]
+    first = _first_finding(report)
+    style = "bold green" if report.verdict == "parity" else "bold red"
+    console.rule(style=style)
+    for line in closing:
+        console.print(f"[{_line_style(line)}]{_e(line)}[/{_line_style(line)}]", highlight=False)
+    if first is not None:
+        console.print(f"first finding: {_e(first.signature)} at {_e(first.where)}: {_e(_short(first.message, 160))}",
+                      highlight=False)
+
+
+def _line_style(line: str) -> str:
+    return "bold green" if "PARITY" in line else "bold red"
+
+
+def _first_finding(report: Report):
+    """The first error finding that is not the bias init (judged on its own), else the first error."""
+    errors = [f for f in report.findings if f.severity == "error"]
+    return next((f for f in errors if not f.signature.startswith("bias-init")), errors[0] if errors else None)
+
+
+def _indented(text: str, width: int) -> str:
+    import textwrap
+
+    return "\n".join(textwrap.wrap(_e(text), width=max(20, width - 2), initial_indent="  ",
+                                    subsequent_indent="  ", break_long_words=False, break_on_hyphens=False))
+
+
+def _grouped_findings(report: Report) -> list:
+    """Findings, errors first; one finding per stride of the same signature and layer is shown once."""
+    from parity.report import Finding
+
+    ordered = sorted(report.findings, key=lambda f: _SEVERITY_ORDER.get(f.severity, 3))
+    out: list = []
+    groups: dict[tuple, int] = {}
+    for f in ordered:
+        base, _, stride = f.where.partition(", stride ")
+        key = (f.signature, base)
+        if stride and key in groups:
+            first = out[groups[key]]
+            where = first.where.replace(", stride ", ", strides ") + f", {stride}"
+            out[groups[key]] = Finding(first.signature, where, first.message, first.severity, first.evidence)
+            continue
+        if stride:
+            groups[key] = len(out)
+        out.append(f)
+    return out

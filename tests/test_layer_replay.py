@@ -219,7 +219,9 @@ def test_bias_init_not_applied_or_nonfinite(dumps, key, inject, signature, text)
     assert sorted(f.evidence["stride"] for f in found) == sorted(dump.model["strides"])
     assert all(text in f.message for f in found)
     assert report.verdict == "divergence"
-    assert report.first_divergence().section == "structure"
+    # the bias init is judged on its own: the layers keep their parity
+    assert report.first_divergence().section == "bias init"
+    assert report.context["verdicts"] == {"layers": "parity", "bias_init": "divergence"}
 
 
 @pytest.mark.parametrize("key", ["yolo11", "yolov8"])

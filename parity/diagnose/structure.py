@@ -30,6 +30,7 @@ from parity.dumpfile import Dump
 from parity.report import Finding, Report, Row
 
 SECTION = "structure"
+BIAS_SECTION = "bias init"
 
 
 def layer_where(index: int) -> str:
@@ -44,23 +45,52 @@ def _ref_type(reference: Dump, index: int) -> str:
 
 
 # ------------------------------------------------------------------------------------------ parameters
+def _allowed_missing_by_layer(reference: Dump, candidate: Candidate) -> dict[int, list[tuple[str, int]]]:
+    """Reference tensors the mapping lets the candidate lack (a DFL conv weight): [(key, numel)] per layer."""
+    mapping = getattr(candidate, "mapping", None)
+    if mapping is None:
+        return {}
+    out: dict[int, list[tuple[str, int]]] = {}
+    for key in mapping.missing:
+        if key in mapping.missing_required or key.rsplit(".", 1)[-1] in ("running_mean", "running_var",
+                                                                          "num_batches_tracked"):
+            continue
+        layer = names.layer_of(key)
+        if layer is not None:
+            out.setdefault(layer, []).append((key, int(math.prod(mapping.ref_shapes[key]))))
+    return out
+
+
 def check_param_counts(reference: Dump, candidate: Candidate, report: Report) -> list[int]:
-    """One row per layer (reference vs candidate parameter count). Returns the layers that differ."""
+    """One row per layer (reference vs candidate parameter count). Returns the layers that differ.
+
+    A reference layer without parameters that the candidate computes without a module of its own (an
+    `F.interpolate`, a `torch.cat`) is no mismatch, and neither are non-trainable tensors the mapping allows the
+    candidate to lack (ultralytics counts its frozen DFL conv weight among Detect's parameters)."""
     cand = candidate.param_counts()
     if cand is None:
         report.coverage.setdefault("not_checked", []).append(
             "parameter counts per layer (the candidate gives no layer structure: add a layer_map)")
         return []
     ref = {e["index"]: int(e.get("parameters", 0)) for e in reference.layers if "index" in e}
+    allowed = _allowed_missing_by_layer(reference, candidate)
     differing = []
     for index in sorted(set(ref) | set(cand)):
         r, c = ref.get(index), cand.get(index)
-        passed = r == c
+        left_out = sum(n for _, n in allowed.get(index, []))
+        if r == 0 and c is None:
+            report.add(Row(SECTION, layer_where(index), "parameters", True,
+                           note="reference 0, none in the candidate (no parameters)"))
+            continue
+        passed = r == c or (r is not None and c is not None and left_out and r - left_out == c)
         note = f"reference {r:,}" if r is not None else "not in the reference"
         note += f", candidate {c:,}" if c is not None else ", not in the candidate"
         if r is not None and c is not None and r != c:
             note += f" ({c - r:+,})"
-        report.add(Row(SECTION, layer_where(index), "parameters", passed, note=note))
+            if passed:
+                keys = ", ".join(k.split(".", 2)[2] for k, _ in allowed[index])
+                note += f": {left_out:,} in {keys}, not trainable, which the candidate may leave out"
+        report.add(Row(SECTION, layer_where(index), "parameters", bool(passed), note=note))
         if not passed:
             differing.append(index)
     total_r, total_c = sum(ref.values()), sum(cand.values())
@@ -74,11 +104,24 @@ def check_param_counts(reference: Dump, candidate: Candidate, report: Report) ->
             more = "more" if c > r else "fewer"
             message = (f"layer {index} ({_ref_type(reference, index)}) has {abs(c - r):,} {more} parameters than "
                        f"ultralytics' ({c:,} vs {r:,}); whole model {total_c:,} vs {total_r:,} ({total_c - total_r:+,})")
+            detail = structure_difference(reference, candidate, index)
+            if detail:
+                message += f". {detail}"
         report.find(Finding("param-count-mismatch", layer_where(index), message,
                             evidence={"layer": index, "reference": r, "candidate": c,
                                       "difference": None if r is None or c is None else c - r,
                                       "model_reference": total_r, "model_candidate": total_c}))
     return differing
+
+
+def structure_difference(reference: Dump, candidate: Candidate, index: int) -> str:
+    """Words for how a layer's tensors differ: extra or missing sub-modules and tensors of other shapes."""
+    mapping = getattr(candidate, "mapping", None)
+    if mapping is None:
+        return ""
+    from parity.mapping import describe_block_difference
+
+    return describe_block_difference(mapping, index, _ref_type(reference, index))
 
 
 # -------------------------------------------------------------------------------------------- shapes
@@ -205,7 +248,7 @@ def diagnose_bias_init(reference: Dump, candidate: Candidate, report: Report) ->
         tol = BITWISE
         row_metrics = compare_tensors(stored, cand.to(stored.dtype) if cand.dtype != stored.dtype and
                                       cand.is_floating_point() else cand, tol).as_dict()
-        report.add(Row(SECTION, where, label, passed, metrics=row_metrics, tolerance=tol.as_dict(), note=verdict))
+        report.add(Row(BIAS_SECTION, where, label, passed, metrics=row_metrics, tolerance=tol.as_dict(), note=verdict))
         for sig, text in zip(signatures, messages):
             report.find(Finding(sig, where, text, evidence=evidence))
         # box branch: ultralytics 8.4 sets 2.0 (1.0 before)
@@ -215,7 +258,7 @@ def diagnose_bias_init(reference: Dump, candidate: Candidate, report: Report) ->
             bwhere = f"layer {head}, box bias init, stride {stride:g}"
             ok = cbox.shape == box_stored.shape and _bitwise(box_stored, cbox)
             note = "as ultralytics (2.0)" if ok else _describe_values(cbox)
-            report.add(Row(SECTION, bwhere, names.init_bias("box_bias", level, "stored"), ok,
+            report.add(Row(BIAS_SECTION, bwhere, names.init_bias("box_bias", level, "stored"), ok,
                            metrics=compare_tensors(box_stored, cbox, BITWISE).as_dict(), tolerance=BITWISE.as_dict(),
                            note=note))
             if not ok:
@@ -397,6 +440,14 @@ def affine_hint(ref: torch.Tensor, cand: torch.Tensor) -> str:
             a = ((rr - rm) * (cc - cm)).sum(1) / v
             res = cc - (a[:, None] * (rr - rm) + cm)
             if float(res.abs().max()) <= 1e-5 * spread and float((a - 1).abs().max()) > 1e-6:
+                scaled = ((a - 1).abs() > 1e-4).nonzero().flatten().tolist()
+                offsets = (cm.flatten() - a * rm.flatten()).abs()
+                first_scale = float(a[scaled[0]])
+                if scaled == list(range(scaled[0], scaled[-1] + 1)) and len(scaled) < ref.shape[1] and \
+                        float((a[scaled] - first_scale).abs().max()) <= 1e-4 * abs(first_scale) and \
+                        float(offsets.max()) <= 1e-5 * spread:
+                    return (f"channels {scaled[0]}\u2013{scaled[-1]} of the candidate are {first_scale:.6g} x the "
+                            f"reference's and the others equal it: one of the concatenated inputs is scaled")
                 return (f"each channel of the candidate is an affine map of the reference's (scales "
                         f"{float(a.min()):.6g}..{float(a.max()):.6g}): a normalisation difference (BatchNorm eps, "
                         f"statistics or affine parameters)")

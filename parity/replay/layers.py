@@ -15,6 +15,7 @@ layer and compares its sub-blocks (`act.{N}.{path}`: for Detect every cv2/cv3 st
 
 from __future__ import annotations
 
+import math
 import sys
 import time
 from contextlib import contextmanager
@@ -113,6 +114,7 @@ def compare_layers(reference: Dump | str, candidate: Candidate | str | Any, *, p
     # ---- candidate setup and structure
     for finding in candidate.prepare(reference):
         report.find(finding)
+    report.context["candidate"] = candidate.describe()     # what preparing it found out (layers, mapping)
     if not candidate.live:
         _check_dump_candidate(reference, candidate, report, profile)
         # A port that ran each layer on the reference's inputs wrote isolated.act.*: judged like a live replay.
@@ -148,8 +150,28 @@ def compare_layers(reference: Dump | str, candidate: Candidate | str | Any, *, p
         _drill_down(reference, candidate, layers, head, layer, profile, report, modes_run)
     _coverage(reference, report, layers, results, head)
     report.context["seconds"] = round(time.perf_counter() - started, 3)
+    report.context.pop("_chained_outputs", None)
     _order_rows(report)
+    # the bias init is judged on its own: its findings come after the layers' (stable otherwise)
+    report.findings.sort(key=lambda f: f.signature.startswith("bias-init"))
+    report.context["verdicts"] = part_verdicts(report)
     return report
+
+
+def part_verdicts(report: Report) -> dict[str, str]:
+    """The layers and the Detect bias init judged apart: a port exact but for its bias init reads
+    layers: parity, bias_init: divergence."""
+    def is_bias(signature: str) -> bool:
+        return signature.startswith("bias-init")
+
+    bias_rows = [r for r in report.rows if r.section == structure.BIAS_SECTION]
+    layer_rows = [r for r in report.rows if r.section != structure.BIAS_SECTION]
+    layers_bad = any(not r.passed for r in layer_rows) or any(
+        f.severity == "error" and not is_bias(f.signature) for f in report.findings)
+    bias_bad = any(not r.passed for r in bias_rows) or any(
+        f.severity == "error" and is_bias(f.signature) for f in report.findings)
+    return {"layers": "divergence" if layers_bad else "parity",
+            "bias_init": "divergence" if bias_bad else ("parity" if bias_rows else "not checked")}
 
 
 # ------------------------------------------------------------------------------------------- helpers
@@ -162,12 +184,18 @@ def _compare_into(report: Report, section: str, index: int, name: str, ref: torc
                           tolerance=tol.as_dict(), note=note))
 
 
-def _error_row(report: Report, section: str, index: int, name: str, error: BaseException) -> Row:
-    message = f"the candidate raised {type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
-    row = report.add(Row(section, structure.layer_where(index), name, False, note=message))
-    report.find(Finding("candidate-error", structure.layer_where(index),
-                        f"layer {index} could not run in {section} mode: {message}",
-                        evidence={"layer": index, "mode": section, "error": type(error).__name__}))
+def _error_row(report: Report, section: str, index: int | None, name: str, error: BaseException) -> Row:
+    from parity.tracing import error_site
+
+    site = error_site(error)
+    text = str(error).splitlines()[0] if str(error) else ""
+    message = f"the candidate raised {type(error).__name__}" + (f" at {site}" if site else "") + f": {text}"
+    where = structure.layer_where(index) if index is not None else "forward"
+    row = report.add(Row(section, where, name, False, note=message))
+    what = f"layer {index} could not run in {section} mode" if index is not None else \
+        f"the candidate's forward could not run ({section})"
+    report.find(Finding("candidate-error", where, f"{what}: {message}",
+                        evidence={"layer": index, "mode": section, "error": type(error).__name__, "site": site}))
     return row
 
 
@@ -208,8 +236,10 @@ def _chained(reference: Dump, candidate: Candidate, layers: list[dict], head, pr
         try:
             produced = candidate.run_chained(img, None, head_index=head)
         except Exception as error:  # noqa: BLE001
-            _error_row(report, "chained", 0, "forward", error)
+            index = getattr(candidate, "failing_layer", lambda _e: None)(error)
+            _error_row(report, "chained", index, "forward" if index is None else names.act(index), error)
             return out
+        report.context["_chained_outputs"] = produced
         get = produced.get
     else:
         produced = None
@@ -328,42 +358,184 @@ def _diagnose(reference: Dump, candidate: Candidate, layers: list[dict], head, p
             hints.append("this layer's parameter count differs from ultralytics'")
         if iso in bn_bad:
             hints.append(bn_bad[iso].message)
+        sources = getattr(candidate, "input_sources", None)
+        for k, found in enumerate((sources(iso) if callable(sources) else None) or []):
+            if found.get("ops") and index_is_functional(candidate, iso):
+                hints.append(f"the candidate computes it from its input {k} ({entry['inputs'][k]}) through "
+                             + ", ".join(found["ops"][:3]))
         if candidate.live and "error" not in results["isolated"][iso]:
             hint = _affine(reference, candidate, entry, head)
             if hint:
                 hints.append(hint)
+            inside = _first_sub_block(reference, candidate, entry, head, profile)
+            if inside:
+                hints.append(inside)
+                ev["sub_block"] = inside.split(" is ", 1)[-1].split(" ", 1)[0]
         message = (f"first divergent layer: {iso} ({entry.get('type')}), fed the reference's own inputs "
                    f"(isolated), so the difference is made inside this layer: {ev.get('tensor')}: {detail}")
         if hints:
             message += ". " + ". ".join(hints)
         report.find(Finding("layer-divergence", structure.layer_where(iso), message, evidence=ev))
     if ch is not None:
-        entry = by_index[ch]
-        detail, ev = describe("chained", ch)
-        iso_rows = results.get("isolated", {}).get(ch)
-        iso_passed = iso_rows is not None and all(r.passed for r in iso_rows.values())
-        inputs_ok = all(_passed_in(results["chained"], reference, name) for name in entry["inputs"])
-        if iso_passed and inputs_ok and ch != 0:
-            report.find(Finding(
-                "layer-wiring", structure.layer_where(ch),
-                f"layer {ch} ({entry.get('type')}) diverges end to end although it matches when fed the reference's "
-                f"inputs and its inputs ({', '.join(entry['inputs'])}) match in the chained run: the candidate feeds "
-                f"this layer something else (check its `from` wiring / which outputs it concatenates). {detail}",
-                evidence={**ev, "from": entry.get("from")}))
-        elif iso is None and "isolated" in results and iso_passed:
-            report.find(Finding(
-                "chained-drift", structure.layer_where(ch),
-                f"every layer matches in isolation, but the end-to-end run leaves the tolerance at layer {ch} "
-                f"({entry.get('type')}): small differences accumulate beyond the '{report.profile}' profile "
-                f"(different arithmetic order, threads or precision?). {detail}", evidence=ev))
-        elif iso is None or "isolated" not in results:
-            report.find(Finding(
-                "layer-divergence", structure.layer_where(ch),
-                f"first divergent layer end to end (chained): {ch} ({entry.get('type')}): {ev.get('tensor')}: {detail}",
-                evidence=ev))
-        else:
-            report.context.setdefault("notes", []).append(
-                f"chained mode first diverges at layer {ch}; isolated mode at layer {iso}")
+        _diagnose_chained(reference, candidate, by_index, head, report, results, ch, iso, describe)
+
+
+def _input_layers(entry: dict) -> list[int]:
+    return [names.layer_of(n) for n in entry.get("inputs") or [] if names.layer_of(n) is not None]
+
+
+def _unchecked_upstream(by_index: dict, iso_results: dict | None, index: int) -> list[int]:
+    """Layers feeding `index` (transitively, stopping at compared ones) that isolated mode could not compare."""
+    if iso_results is None:
+        return []
+    found: set[int] = set()
+    todo = _input_layers(by_index[index])
+    while todo:
+        j = todo.pop()
+        if j in found or j not in by_index:
+            continue
+        if j in iso_results and "error" not in iso_results[j]:
+            continue
+        found.add(j)
+        todo.extend(_input_layers(by_index[j]))
+    return sorted(found)
+
+
+def _span(layers: list[int]) -> str:
+    if len(layers) == 1:
+        return f"layer {layers[0]}"
+    if layers == list(range(layers[0], layers[-1] + 1)):
+        return f"layers {layers[0]}\u2013{layers[-1]}"
+    return "layers " + ", ".join(map(str, layers))
+
+
+# A chained difference this many times its tolerance is no accumulated rounding
+DRIFT_LIMIT = 100.0
+
+
+def _diagnose_chained(reference, candidate, by_index, head, report, results, ch, iso, describe) -> None:
+    entry = by_index[ch]
+    detail, ev = describe("chained", ch)
+    iso_results = results.get("isolated")
+    iso_rows = (iso_results or {}).get(ch)
+    iso_passed = iso_rows is not None and all(r.passed for r in iso_rows.values())
+    inputs_ok = all(_passed_in(results["chained"], reference, name) for name in entry["inputs"])
+    unchecked = _unchecked_upstream(by_index, iso_results, ch)
+    row = _worst_row(results["chained"][ch])
+    metrics = row.metrics or {}
+    ratio = None
+    if isinstance(metrics.get("max_abs"), (int, float)) and metrics.get("effective_atol"):
+        ratio = metrics["max_abs"] / metrics["effective_atol"]
+    feeding = set(_input_layers(entry)) | {j for u in unchecked for j in _input_layers(by_index[u])}
+    upstream = [_worst_row(results["chained"][j]).metrics or {} for j in sorted(feeding)
+                if j in results["chained"]]
+    before = max((m.get("max_abs") or 0.0 for m in upstream if isinstance(m.get("max_abs"), (int, float))),
+                 default=None)
+    jump = (f"the difference jumps from {before:.2g} to {metrics['max_abs']:.2g}"
+            if before is not None and isinstance(metrics.get("max_abs"), (int, float)) else "")
+    ev.update({"not_compared": unchecked, "tolerance_ratio": ratio})
+    if iso_passed and inputs_ok and ch != 0:
+        wiring = _wiring_search(reference, candidate, entry, head, report)
+        report.find(Finding(
+            "layer-wiring", structure.layer_where(ch),
+            f"layer {ch} ({entry.get('type')}) diverges end to end although it matches when fed the reference's "
+            f"inputs and its inputs ({', '.join(entry['inputs'])}) match in the chained run: the candidate feeds "
+            f"this layer something else" + (f": {wiring} (check its `from` wiring)" if wiring else
+                                            " (check its `from` wiring / which outputs it concatenates)")
+            + f". {detail}", evidence={**ev, "from": entry.get("from"), "wiring": wiring}))
+    elif unchecked and iso_passed:
+        report.find(Finding(
+            "layer-divergence", structure.layer_where(ch),
+            f"first divergent layer end to end: {ch} ({entry.get('type')}) matches in isolation, so the difference "
+            f"is made in {_span(unchecked)}, which {'was' if len(unchecked) == 1 else 'were'} not compared (the "
+            f"candidate exposes no module or operation for {'it' if len(unchecked) == 1 else 'them'}; "
+            f"docs/model-adapter.md)" + (f"; {jump}" if jump else "") + f". {detail}", evidence=ev))
+    elif iso is None and iso_results is not None and iso_passed and (ratio is None or ratio < DRIFT_LIMIT) \
+            and all(i in iso_results for i in by_index if i <= ch):
+        report.find(Finding(
+            "chained-drift", structure.layer_where(ch),
+            f"every layer matches in isolation, but the end-to-end run leaves the tolerance at layer {ch} "
+            f"({entry.get('type')}): small differences accumulate beyond the '{report.profile}' profile "
+            f"(different arithmetic order, threads or precision?). {detail}", evidence=ev))
+    elif iso is None or iso_results is None:
+        extra = ""
+        if iso_passed and ratio is not None and ratio >= DRIFT_LIMIT:
+            extra = (f"; it matches in isolation, but the end-to-end difference is {ratio:.3g}x its tolerance, far "
+                     f"beyond accumulated rounding" + (f" ({jump})" if jump else "")
+                     + ": the candidate's forward computes something its layers alone do not")
+        report.find(Finding(
+            "layer-divergence", structure.layer_where(ch),
+            f"first divergent layer end to end (chained): {ch} ({entry.get('type')}): {ev.get('tensor')}: {detail}"
+            + extra, evidence=ev))
+    else:
+        report.context.setdefault("notes", []).append(
+            f"chained mode first diverges at layer {ch}; isolated mode at layer {iso}")
+
+
+def _wiring_search(reference: Dump, candidate: Candidate, entry: dict, head, report: Report) -> str:
+    """Which reference outputs the candidate feeds this layer: per input, feed each same-shaped earlier reference
+    output in isolation and keep the one that reproduces the candidate's own chained output."""
+    traced = getattr(candidate, "input_sources", None)
+    index = entry["index"]
+    inputs = list(entry["inputs"])
+    words = []
+    strides = reference.model.get("strides") or []
+
+    def which(k: int) -> str:
+        if index == head and k < len(strides):
+            return f"the head's P{int(round(math.log2(strides[k])))} input"
+        return f"its input {k}"
+
+    if callable(traced):
+        sources = traced(index)
+        if sources:
+            for k, (name, found) in enumerate(zip(inputs, sources)):
+                expected = names.layer_of(name)
+                if found.get("layers") and found["layers"] != [expected]:
+                    got = " + ".join(f"layer {j}'s" for j in found["layers"])
+                    words.append(f"{which(k)} is {got} output, ultralytics uses layer {expected}'s")
+                if found.get("ops"):
+                    words.append(f"its input {k} ({name}) passes through "
+                                 + ", ".join(found["ops"][:3]) + " outside any layer")
+            if words:
+                return "; ".join(words)
+    produced = report.context.get("_chained_outputs") or {}
+    target_names = [n for n in _outputs_of(reference, entry, head) if n in produced]
+    if not target_names or not candidate.live:
+        return ""
+    from parity.compare.tolerances import get_profile
+
+    profile = get_profile(report.profile)
+    base = [reference.get(n) for n in inputs]
+
+    def reproduces(feed) -> bool:
+        try:
+            out = candidate.run_layer(index, feed, is_head=index == head)
+        except Exception:  # noqa: BLE001
+            return False
+        return all(n in out and compare_tensors(produced[n].cpu(), out[n].cpu(),
+                                                profile.for_name(n, mode="chained")).passed for n in target_names)
+
+    earlier = [e["index"] for e in reference.layers if e["index"] < index]
+    for k, name in enumerate(inputs):
+        expected = names.layer_of(name)
+        shape = list(base[k].shape)
+        for j in reversed(earlier):
+            other = names.act(j)
+            if j == expected or other not in reference or list(reference.index[other]["shape"]) != shape:
+                continue
+            feed = list(base)
+            feed[k] = reference.get(other)
+            if reproduces(feed):
+                words.append(f"{which(k)} is layer {j}'s output, ultralytics uses layer {expected}'s")
+                break
+    if len(inputs) > 1 and not words and reproduces(list(reversed(base))):
+        words.append("it takes its inputs in the other order")
+    return "; ".join(words)
+
+
+def index_is_functional(candidate: Candidate, index: int) -> bool:
+    return index in (getattr(candidate, "functional", None) or {})
 
 
 def _passed_in(results: dict[int, dict[str, Row]], reference: Dump, name: str) -> bool:
@@ -387,6 +559,31 @@ def _upsample_check(reference: Dump, candidate: Candidate, entry: dict, head, pr
         return None
     return structure.diagnose_upsample(index, inputs, produced[name].cpu(), reference.get(name),
                                        profile.for_name(name, mode="isolated"))
+
+
+def _first_sub_block(reference: Dump, candidate: Candidate, entry: dict, head, profile: Profile) -> str:
+    """The first of the layer's sub-blocks (execution order) that differs on the reference's inputs, in words."""
+    index = entry["index"]
+    sub = _sub_names(reference, entry, head)
+    if not sub:
+        return ""
+    try:
+        produced = candidate.layer_stages(index, [reference.get(n) for n in entry["inputs"]], is_head=index == head,
+                                          reference_paths=[n[len(names.act(index)) + 1:] for n in sub])
+    except Exception:  # noqa: BLE001 - the drill-down reports it when asked
+        return ""
+    ref_names = set(sub)
+    compared = 0
+    for name in sub:
+        cand, _ = _lookup(produced, name, ref_names)
+        if cand is None:
+            continue
+        compared += 1
+        if not compare_tensors(reference.get(name), cand.cpu(), profile.for_name(name, mode="isolated")).passed:
+            before = "" if compared > 1 else " (the first one)"
+            return (f"inside it, the first sub-block that differs is {name[len(names.act(index)) + 1:]}{before} "
+                    f"(--layer {index} shows them all)")
+    return ""
 
 
 def _affine(reference: Dump, candidate: Candidate, entry: dict, head) -> str:
@@ -503,7 +700,7 @@ def _coverage(reference: Dump, report: Report, layers: list[dict], results: dict
 
 def _order_rows(report: Report) -> None:
     """Structure first, then isolated, chained and drill-down rows; stable within a section."""
-    order = {"structure": 0, "weights": 1, "isolated": 2, "chained": 3}
+    order = {"structure": 0, "weights": 1, "isolated": 2, "chained": 3, structure.BIAS_SECTION: 6}
 
     def key(row: Row) -> int:
         return order.get(row.section, 4 if row.section.startswith("isolated/") else 5)

@@ -1,0 +1,140 @@
+"""`parity scaffold --candidate module:factory`: a starter adapter file for a PyTorch port.
+
+It runs what `parity compare` runs first (one traced forward, the layer inference, the key mapping with its
+replay checks) and writes down what was found: the proposed `layer_map`, the layers computed by operations
+inside a parent's forward, `key_map` entries that pin tensors a shape alone cannot tell apart, and comments on
+what could not be inferred and how to add it. The file is itself a candidate (`--candidate <file>:build`).
+docs/model-adapter.md walks through it.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from parity.errors import ParityError
+
+
+@dataclass
+class ScaffoldConfig:
+    candidate: str                 # package.module:factory
+    reference: str                 # a reference dump directory
+    out: str | None = None         # where to write (default: <module>_adapter.py in the working directory)
+    force: bool = False
+
+
+def scaffold_text(spec: str, reference_path: str) -> str:
+    from parity.candidates import load_candidate
+    from parity.dumpfile import Dump
+
+    reference = Dump(reference_path)
+    candidate = load_candidate(spec, reference)
+    if not getattr(candidate, "traced", False):
+        raise ParityError(f"candidate {spec}: it brings its own adapter (run_layer / forward_layers / ultralytics "
+                          f"classes) or is a dump; there is nothing to scaffold")
+    findings = candidate.prepare(reference)
+    inference, mapping = candidate.inference, candidate.mapping
+    module_name, _, factory = spec.partition(":")
+    types = {e["index"]: e.get("type") for e in reference.layers}
+    lines = [f'"""Adapter for {spec}, written by `parity scaffold` against {reference.path}.',
+             "",
+             "Everything below was inferred from one traced forward of the candidate; edit what is wrong and run",
+             f"    parity compare --reference {reference.path} --candidate {{this module}}:build --what layers",
+             'See docs/model-adapter.md for the contract."""',
+             "",
+             f"from {module_name} import {factory.split('.')[0]} as _factory",
+             "",
+             "",
+             "def build(nc=None):",
+             "    return _factory() if nc is None else _factory(nc=nc)",
+             "",
+             "",
+             "# Candidate module -> ultralytics layer index, in the order the modules ran.",
+             "layer_map = {"]
+    for index, layer in sorted(inference.layers.items()):
+        if layer.kind == "module":
+            note = f"  # {types.get(index)}" + ("; its structure differs (see parity compare)"
+                                                 if layer.structure_differs else "")
+            lines.append(f"    {layer.name + '.'!r}: {index},{note}")
+    lines.append("}")
+    functional = [(i, l) for i, l in sorted(inference.layers.items()) if l.kind == "op"]
+    if functional:
+        lines += ["", "# Computed inside a parent's forward; the harness replays these itself (no entry needed):"]
+        for index, layer in functional:
+            lines.append(f"#   layer {index} {types.get(index)}: {layer.describe()}")
+    if inference.problems:
+        lines += ["", "# NOT inferred (not compared until you add them):"]
+        for problem in inference.problems:
+            lines.append(f"#   {problem.message}")
+            lines.append(f"#     fix: {problem.fix}")
+    lines += ["", "# Tensors whose shapes alone do not say which is which. The harness matched them in the order the",
+              "# modules run and checked the result by replaying the layer alone; entries here pin the match.",
+              "key_map = {"]
+    pinned = 0
+    for index in sorted(mapping.ambiguous):
+        resolved = mapping.resolved.get(index, "not checked")
+        needed = "none of the" in resolved
+        lines.append(f"    # layer {index}: {mapping.ambiguous[index]} ({resolved})")
+        if not needed and index not in mapping.order_decided:
+            continue        # the shapes and the call order agree, and the replay confirmed it
+        for ref_key, entry in mapping.ref_to_cand.items():
+            if not ref_key.startswith(f"model.{index}.") or ref_key.endswith("num_batches_tracked"):
+                continue
+            if not _in_ambiguous_group(mapping, index, ref_key):
+                continue
+            if len(entry.cand_keys) > 1:
+                lines.append(f"    # {ref_key} <- {' + '.join(entry.cand_keys)} (a split: no key_map form, the "
+                             f"harness concatenates them along dim 0)")
+                continue
+            rule = f"    {'^' + re.escape(entry.cand_keys[0]) + '$'!r}: {ref_key!r},"
+            lines.append(rule if needed else "    # " + rule.strip())
+            pinned += needed
+    lines.append("}")
+    unmapped = [f for f in findings if f.signature in ("weight-unmapped", "module-not-run")]
+    if unmapped:
+        lines += ["", "# Weights that did not map (compare reports them):"]
+        lines += [f"#   {f.where}: {f.message}" for f in unmapped]
+    return "\n".join(lines) + "\n"
+
+
+def _in_ambiguous_group(mapping, index: int, ref_key: str) -> bool:
+    """A reference tensor of one of the layer's equal-shaped sub-modules named in `mapping.ambiguous`."""
+    words = mapping.ambiguous.get(index, "")
+    rel = ref_key[len(f"model.{index}."):].rsplit(".", 1)[0]
+    rel = rel.rsplit(".", 1)[0] if rel.endswith((".conv", ".bn")) else rel
+    return re.search(rf"(^|[ ;]){re.escape(rel)}( |$)", words) is not None
+
+
+def write_scaffold(config: ScaffoldConfig) -> Path:
+    text = scaffold_text(config.candidate, config.reference)
+    module_name = config.candidate.partition(":")[0].rsplit(".", 1)[-1]
+    out = Path(config.out or f"{module_name}_adapter.py")
+    if out.exists() and not config.force:
+        raise ParityError(f"{out} exists: pass --force to replace it, or --out another path")
+    tmp = out.with_name(out.name + ".tmp")
+    tmp.write_text(text)
+    tmp.replace(out)
+    return out
+
+
+def add_scaffold_options(parser) -> None:
+    parser.add_argument("--candidate", required=True, help="package.module:factory returning an nn.Module")
+    parser.add_argument("--reference", required=True, help="reference dump directory")
+    parser.add_argument("--out", help="adapter file to write (default <module>_adapter.py)")
+    parser.add_argument("--force", action="store_true", help="replace an existing file")
+
+
+def cmd_scaffold(args) -> int:
+    from rich.console import Console
+
+    path = write_scaffold(ScaffoldConfig(args.candidate, args.reference, args.out, args.force))
+    Console().print(f"adapter written to {path} (docs/model-adapter.md explains each part)", highlight=False)
+    return 0
+
+
+def register(sub) -> None:
+    parser = sub.add_parser("scaffold", help="write a starter adapter file for a PyTorch port "
+                                             "(docs/model-adapter.md)")
+    add_scaffold_options(parser)
+    parser.set_defaults(func=cmd_scaffold)

@@ -400,7 +400,7 @@ def _wiring_cause() -> Cause:
 def _explain_structure(report: Report, reference, side: _ModelSide) -> None:
     from parity.diagnose import structure
 
-    failing = [r for r in report.rows if r.section == "structure" and not r.passed]
+    failing = [r for r in report.rows if r.section in _STRUCTURE_SECTIONS and not r.passed]
     causes = all_causes()
     if any(r.name.startswith("init.") for r in failing):
         _explain_bias_init(report, reference, side)
@@ -702,6 +702,10 @@ def _split(inject: str | None) -> tuple[str | None, str | None]:
     return inject, loss_half
 
 
+# The layer replay reports structure checks, and the bias init apart from them (its own section).
+_STRUCTURE_SECTIONS = ("structure", "bias init")
+
+
 def explain_report(report: Report, reference, config: ExplainConfig | None = None) -> list[Finding]:
     """Append counterfactual findings to a divergent `report` (see the module docstring); returns them.
     A passing report is returned untouched."""
@@ -718,7 +722,7 @@ def explain_report(report: Report, reference, config: ExplainConfig | None = Non
 
     first = (report.context.get("first_divergent_layer") or {})
     wiring = [f.evidence.get("layer") for f in report.findings if f.signature == "layer-wiring"]
-    structure_failing = any(r.section == "structure" and not r.passed for r in report.rows)
+    structure_failing = any(r.section in _STRUCTURE_SECTIONS and not r.passed for r in report.rows)
     # isolated mode's first divergent layer; with chained mode only, its first one, run here in isolation
     first_layer = first.get("isolated") if "isolated" in first else first.get("chained")
     if first_layer is not None or wiring or structure_failing:

@@ -180,8 +180,13 @@ def _candidate_param_keys(model: nn.Module, mapping) -> dict[int, str]:
 
 
 def run_live(candidate: Any, setup: TrainSetup, loss_batch: dict[str, torch.Tensor],
-             progress: Callable[[str], None] = lambda step: None) -> LiveSteps:
-    """Drive `candidate.step` for `setup.steps` batches and record each step under reference names."""
+             progress: Callable[[str], None] = lambda step: None, reference_steps=None) -> LiveSteps:
+    """Drive `candidate.step` for `setup.steps` batches and record each step under reference names.
+
+    With `reference_steps` (isolated mode) every step starts from the reference's state after the step before:
+    weights, optimizer buffers and EMA are loaded into the candidate first, so a step is judged on its own
+    arithmetic. Free-running (chained) steps let rounding differences grow: the assigner's top-k and IoU
+    decisions are discontinuous, and a one-ULP change in a weight can move an anchor's assignment."""
     for attribute in ("model", "optimizer", "step"):
         if not hasattr(candidate, attribute):
             raise ParityError(f"training candidate: the factory's result has no {attribute!r} (it needs model, "
@@ -202,9 +207,13 @@ def run_live(candidate: Any, setup: TrainSetup, loss_batch: dict[str, torch.Tens
     handle = optimizer.register_step_pre_hook(before_step)
     static = describe_candidate(candidate, setup)
     records = []
+    restore = _Restorer(candidate, setup, key_of) if reference_steps is not None else None
+    previous = iter(reference_steps) if reference_steps is not None else None
     try:
         for step in range(setup.steps):
             progress(f"candidate step {step}")
+            if restore is not None and step > 0:
+                restore.load(next(previous))
             seen.clear()
             returned = candidate.step(loss_batch) or {}
             records.append(_record(candidate, setup, returned, seen, key_of))
@@ -230,6 +239,55 @@ def _record(candidate, setup: TrainSetup, returned: dict, seen: dict, key_of: di
             record.update(_to_reference(setup.mapping, ema, "ema."))
     record.update(_to_reference(setup.mapping, candidate.model.state_dict(), "weights."))
     return {k: v.detach().clone() for k, v in record.items()}
+
+
+def _to_candidate(mapping, tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Reference-named tensors under candidate names, for those present (the EMA holds no integer buffers)."""
+    return mapping.reference_to_candidate({k: v for k, v in tensors.items() if k in mapping.ref_to_cand}) \
+        if set(mapping.ref_to_cand) <= set(tensors) else _partial_to_candidate(mapping, tensors)
+
+
+def _partial_to_candidate(mapping, tensors):
+    out = {}
+    for ref_key, entry in mapping.ref_to_cand.items():
+        if ref_key not in tensors:
+            continue
+        t = tensors[ref_key]
+        if len(entry.cand_keys) == 1 or t.dim() == 0:
+            out.update({k: t for k in entry.cand_keys})
+        else:
+            out.update(zip(entry.cand_keys, t.split([mapping.cand_shapes[c][0] for c in entry.cand_keys], 0)))
+    return out
+
+
+class _Restorer:
+    """Loads a reference step's state into the candidate (isolated mode). The optimizer and EMA state are only
+    recorded on steps that stepped: the last recorded one holds until the next."""
+
+    def __init__(self, candidate, setup: TrainSetup, key_of: dict[int, str]):
+        self.candidate, self.mapping = candidate, setup.mapping
+        self.param_of = {key: p for p in candidate.model.parameters() for key in [key_of.get(id(p))] if key}
+        self.ema = _ema_state(candidate)
+
+    @torch.no_grad()
+    def load(self, record: Mapping[str, torch.Tensor]) -> None:
+        own = self.candidate.model.state_dict(keep_vars=True)
+        weights = {k[len("weights."):]: record[k] for k in record if k.startswith("weights.")}
+        for cand_key, tensor in _to_candidate(self.mapping, weights).items():
+            own[cand_key].copy_(tensor)
+        state = self.candidate.optimizer.state
+        for name in record:
+            if name.startswith("optim."):
+                key, buffer = name[len("optim."):].rsplit(".", 1)
+                parameter = self.param_of.get(key)
+                if parameter is not None and buffer in state.get(parameter, {}):
+                    state[parameter][buffer].copy_(record[name])
+        if self.ema is not None:
+            ema = {k[len("ema."):]: record[k] for k in record if k.startswith("ema.")}
+            if ema:
+                for cand_key, tensor in _to_candidate(self.mapping, ema).items():
+                    if cand_key in self.ema:
+                        self.ema[cand_key].copy_(tensor)
 
 
 def _ema_state(candidate) -> Mapping[str, torch.Tensor] | None:
@@ -285,11 +343,17 @@ def resolve_train_candidate(spec: str | Callable) -> Callable:
 
 
 def candidate_steps(spec: str | Callable, reference: Dump, *, world_size: int = 1, rank: int = -1,
+                    steps: int | None = None, mode: str = "isolated",
                     progress: Callable[[str], None] = lambda step: None):
-    """The candidate's steps: a dump directory read as is, or a factory run here on the reference's batch."""
+    """The candidate's steps: a dump directory read as is, or a factory run here on the reference's batch (for
+    the reference's number of steps, or the first `steps`)."""
     if isinstance(spec, str) and (Path(spec) / MANIFEST).exists():
         return DumpSteps(Dump(spec))
     setup = setup_from_dump(reference, world_size=world_size, rank=rank)
+    if steps is not None:
+        if not 1 <= steps <= setup.steps:
+            raise ParityError(f"--steps {steps}: the reference holds {setup.steps} training steps")
+        setup.steps = steps
     factory = resolve_train_candidate(spec)
     try:
         candidate = factory(setup)
@@ -302,4 +366,20 @@ def candidate_steps(spec: str | Callable, reference: Dump, *, world_size: int = 
         from parity.capture.train import split_batch
 
         batch = split_batch(batch, rank, world_size)
-    return run_live(candidate, setup, batch, progress)
+    if mode not in ("isolated", "chained"):
+        raise ParityError(f"--mode {mode!r}: a training comparison is isolated or chained")
+    return run_live(candidate, setup, batch, progress,
+                    reference_steps=DumpSteps(reference) if mode == "isolated" else None)
+
+
+def write_train_dump(steps, out: str | Path, *, producer: str = "yolo-parity", force: bool = False) -> Path:
+    """Write recorded steps as a candidate dump (`train.{step}.…` tensors, a manifest `train` section): the
+    layout a port in another language writes (docs/porting-protocol.md, "Training steps")."""
+    from parity.dumpfile import DumpWriter
+
+    writer = DumpWriter(out, force=force, kind="candidate")
+    with writer:
+        for step, record in enumerate(steps):
+            for quantity, tensor in record.items():
+                writer.add(names.train(step, quantity), tensor)
+        return writer.commit({"producer": producer, "train": {"steps": len(steps), **steps.static}})

@@ -241,7 +241,7 @@ def overfit_curves(ref_steps, cand_steps, part: float) -> dict:
                           f"every step (return {{'loss_sum': ...}} from step(batch))")
     parted = next((i for i, (r, c) in enumerate(zip(ref, cand)) if abs(c - r) > part * abs(r)), None)
     drop_ref, drop_cand = 1 - ref[-1] / ref[0], 1 - cand[-1] / cand[0]
-    learns = parted is None or abs(drop_cand - drop_ref) <= part * max(abs(drop_ref), 1e-12) + part
+    learns = parted is None
     return {"reference": ref, "candidate": cand, "parted_at": parted, "part": part,
             "reference_drop": drop_ref, "candidate_drop": drop_cand, "learns_like_reference": bool(learns)}
 
@@ -257,6 +257,6 @@ def render_overfit(curves: dict, candidate: str, reference: str) -> str:
     if curves["parted_at"] is None:
         lines.append(f"LEARNS LIKE THE REFERENCE: the curves stay within {curves['part']:.0%}; {drop}")
     else:
-        verdict = "LEARNS LIKE THE REFERENCE" if curves["learns_like_reference"] else "LEARNS DIFFERENTLY"
-        lines.append(f"{verdict}: the curves part at step {curves['parted_at']}; {drop}")
+        lines.append(f"LEARNS DIFFERENTLY: the curves part at step {curves['parted_at']} (more than "
+                     f"{curves['part']:.0%} apart); {drop}")
     return "\n".join(textwrap.fill(line, WIDTH) if len(line) > WIDTH else line for line in lines)

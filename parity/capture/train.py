@@ -270,7 +270,8 @@ class ReferenceTraining:
         self.static = {
             "args": {**train.overrides(), "batch": batch_size, "amp": False},
             # what optimizer=auto made of them (build_optimizer rewrites args.optimizer, lr0, warmup_bias_lr)
-            "resolved": {"optimizer": args.optimizer, "lr0": args.lr0, "momentum": args.momentum,
+            "resolved": {"optimizer": args.optimizer, "lr0": args.lr0,
+                         "momentum": float(group_hyperparameters(state.optimizer)["momentum"][0]),
                          "warmup_bias_lr": args.warmup_bias_lr, "requested_optimizer": requested},
             "optimizer": describe_optimizer(state.optimizer, self.key_of),
             "batches_per_epoch": batches, "weight_decay_scaled": weight_decay,

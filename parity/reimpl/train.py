@@ -198,8 +198,16 @@ class Trainer:
     def should_update(self) -> bool:
         return self.ni - self.last_update >= self.accumulate
 
+    def gradient_parameters(self) -> list[nn.Parameter]:
+        """The parameters whose gradient norm is taken, in the order its per-parameter norms are summed."""
+        return list(self.model.parameters())
+
     def clip(self) -> torch.Tensor:
-        return clip_gradients(list(self.model.parameters()), self.config.max_grad_norm)
+        return clip_gradients(self.gradient_parameters(), self.config.max_grad_norm)
+
+    def gradient_norm(self) -> torch.Tensor:
+        grads = [p.grad for p in self.gradient_parameters() if p.grad is not None]
+        return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
 
     # ---- one batch
     def start_epoch(self, epoch: int) -> None:
@@ -224,8 +232,7 @@ class Trainer:
             out["stepped"] = True
             self.last_update = self.ni
         else:
-            out["grad_norm"] = torch.linalg.vector_norm(torch.stack(
-                [torch.linalg.vector_norm(p.grad) for p in self.model.parameters() if p.grad is not None]))
+            out["grad_norm"] = self.gradient_norm()
         self.ni += 1
         return out
 

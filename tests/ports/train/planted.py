@@ -136,6 +136,24 @@ class NoWorldSizeScale(Trainer):
         return loss.sum()
 
 
+class ReferenceOrderNorm(Trainer):
+    """Not an error: the built-in with its gradient norm summed in the reference's parameter order (which the
+    harness knows from the weight mapping). Shows that this order is the only arithmetic that differs."""
+
+    order: list = []
+
+    def gradient_parameters(self):
+        return self.order
+
+
+def reference_order_norm(setup):
+    from parity.replay.train import _reference_ordered_parameters
+
+    candidate = builtin_factory(setup, trainer_class=ReferenceOrderNorm)
+    candidate.trainer.order = _reference_ordered_parameters(candidate.model, setup.mapping)
+    return candidate
+
+
 def factory(variant: type[Trainer]):
     def build(setup):
         return builtin_factory(setup, trainer_class=variant)

@@ -132,8 +132,11 @@ class Trainer:
     """One model, its optimizer, schedule and EMA. `step(batch)` consumes one batch."""
 
     def __init__(self, model: nn.Module, loss_fn: Callable, config: TrainConfig, *,
-                 frozen: Callable[[str], bool] = lambda name: False):
+                 frozen: Callable[[str], bool] = lambda name: False, forward: nn.Module | None = None):
+        # `forward`: what the batch goes through, e.g. DistributedDataParallel(model); the EMA, the groups and
+        # the weights are always the bare model's.
         self.model, self.loss_fn, self.config = model, loss_fn, config
+        self.forward = forward or model
         for name, parameter in model.named_parameters():
             if frozen(name):
                 parameter.requires_grad_(False)
@@ -220,7 +223,7 @@ class Trainer:
         if index == 0:
             self.start_epoch(epoch)
         self.warmup(self.ni, epoch)
-        loss, _ = self.loss_fn(self.model(batch["img"]), batch)
+        loss, _ = self.loss_fn(self.forward(batch["img"]), batch)
         total = self.scale_loss(loss)
         total.backward()
         out = {"loss": loss.detach(), "loss_sum": total.detach(), "stepped": False}

@@ -326,7 +326,10 @@ def builtin_factory(setup: TrainSetup, trainer_class=None):
     setup.load_reference_weights(model)
     config = TrainConfig.from_args(setup.args, batch=setup.batch, nc=setup.nc,
                                    batches_per_epoch=setup.batches_per_epoch, world_size=setup.world_size)
-    trainer = (trainer_class or Trainer)(model, build_loss(setup.reference.manifest), config)
+    forward = None
+    if setup.world_size > 1:  # data parallel: gradients averaged over the ranks on backward
+        forward = nn.parallel.DistributedDataParallel(model, find_unused_parameters=True)
+    trainer = (trainer_class or Trainer)(model, build_loss(setup.reference.manifest), config, forward=forward)
     return BuiltinTrainCandidate(trainer)
 
 

@@ -140,6 +140,8 @@ def run_train_compare(args) -> int:
     profile = get_profile(args.profile or profile_for_environment(reference.manifest.get("environment"),
                                                                    reference.config.get("precision")))
     cand = candidate_steps(args.train_candidate, reference, steps=args.train_steps, mode=mode)
+    if isinstance(cand, DumpSteps):
+        mode = "chained"  # a dump's steps ran as the port ran them: nothing could be loaded between them
     report = compare_training(DumpSteps(reference), cand, profile=profile, reference=str(reference.path),
                               candidate=str(args.train_candidate), steps=args.train_steps, mode=mode)
     print(render_train(report))

@@ -207,3 +207,15 @@ def test_render_fits_80_columns(sgd_dump):
     text = render_train(compare(sgd_dump, planted.cosine_schedule, steps=3))
     assert max(len(line) for line in text.splitlines()) <= 80
     assert "lr-schedule-mismatch (step 2)" in text
+
+
+def test_the_documented_factory_example_is_parity(sgd_dump):
+    from pathlib import Path
+
+    text = (Path(__file__).parent.parent / "docs" / "training.md").read_text()
+    code = text.split("## Writing a training candidate", 1)[1].split("```python", 1)[1].split("```", 1)[0]
+    namespace: dict = {}
+    exec(compile(code, "docs/training.md", "exec"), namespace)
+    report = compare(sgd_dump, namespace["training"], steps=2)
+    assert report.verdict == "parity", [(r.where, r.name, r.note) for r in report.failed_rows]
+    assert report.coverage["train_left_out"] == []

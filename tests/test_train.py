@@ -126,7 +126,7 @@ def test_builtin_training_step_is_parity(which, request):
 
 @pytest.mark.parametrize("which", ["sgd_dump", "auto_dump"])
 def test_builtin_summing_the_norm_in_reference_order_is_bitwise(which, request):
-    report = compare(request.getfixturevalue(which), planted.reference_order_norm)
+    report = compare(request.getfixturevalue(which), planted.reference_order_norm, steps=3)
     assert report.verdict == "parity"
     inexact = [(r.where, r.name) for r in report.rows if r.section == "train" and r.metrics and
                not r.metrics["exact"]]
@@ -196,9 +196,9 @@ def test_cli_train_compare_bad_input_is_one_line(sgd_dump, capsys, tmp_path):
     assert main(["--no-progress", "compare", "--what", "train", "--reference", str(tmp_path)]) == 2
 
 
-def test_overfit_curves_part_where_the_candidate_stops_learning_alike(sgd_dump):
-    same = overfit_curves(DumpSteps(sgd_dump), candidate_steps("builtin", sgd_dump, mode="chained"), 0.01)
-    assert same["parted_at"] is None and same["learns_like_reference"]
+def test_overfit_curves_part_where_the_candidate_stops_learning_alike(sgd_dump, capsys):
+    assert main(["--no-progress", "overfit", "--reference", str(sgd_dump.path)]) == 0
+    assert "LEARNS LIKE THE REFERENCE: the curves stay within 1%" in capsys.readouterr().out
     unclipped = overfit_curves(DumpSteps(sgd_dump), candidate_steps(planted.no_clip, sgd_dump, mode="chained"), 0.01)
     assert unclipped["parted_at"] == 1 and not unclipped["learns_like_reference"]
 

@@ -25,8 +25,8 @@ Four pieces of the trainer are inline in long methods and are mirrored here line
 
 Everything is observed from outside: hyperparameters read from `optimizer.param_groups` before the step, the
 gradient norm of the accumulated gradients before `optimizer_step` (what `clip_grad_norm_` computes), the
-clipped one from an optimizer step pre-hook, weights, EMA and optimizer state after the step.
-tests/test_train_capture.py checks that observing changes nothing.
+clipped one from an optimizer step pre-hook, weights, EMA and optimizer state after the step; none of these
+reads writes anything the trainer uses (tests/test_train.py: step 0's loss is bitwise the dump's own loss).
 """
 
 from __future__ import annotations

@@ -174,6 +174,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_capture_options(mapping)
     mapping.set_defaults(func=cmd_map)
 
+    from parity.train_command import add_train_options  # dump --steps, compare --what train, overfit
+
+    add_train_options(sub, dump=dump, compare=compare)
     _add_optional_commands(sub)
     return parser
 

@@ -32,6 +32,7 @@ FILE_OF_GROUP = {
     "init": "init.safetensors",
     "loss": "loss.safetensors",
     "grad": "grads.safetensors",
+    "train": "train.safetensors",
 }
 
 _DTYPE_NAMES = {

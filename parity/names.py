@@ -126,3 +126,17 @@ def place_of(name: str) -> str:
     if parts[0] == "loss" and len(parts) > 3:
         return f"loss/{parts[1]} {'.'.join(parts[2:-1])}"
     return parts[0]
+
+
+# ---- training steps (`parity dump --steps N`; docs/dump-format.md, "Training steps")
+TRAIN_HYPER = ("lr", "momentum", "weight_decay")  # float64, one value per optimizer parameter group
+
+
+def train(step: int, quantity: str, *path: str) -> str:
+    """`train.{step}.{quantity}` (`train.3.lr`), `train.{step}.weights.{key}`, `train.{step}.optim.{key}.{buffer}`."""
+    return ".".join(["train", str(step), quantity, *path])
+
+
+def train_step_of(name: str) -> int | None:
+    parts = name.split(".")
+    return int(parts[1]) if parts[0] == "train" and len(parts) > 2 and parts[1].isdigit() else None

@@ -20,6 +20,7 @@ from torch import nn
 from parity import names
 from parity.capture import compat
 from parity.capture.batch import Batch, calibration_images, load_batch
+from parity.capture.train import TrainArgs
 from parity.errors import ParityError
 
 INIT_MODES = ("perturbed", "pristine")
@@ -43,6 +44,9 @@ class CaptureConfig:
     deterministic: bool = True
     cases: tuple[str, ...] = names.LOSS_CASES
     gradients: bool = True
+    # Training steps after the single-step capture (docs/training.md); 0 leaves the dump as it always was.
+    steps: int = 0
+    train: TrainArgs = field(default_factory=TrainArgs)
 
 
 @dataclass
@@ -425,6 +429,9 @@ def run_capture(config: CaptureConfig, progress: Callable[[str], None] = lambda 
                           f"or bf16")
     if config.init not in INIT_MODES:
         raise ParityError(f"--init {config.init!r}: expected one of {', '.join(INIT_MODES)}")
+    from parity.capture.train import check_train_config
+
+    check_train_config(config.steps, config.train, config.precision)
     progress("building the model")
     batch = load_batch(config.images, imgsz=config.imgsz, batch=config.batch, nc=config.nc, seed=config.seed)
     model, init_info = prepare_model(config, batch)
@@ -490,11 +497,23 @@ def run_capture(config: CaptureConfig, progress: Callable[[str], None] = lambda 
                     capture.put(names.grad_param(name), parameter.grad)
         capture.finish()
         capture.manifest = describe(model, config, batch, capture, init_info["init"], params_without_grad)
+    if config.steps:
+        from parity.capture.train import capture_training
+
+        capture.manifest["train"] = capture_training(config, batch, capture, progress)
+        capture.finish()
     return capture
 
 
 def _to_device(batch: dict, device: torch.device) -> dict:
     return {k: v.to(device) for k, v in batch.items()}
+
+
+def _config_section(config: CaptureConfig) -> dict:
+    section = {**asdict(config), "cases": list(config.cases)}
+    if not config.steps:  # a dump without training steps keeps the manifest it always had
+        del section["steps"], section["train"]
+    return section
 
 
 def describe(model, config: CaptureConfig, batch: Batch, capture: Capture, init: dict, no_grad: list[str]) -> dict:
@@ -506,7 +525,7 @@ def describe(model, config: CaptureConfig, batch: Batch, capture: Capture, init:
     return {
         "versions": versions(),
         "environment": environment(config.device),
-        "config": {**asdict(config), "cases": list(config.cases)},
+        "config": _config_section(config),
         "init": {**init, "cls_bias_formula": "log(5 / nc / (640 / stride) ** 2)",
                  "cls_bias_arithmetic": "ultralytics: division and square in float32 (stride is a float32 tensor "
                                         "element), log in float64, stored as float32"},

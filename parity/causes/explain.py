@@ -291,6 +291,33 @@ def _explain_place(report: Report, place: Place, causes: list[Cause]) -> Finding
 
 
 # ---------------------------------------------------------------------------------------- model places
+def _explain_layer(report: Report, context: dict, side: "_ModelSide", index: int, place: Place,
+                   causes: list[Cause]) -> None:
+    """The first divergent layer. Where it is a Conv (or starts with one), the BatchNorm scale fitted from the
+    candidate's own outputs says first whether an eps is at work at all: reduction rounding is reported as such
+    and bn-eps is not tried against it (never an eps for noise); an eps no trial reproduces is still named."""
+    from parity.diagnose import batchnorm
+
+    batchnorm_finding = _guarded(context, f"layer {index} batchnorm", _batchnorm_finding, side, index, place)
+    if batchnorm_finding is not None and batchnorm_finding.signature == "bn-reduction-rounding":
+        report.find(batchnorm_finding)
+        causes = [c for c in causes if c.signature != "bn-eps"]
+    found = _guarded(context, f"layer {index}", _explain_place, report, place, causes)
+    if batchnorm_finding is not None and batchnorm_finding.signature == "bn-eps" and \
+            (found is None or found.signature != "bn-eps"):
+        report.find(batchnorm_finding)
+
+
+def _batchnorm_finding(side: "_ModelSide", index: int, place: Place) -> Finding | None:
+    from parity.diagnose import batchnorm
+
+    if "error" in place.candidate or not batchnorm.conv_places(side.reference, index):
+        return None
+    outputs = dict(place.candidate)
+    outputs.update(side.candidate.layer_stages(index, place.inputs, is_head=index == side.head))
+    return batchnorm.diagnose_layer(side.reference, outputs, index)
+
+
 class _ModelSide:
     """The candidate and the built-in reference computation (the reference's weights loaded)."""
 
@@ -733,10 +760,13 @@ def explain_report(report: Report, reference, config: ExplainConfig | None = Non
                 _guarded(context, "structure", _explain_structure, report, reference, side)
             explained = {f.where.split(" (")[0] for f in report.findings[before:] if f.signature != "unexplained"}
             index = first_layer
-            if index is not None and side.candidate.live and f"layer {index}" not in explained:
+            # A dump's isolated.act.* are its outputs on the reference's inputs: causes are tested against them
+            # with no port code.
+            runnable = side.candidate.live or getattr(side.candidate, "has_isolated_outputs", lambda: False)()
+            if index is not None and runnable and f"layer {index}" not in explained:
                 place = _guarded(context, f"layer {index}", side.place, index, profile, config.budget)
                 if place is not None:
-                    _guarded(context, f"layer {index}", _explain_place, report, place, causes)
+                    _explain_layer(report, context, side, index, place, causes)
             for index in wiring:
                 place = _guarded(context, f"layer {index} wiring", side.wiring_place, index, profile, config.budget)
                 if place is not None:

@@ -46,10 +46,12 @@ def _ref_type(reference: Dump, index: int) -> str:
 
 # ------------------------------------------------------------------------------------------ parameters
 def _allowed_missing_by_layer(reference: Dump, candidate: Candidate) -> dict[int, list[tuple[str, int]]]:
-    """Reference tensors the mapping lets the candidate lack (a DFL conv weight): [(key, numel)] per layer."""
+    """Reference tensors the mapping lets the candidate lack (a DFL conv weight): [(key, numel)] per layer.
+    Without a mapping (a candidate dump, which counts trainable parameters, docs/dump-format.md), the reference's
+    frozen parameters: those it recorded without a gradient."""
     mapping = getattr(candidate, "mapping", None)
     if mapping is None:
-        return {}
+        return _frozen_by_layer(reference)
     out: dict[int, list[tuple[str, int]]] = {}
     for key in mapping.missing:
         if key in mapping.missing_required or key.rsplit(".", 1)[-1] in ("running_mean", "running_var",
@@ -58,6 +60,16 @@ def _allowed_missing_by_layer(reference: Dump, candidate: Candidate) -> dict[int
         layer = names.layer_of(key)
         if layer is not None:
             out.setdefault(layer, []).append((key, int(math.prod(mapping.ref_shapes[key]))))
+    return out
+
+
+def _frozen_by_layer(reference: Dump) -> dict[int, list[tuple[str, int]]]:
+    without_grad = (reference.manifest.get("gradients") or {}).get("parameters_without_grad") or []
+    out: dict[int, list[tuple[str, int]]] = {}
+    for key in without_grad:
+        layer, entry = names.layer_of(key), reference.index.get(key)
+        if layer is not None and entry is not None:
+            out.setdefault(layer, []).append((key, int(math.prod(entry.get("shape", [])))))
     return out
 
 

@@ -315,7 +315,11 @@ def _batchnorm_finding(side: "_ModelSide", index: int, place: Place) -> Finding 
         return None
     outputs = dict(place.candidate)
     outputs.update(side.candidate.layer_stages(index, place.inputs, is_head=index == side.head))
-    return batchnorm.diagnose_layer(side.reference, outputs, index)
+    # Only a Conv output that itself diverges says anything about its BatchNorm (a C2f whose cv1 matches
+    # diverges further in).
+    diverging = {n: t for n, t in outputs.items()
+                 if n in side.reference and not _matches(side.reference.get(n), t, place.tolerance(n))}
+    return batchnorm.diagnose_layer(side.reference, diverging, index)
 
 
 class _ModelSide:

@@ -101,10 +101,13 @@ def export_layer(reference, layer: int, out: str | os.PathLike, *, candidate: st
         reference = Dump(reference)
     entry = _layer_entry(reference, layer)
     out = Path(out)
-    if out.is_dir():
-        raise ParityError(f"--out {out} is a directory; export-layer writes one .safetensors file")
-    if out.exists() and not force:
-        raise ParityError(f"--out {out} already exists")
+    if out.exists() or out.is_symlink():
+        if not force:
+            raise ParityError(f"--out {out} already exists")
+        from parity.dumpfile import check_replaceable_file, read_metadata
+
+        check_replaceable_file(out, "a layer file written by export-layer",
+                               lambda path: read_metadata(path).get("schema") == LAYER_SCHEMA)
     head = reference.model.get("head_index")
     tensors: dict[str, torch.Tensor] = {}
     for k, source in enumerate(entry["inputs"]):

@@ -31,7 +31,8 @@ BACKENDS = ("pread", "mmap")
 
 class TensorReader:
     """Reads one tensor at a time from a dump. `backend="pread"` copies into private memory (freed with the
-    tensor); `backend="mmap"` is `Dump.get` (no copy, but mapped pages stay resident until `close`)."""
+    tensor); `backend="mmap"` is `Dump.get` (no copy, but mapped pages stay resident until `close`). Either way
+    each tensor is checked against its manifest checksum as it is read (`Dump.check`)."""
 
     def __init__(self, dump: Dump, backend: str = "pread"):
         if backend not in BACKENDS:
@@ -65,9 +66,7 @@ class TensorReader:
             raise
         except Exception as error:  # noqa: BLE001
             raise DumpError(f"{self.dump.path / entry['file']}: cannot read {name!r}: {error}") from None
-        if list(tensor.shape) != list(entry["shape"]):
-            raise DumpError(f"{self.dump.path}: {name!r} has shape {list(tensor.shape)} in {entry['file']} "
-                            f"but the manifest says {entry['shape']}")
+        self.dump.check(name, tensor)  # shape, and the checksum once per tensor: the dump's own rule
         return tensor
 
     def close(self) -> None:

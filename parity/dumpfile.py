@@ -11,6 +11,7 @@ import fcntl
 import hashlib
 import json
 import os
+import re
 import shutil
 import struct
 import sys
@@ -302,8 +303,8 @@ class DumpWriter:
             self._release()
             raise _write_error(self.out, error) from None
         try:
+            self._recover_leftovers()  # may put back an OUT a killed writer had moved aside
             self.check_target()  # again, now that no other writer can change OUT
-            self._recover_leftovers()
             self._tmp = _sibling(self.out, "partial", os.getpid())
             self._tmp.mkdir()
         except OSError as error:
@@ -366,12 +367,11 @@ class DumpWriter:
         except OSError as error:
             raise _write_error(self.out, error) from None
         except Exception as error:  # noqa: BLE001 - safetensors reports a failed write as its own error type
-            cause = error.__cause__ or error.__context__
-            if isinstance(cause, OSError):
-                raise _write_error(self.out, cause) from None
-            if "os error" in str(error).lower() or "no space" in str(error).lower():
-                raise DumpError(f"cannot write {self.out}: {error}; nothing was written, what was there is "
-                                f"unchanged") from None
+            # safetensors reports the operating system's error in its message only: "... (os error 28)"
+            found = re.search(r"os error (\d+)", str(error))
+            if found:
+                code = int(found.group(1))
+                raise _write_error(self.out, OSError(code, os.strerror(code))) from None
             raise
         self._tmp = None
         return self.out
@@ -485,6 +485,7 @@ class Dump:
             full = self.path / file
             if not full.exists():
                 raise DumpError(f"{self.path}: manifest names {file}, which is missing")
+            read_header(full)  # a truncated or corrupt file is named as such, in one line
             try:
                 self._handles[file] = safe_open(str(full), framework="pt")
             except Exception as error:  # noqa: BLE001 - safetensors raises several types for corrupt files
@@ -594,8 +595,13 @@ def read_header(file: str | os.PathLike) -> dict[str, dict]:
             header = json.loads(handle.read(length))
         except (json.JSONDecodeError, UnicodeDecodeError):
             raise DumpError(f"{file} is corrupt: its header is not JSON") from None
+    if not isinstance(header, dict):
+        raise DumpError(f"{file} is corrupt: its header is not a JSON object")
     header.pop("__metadata__", None)
-    end = max((entry["data_offsets"][1] for entry in header.values()), default=0)
+    try:
+        end = max((int(entry["data_offsets"][1]) for entry in header.values()), default=0)
+    except (KeyError, TypeError, IndexError, ValueError):
+        raise DumpError(f"{file} is corrupt: a header entry has no valid data_offsets") from None
     if 8 + length + end > size:
         raise DumpError(f"{file} is truncated: tensors need {8 + length + end} bytes, file has {size}")
     return header

@@ -22,7 +22,7 @@ import torch
 from parity import names
 from parity.compare.metrics import compare_tensors
 from parity.compare.tolerances import Profile, get_profile, profile_for_environment
-from parity.dumpfile import Dump
+from parity.dumpfile import Dump, read_header
 from parity.errors import DumpError, ParityError
 from parity.report import Finding, Report, Row
 
@@ -48,6 +48,7 @@ class TensorReader:
             full = self.dump.path / file
             if not full.exists():
                 raise DumpError(f"{self.dump.path}: manifest names {file}, which is missing")
+            read_header(full)  # a truncated or corrupt file is named as such, in one line
             try:
                 self._handles[file] = safe_open(str(full), framework="pt", backend="pread")
             except Exception as error:  # noqa: BLE001 - safetensors raises several types for corrupt files

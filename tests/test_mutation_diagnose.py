@@ -269,7 +269,10 @@ def test_param_counts_name_the_layer_and_the_difference(y11):
     assert rows["layer 5"].note == f"reference {ref[5]:,}, not in the candidate" and rows["layer 4"].passed
     total_r, total_c = sum(ref.values()), sum(cand.values())
     first, second = report.findings
-    assert first.message == (f"layer 3 ({ds._ref_type(y11, 3)}) has 16 more parameters than ultralytics' "
+    assert first.signature == second.signature == "param-count-mismatch"
+    assert [r.name for r in report.rows] == ["parameters"] * len(report.rows)
+    assert ds._ref_type(y11, 3) == "Conv" and ds._ref_type(y11, 2) == "C3k2" and ds._ref_type(y11, 999) == "?"
+    assert first.message == (f"layer 3 (Conv) has 16 more parameters than ultralytics' "
                              f"({ref[3] + 16:,} vs {ref[3]:,}); whole model {total_c:,} vs {total_r:,} "
                              f"({total_c - total_r:+,})")
     assert first.evidence == {"layer": 3, "reference": ref[3], "candidate": ref[3] + 16, "difference": 16,
@@ -284,6 +287,10 @@ def test_param_counts_name_the_layer_and_the_difference(y11):
     assert ds.check_param_counts(y11, CountsCandidate(cand), report) == [2, 99]
     assert "1 fewer parameters" in report.findings[0].message
     assert report.findings[1].message == "layer 99 exists only in the candidate (7 parameters)"
+    assert report.findings[0].message.startswith(f"layer 2 (C3k2) has 1 fewer parameters than ultralytics' "
+                                                 f"({ref[2] - 1:,} vs {ref[2]:,})")
+    assert {r.where: r.note for r in report.rows}["layer 99"] == "not in the reference, candidate 7"
+    assert {r.where: r.note for r in report.rows}["layer 2"] == f"reference {ref[2]:,}, candidate {ref[2] - 1:,} (-1)"
     report = new_report()
     assert ds.check_param_counts(y11, CountsCandidate(None), report) == []
     assert report.coverage["not_checked"] == [
@@ -310,6 +317,25 @@ def test_output_shapes_name_the_dimension_and_the_mode(y11):
                                 "permutation": None, "mode": "chained"}
     assert sum(not r.passed for r in report.rows) == 1 and all(r.note == "as the reference" for r in report.rows
                                                                  if r.passed)
+    assert {r.name for r in report.rows} == {"output shape"} and report.rows[0].where == "layer 0"
+    assert [r.where for r in report.rows if not r.passed] == [f"layer {entry['index']}"]
+    assert [r.note for r in report.rows if not r.passed] == [
+        f"{name}: dim 1: reference {shape[1]}, candidate {wide[1]} (2x)"]
+    # a layer that is not a Concat gets no Concat hint; NHWC is named with its permutation
+    conv = {n: list(s) for e in y11.layers for n, s in e.get("outputs", {}).items()}
+    conv["act.0"] = [2, 48, 48, 8]
+    report = new_report()
+    assert ds.check_output_shapes(y11, conv, report, mode="isolated") == [0]
+    (finding,) = report.findings
+    assert finding.message == ("layer 0 (Conv) output act.0 has shape [2, 48, 48, 8], ultralytics [2, 8, 48, 48] "
+                               "(dim 1: reference 8, candidate 48 (6x); dim 3: reference 48, candidate 8 (0.167x); "
+                               "candidate.permute(0, 3, 2, 1) has the reference shape) [isolated]")
+    assert finding.evidence["permutation"] == [0, 3, 2, 1] and finding.evidence["mode"] == "isolated"
+    other = {n: list(s) for e in y11.layers for n, s in e.get("outputs", {}).items()}
+    other["act.1"] = [2, 8, 24, 12]
+    report = new_report()
+    ds.check_output_shapes(y11, other, report, mode="chained")
+    assert "check which inputs" not in report.findings[0].message
     report = new_report()
     assert ds.check_output_shapes(y11, {}, report, mode="isolated") == [] and report.rows == []
 
@@ -330,8 +356,23 @@ def test_batchnorm_eps_and_momentum_are_named_with_their_effect():
     assert eps.evidence == {"layer": 2, "values": [1e-05], "reference": 0.001, "modules": ["m.2.bn", "m.2.cv.bn"]}
     momentum = found[("bn-momentum", "model")]
     assert momentum.evidence["values"] == [None] and "the running statistics" in momentum.message
-    assert report.context["batchnorm"]["modules"] == 4
+    assert report.context["batchnorm"] == {"modules": 4, "reference_eps": 1e-3, "reference_momentum": 0.03}
     assert [r.where for r in report.rows] == ["layer 2", "layer 2", "model"]
+    assert [r.name for r in report.rows] == ["batchnorm eps", "batchnorm momentum", "batchnorm momentum"]
+    assert [r.passed for r in report.rows] == [False, False, False]
+    assert report.rows[0].note == "2 BatchNorm(s) with eps 1e-05; ultralytics 0.001"
+    assert report.rows[1].note == "1 BatchNorm(s) with momentum 0.1; ultralytics 0.03"
+    assert found[("bn-momentum", "layer 2")].message == (
+        "1 BatchNorm module(s) in layer 2 use momentum 0.1 instead of ultralytics' 0.03 (set by initialize_weights); "
+        "this does not change a train-mode forward, but the running statistics (and so eval results and later steps) "
+        "drift. First: m.2.cv.bn")
+    ordered = [{"layer": layer, "path": f"m.{layer}", "eps": eps, "momentum": 0.03}
+               for layer, eps in ((3, 1e-4), (None, 1e-5), (1, 1e-5), (0, 1e-5), (3, 1e-5))]
+    report = new_report()
+    ds.check_batchnorms(CountsCandidate(bns=ordered), report)
+    assert [f.where for f in report.findings] == ["layer 0", "layer 1", "layer 3", "model"]
+    assert report.findings[2].evidence["values"] == [1e-05, 0.0001]
+    assert "use eps 1e-05, 0.0001 instead" in report.findings[2].message
     report = new_report()
     ds.check_batchnorms(CountsCandidate(bns=[]), report)
     assert report.rows == [] and report.context == {}
@@ -448,13 +489,16 @@ def test_all_anchors_positive_names_the_image_and_counts():
 def test_detach_from_grad_carrying_outputs_and_inferred_from_gradients():
     (finding,) = dl.check_detach(evidence(stage("assign", carries_grad=["target_scores", "fg_mask", "a", "b"])))
     assert finding.signature == "no-detach" and finding.where == "loss stage assign"
+    branch = dl.check_detach(evidence(stage("assign", carries_grad=["t"], branch="one2one")))
+    assert branch[0].where == "loss stage assign (one2one branch)" and branch[0].evidence["case"] == "default"
     assert finding.message == ("the assignment carries gradients (target_scores, fg_mask, a have a grad_fn, case "
                                "default): its inputs are not detached, so the targets move with the predictions")
     assert finding.evidence["tensors"] == ["target_scores", "fg_mask", "a", "b"]
     ev = evidence(values_passed=True, grads_passed=False, conditioned_grads_passed=True,
                   grad_failures=["grad.head.scores"])
     (finding,) = dl.check_detach(ev)
-    assert finding.where == "loss stage assign (inferred)"
+    assert finding.signature == "no-detach" and finding.where == "loss stage assign (inferred)"
+    assert finding.evidence == {"case": "default", "gradients": ["grad.head.scores"]}
     assert finding.message == ("equal loss values but different gradients (case default: grad.head.scores); the "
                                "gradients match when the reference assignment is fed in, so they flow through the "
                                "assignment: its inputs are not detached")
@@ -578,6 +622,8 @@ def test_check_gains_reads_gain_and_output_stages():
     ref = loss_vec(1.0, 2.0, 3.0)
     ev = evidence(stage("gains", {"after": loss_vec(1.0, 2.0 * 7.5 / 0.5, 3.0)}, {"after": ref}))
     (finding,) = dl.check_gains(ev)
+    assert finding.signature == "gain-mismatch" and finding.message.endswith("(case default)")
+    assert finding.evidence["case"] == "default" and finding.evidence["ratios"] == {"cls": pytest.approx(15.0)}
     assert finding.where == "loss stage gains" and "multiplied by the box gain (7.5) instead of the cls gain (0.5)" \
         in finding.message
     ev = evidence(stage("output", {"loss": ref / 2}, {"loss": ref}), batch=2)
@@ -630,3 +676,23 @@ def test_diagnose_loss_orders_findings_by_stage():
     assert not dl._close(torch.tensor([math.nan]), torch.tensor([1.0]), LOSS_TOL)
     assert not dl._close(torch.ones(2), torch.ones(2) + 1e-3, LOSS_TOL)
     assert dl._close(torch.ones(2), torch.ones(2), None) and not dl._close(torch.ones(1), torch.ones(1) + 1e-6, None)
+
+
+def test_broadcast_watch_records_self_outer_products_and_failures_only():
+    with dl.BroadcastWatch() as watch:
+        square = torch.ones(5, 1) * torch.ones(5)
+        pairs = torch.ones(3, 1) - torch.ones(7)  # pairwise: different sizes, not recorded
+        same = torch.ones(4) + torch.ones(4)
+        with pytest.raises(RuntimeError):
+            torch.ones(2, 8400) * torch.ones(2, 80)
+    assert square.shape == (5, 5) and pairs.shape == (3, 7) and same.shape == (4,)
+    outer, error = watch.events
+    assert (outer.op, outer.shapes, outer.result, outer.kind) == ("mul", [[5, 1], [5]], [5, 5], "outer")
+    assert outer.describe() == "mul of (5, 1) with (5,) broadcast to (5, 5)"
+    assert (error.op, error.shapes, error.result, error.kind) == ("mul", [[2, 8400], [2, 80]], None, "error")
+    assert "must match the size of tensor b (80)" in error.message
+    assert error.describe() == "mul of (2, 8400) with (2, 80) failed to broadcast"
+    with dl.BroadcastWatch() as quiet:
+        torch.ones(5, 1).sum() + torch.ones(5)
+        torch.matmul(torch.ones(5, 1), torch.ones(1, 5))
+    assert quiet.events == []

@@ -281,6 +281,8 @@ class DumpWriter:
     def check_target(self) -> None:
         """Refuse a target that may not be written, before any work is done."""
         if self.out.exists() or self.out.is_symlink():
+            if not self.force and not self.out.is_dir():
+                raise DumpError(f"--out {self.out} is a file, not a dump directory; choose another --out")
             if not self.force:
                 raise DumpError(
                     f"output directory {self.out} already exists; pass --force (make: FORCE=1) to replace it"

@@ -103,6 +103,10 @@ def test_force_onto_a_plain_file_is_exit_2_and_keeps_it(tmp_path, capsys):
     assert one_line(err) == (f"error: --force replaces only a dump directory: {target} is a file; remove it "
                              f"yourself or choose another --out")
     assert target.read_text() == "mine" and sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
+    code, _, err = run_cli(capsys, "dump", *SMALL, "--out", str(target))
+    assert code == 2
+    assert one_line(err) == f"error: --out {target} is a file, not a dump directory; choose another --out"
+    assert target.read_text() == "mine"
 
 
 def test_force_onto_a_repository_is_exit_2_and_deletes_nothing(tmp_path, capsys):

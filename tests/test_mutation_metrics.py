@@ -225,3 +225,32 @@ def test_no_tolerance_means_bitwise_and_inputs_are_not_modified():
     assert torch.equal(ref, R) and torch.equal(cand, C)
     strided = torch.arange(8.0)[::2]
     assert compare_tensors(strided, strided.clone()).exact
+
+
+def test_summary_names_candidate_nan_without_inf_and_formats_one():
+    m = compare_tensors(torch.tensor([1.0, 2.0]), torch.tensor([1.0, math.nan]))
+    assert m.summary().endswith(", cand NaN 1 Inf 0")
+    assert _fmt(1) == "1" and _fmt(1.0) == "1"
+
+
+def test_layout_words_only_for_the_two_layouts():
+    note, perm = shape_difference([2, 3, 4, 5], [3, 2, 4, 5])
+    assert perm == [1, 0, 2, 3] and note.endswith("candidate.permute(1, 0, 2, 3) has the reference shape")
+    six = shape_difference([1, 2, 3, 4, 5, 6], [1, 2, 3, 4, 6, 5])
+    assert six[1] == [0, 1, 2, 3, 5, 4]
+    assert shape_difference([2, 3, 1], [1, 2, 3])[1] == [1, 2, 0]
+
+
+def test_exact_comparison_accumulates_across_chunks(monkeypatch):
+    monkeypatch.setattr(metrics_module, "CHUNK", 2)
+    ref = torch.tensor([0, 0, 0, 0, 0, 0])
+    cand = torch.tensor([3, 0, 0, 0, 3, 1])
+    m = compare_tensors(ref, cand)
+    assert m.mismatched == 3 and m.max_abs == 3.0 and m.worst_index == [0]
+    assert m.mean_abs == pytest.approx(7 / 6) and m.rmse == pytest.approx(math.sqrt(19 / 6))
+    assert m.reason == "3 of 6 elements differ (exact comparison of int64/int64)"
+
+
+def test_ulp_distance_message_is_exact():
+    with pytest.raises(TypeError, match=r"^ulp_distance needs two float32 tensors$"):
+        ulp_distance(torch.tensor([1.0]).double(), torch.tensor([1.0]))

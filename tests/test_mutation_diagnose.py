@@ -696,3 +696,98 @@ def test_broadcast_watch_records_self_outer_products_and_failures_only():
         torch.ones(5, 1).sum() + torch.ones(5)
         torch.matmul(torch.ones(5, 1), torch.ones(1, 5))
     assert quiet.events == []
+
+
+class StrictCandidate(FakeCandidate):
+    """Hands out its biases only for the reference it was made for."""
+
+    def __init__(self, fresh, reference):
+        super().__init__(fresh)
+        self.reference = reference
+
+    def fresh_head_biases(self, reference):
+        assert reference is self.reference
+        return self._fresh
+
+
+def test_diagnose_bias_init_rows_carry_metrics_and_the_bitwise_tolerance(v8):
+    fresh = {level: {"cls": biases(v8, level)[0].clone(),
+                     "box": v8.get(names.init_bias("box_bias", level, "stored")).clone()} for level in (0, 2)}
+    report = new_report()
+    ds.diagnose_bias_init(v8, StrictCandidate(fresh, v8), report)
+    assert [r.name for r in report.rows] == ["init.cls_bias.0.stored", "init.box_bias.0.stored",
+                                             "init.cls_bias.2.stored", "init.box_bias.2.stored"]
+    assert {r.section for r in report.rows} == {"structure"}
+    for row in report.rows:
+        assert row.tolerance == BITWISE.as_dict() and row.metrics["exact"] is True and row.metrics["passed"] is True
+    assert report.findings == [] and "bias_init_note" not in report.context  # stored != float32 at nc=12
+
+
+def test_diagnose_bias_init_note_when_the_arithmetics_agree_but_a_level_is_wrong(y11):
+    fresh = {level: {"cls": biases(y11, level)[0].clone()} for level in range(3)}
+    fresh[1]["cls"] = torch.zeros_like(fresh[1]["cls"])
+    report = new_report()
+    ds.diagnose_bias_init(y11, FakeCandidate(fresh), report)
+    assert [f.signature for f in report.findings] == ["bias-init-skipped"]
+    assert report.context["bias_init_note"] == ("at nc=80 the three arithmetics agree, so float32/float64 cannot be "
+                                                "told apart here")
+    row = report.rows[1]
+    assert not row.passed and row.note == "not applied (default conv init)" and row.metrics["mismatched"] == 80
+
+
+def test_diagnose_bias_init_box_evidence_keeps_eight_values_and_skips_box_when_cls_is_skipped(v8):
+    box = v8.get(names.init_bias("box_bias", 0, "stored"))
+    fresh = {0: {"cls": biases(v8, 0)[0].clone(), "box": torch.ones_like(box)},
+             1: {"cls": torch.zeros_like(biases(v8, 1)[0]), "box": torch.ones_like(box)}}
+    report = new_report()
+    ds.diagnose_bias_init(v8, FakeCandidate(fresh), report)
+    box_findings = [f for f in report.findings if f.signature == "bias-init-box"]
+    assert len(box_findings) == 1 and box_findings[0].where == "layer 22, box bias init, stride 8"
+    assert box_findings[0].evidence["candidate"] == [1.0] * 8 and box.numel() > 8
+    assert [r.name for r in report.rows] == ["init.cls_bias.0.stored", "init.box_bias.0.stored",
+                                             "init.cls_bias.1.stored"]
+    assert report.rows[1].note == "1 everywhere" and not report.rows[1].passed
+
+
+def test_diagnose_bias_init_without_init_tensors_says_so(tmp_path):
+    from parity.dumpfile import DumpWriter
+
+    with DumpWriter(tmp_path / "d", kind="reference") as writer:
+        writer.add("act.0", torch.zeros(2))
+        path = writer.commit({"model": {"strides": [8.0, 16.0, 32.0], "head_index": 23, "nc": 80}})
+    report = new_report()
+    ds.diagnose_bias_init(Dump(path), FakeCandidate({0: {"cls": torch.zeros(80)}}), report)
+    assert report.coverage == {"not_checked": ["Detect bias init (the reference has no init.* tensors)"]}
+    assert report.rows == []
+
+
+@pytest.mark.parametrize("mode, kwargs", [("nearest-exact", {}), ("bilinear (align_corners=True)",
+                                                                  {"mode": "bilinear", "align_corners": True}),
+                                          ("bicubic (align_corners=False)", {"mode": "bicubic", "align_corners": False})])
+def test_upsample_names_each_interpolation(mode, kwargs):
+    x = torch.arange(36.0).reshape(1, 1, 6, 6) ** 1.5
+    nearest = torch.nn.functional.interpolate(x, size=(12, 12), mode="nearest")
+    if mode == "nearest-exact":
+        x = torch.arange(25.0).reshape(1, 1, 5, 5) ** 1.5
+        nearest = torch.nn.functional.interpolate(x, size=(7, 7), mode="nearest")
+        cand = torch.nn.functional.interpolate(x, size=(7, 7), mode="nearest-exact")
+    else:
+        cand = torch.nn.functional.interpolate(x, size=(12, 12), **kwargs)
+    finding = ds.diagnose_upsample(4, [x], cand, nearest, Tolerance(1e-5, 1e-5))
+    assert finding is not None and finding.evidence["candidate_mode"] == mode
+    assert f"the candidate's output is {mode} interpolation" in finding.message
+    assert ds.diagnose_upsample(4, [x], cand + 0.5, nearest, Tolerance(1e-5, 1e-5)) is None
+    assert ds.diagnose_upsample(4, [x[0]], cand, nearest, BITWISE) is None
+
+
+def test_affine_hint_edges():
+    four = torch.tensor([1.0, 2.0, 4.0, 8.0])
+    assert ds.affine_hint(four, four * 3) == "the candidate is 3 x reference +0 everywhere (a global scale/offset error)"
+    assert ds.affine_hint(four[:3], four[:3] * 3) == ""
+    assert ds.affine_hint(torch.arange(4), torch.arange(4) * 2) == ""
+    assert ds.affine_hint(four, four + 1e-9) == ""
+    assert ds.affine_hint(four, four + 0.25).endswith("+0.25 everywhere (a global scale/offset error)")
+    flat = torch.randn(3, 8, generator=torch.Generator().manual_seed(1))
+    scaled = flat * torch.tensor([1.0, 2.0, 3.0]).view(3, 1)  # rows scaled: dim 1 is not the channel here
+    assert ds.affine_hint(flat.T.contiguous(), scaled.T.contiguous()).startswith("each channel of the candidate")
+    assert ds.affine_hint(flat.flatten(), scaled.flatten()) == ""

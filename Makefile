@@ -15,6 +15,9 @@ IMAGES ?= assets
 INIT ?= perturbed
 PRECISION ?= fp32
 MODEL_NAME := $(basename $(notdir $(MODEL)))
+# A value as one shell word, whatever it holds (spaces, non-ASCII, quotes): paths reach parity unchanged.
+q = '$(subst ','\'',$(1))'
+
 # ULTRALYTICS=8.3.200 dumps with that release, from a side environment built on first use (parity/sideenv.py).
 ULTRALYTICS ?=
 OUT ?= reference_dumps/$(MODEL_NAME)-nc$(NC)-$(IMGSZ)-b$(BATCH)-s$(SEED)-$(IMAGES)-$(INIT)-$(DEVICE)$(if $(ULTRALYTICS),-u$(ULTRALYTICS),)
@@ -46,16 +49,17 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 dump-reference: $(STAMP)
-	$(PARITY) dump --model $(MODEL) --nc $(NC) --imgsz $(IMGSZ) --batch $(BATCH) --seed $(SEED) \
-		--device $(DEVICE) --images $(IMAGES) --init $(INIT) --out $(OUT) $(if $(FORCE),--force,)
+	$(PARITY) dump --model $(call q,$(MODEL)) --nc $(call q,$(NC)) --imgsz $(call q,$(IMGSZ)) \
+		--batch $(call q,$(BATCH)) --seed $(call q,$(SEED)) --device $(call q,$(DEVICE)) \
+		--images $(call q,$(IMAGES)) --init $(call q,$(INIT)) --out $(call q,$(OUT)) $(if $(FORCE),--force,)
 
 inspect: $(STAMP)
-	$(PY) -m parity inspect $(OUT)
+	$(PY) -m parity inspect $(call q,$(OUT))
 
 compare: $(STAMP)
-	@test -f $(OUT)/manifest.json || $(MAKE) --no-print-directory dump-reference
-	$(PY) -m parity compare --reference $(OUT) --candidate $(CANDIDATE) --what $(WHAT) --device $(DEVICE) \
-		$(if $(LAYER),--layer $(LAYER),) $(if $(INJECT),--inject $(INJECT),)
+	@test -f $(call q,$(OUT)/manifest.json) || $(MAKE) --no-print-directory dump-reference
+	$(PY) -m parity compare --reference $(call q,$(OUT)) --candidate $(call q,$(CANDIDATE)) --what $(call q,$(WHAT)) \
+		--device $(call q,$(DEVICE)) $(if $(LAYER),--layer $(call q,$(LAYER)),) $(if $(INJECT),--inject $(call q,$(INJECT)),)
 
 fixtures: $(STAMP)
 	$(PY) -m parity.fixtures
@@ -68,12 +72,13 @@ bench: $(STAMP)
 
 # The reference against itself under harmless changes (threads, float64 shadow; CUDA/TF32 where present).
 envelope: $(STAMP)
-	$(PY) -m parity envelope --model $(MODEL) --nc $(NC) --imgsz $(IMGSZ) --batch $(BATCH) --device $(DEVICE) \
-		--out envelopes/$(DEVICE)-$(MODEL_NAME)-$(IMGSZ).json $(if $(FORCE),--force,)
+	$(PY) -m parity envelope --model $(call q,$(MODEL)) --nc $(call q,$(NC)) --imgsz $(call q,$(IMGSZ)) \
+		--batch $(call q,$(BATCH)) --device $(call q,$(DEVICE)) \
+		--out $(call q,envelopes/$(DEVICE)-$(MODEL_NAME)-$(IMGSZ).json) $(if $(FORCE),--force,)
 
 # What changed between two reference dumps: make drift A=dir B=dir
 drift: $(STAMP)
-	$(PY) -m parity drift $(A) $(B)
+	$(PY) -m parity drift $(call q,$(A)) $(call q,$(B))
 
 clean:
 	rm -rf runs .pytest_cache
@@ -100,7 +105,7 @@ example-libtorch: $(STAMP)
 example-numpy: $(STAMP)
 	@mkdir -p $(EXAMPLES_OUT)/numpy
 	for l in $(NUMPY_LAYERS); do $(PY) -m parity export-layer --reference $(NUMPY_REF) --layer $$l \
-		--out $(EXAMPLES_OUT)/numpy/layer$$l.safetensors || exit 2; done
+		--out $(EXAMPLES_OUT)/numpy/layer$$l.safetensors || exit $$?; done
 	$(PY) examples/numpy/yp_numpy.py --layer-file $(foreach l,$(NUMPY_LAYERS),$(EXAMPLES_OUT)/numpy/layer$(l).safetensors) \
 		--out-dir $(EXAMPLES_OUT)/numpy/out --dump $(EXAMPLES_OUT)/numpy/dump
 	for l in $(NUMPY_LAYERS); do $(PY) -m parity check-layer --layer-file $(EXAMPLES_OUT)/numpy/layer$$l.safetensors \

@@ -883,6 +883,143 @@ WORKERS = {"step": worker_step, "replay": worker_replay, "make-candidate": worke
            "compare": worker_compare, "compare-base": worker_compare_base, "fused": worker_fused,
            "cuda": worker_cuda, "explain": worker_explain}
 
+# ------------------------------------------------------------------------- checksum verification on read
+def worker_verify(params: dict) -> dict:
+    """What checking every tensor against its manifest checksum costs (`Dump.check`, on by default): the
+    streamed compare and the built-in replay (`parity compare --what layers`), each timed with verification on
+    and off in alternating rounds (fresh `Dump`s each round, so every tensor is hashed again), plus the SHA-256
+    throughput over the reference's bytes."""
+    from parity.compare.stream import compare_dumps
+    from parity.dumpfile import Dump, checksum
+
+    ref_path, cand_path = params["reference"], params["candidate"]
+    reference = Dump(ref_path, verify=False)
+    t0 = time.perf_counter()
+    nbytes = 0
+    for name in reference.names():
+        if reference.index[name].get("file"):
+            tensor = reference.get(name)
+            nbytes += tensor.numel() * tensor.element_size()
+            checksum(tensor)
+    out: dict[str, Any] = {"sha256": {"bytes": nbytes, "seconds": time.perf_counter() - t0}}
+    out["sha256"]["gbs"] = nbytes / out["sha256"]["seconds"] / 1e9
+    kinds = {"streamed": lambda verify: compare_dumps(Dump(ref_path, verify=verify), Dump(cand_path, verify=verify))}
+    if params.get("replay", True):
+        from parity.replay.layers import compare_layers
+
+        kinds["replay"] = lambda verify: compare_layers(Dump(ref_path, verify=verify), "builtin", progress=False)
+    for kind, run in kinds.items():
+        series = {"on": [], "off": []}
+        run(True)  # warm: page cache, imports, the candidate's first build
+        for rep in Repeats(params):
+            for verify in ((True, False) if rep % 2 == 0 else (False, True)):
+                _log(f"{kind} compare, verification {'on' if verify else 'off'}, repeat {rep + 1}")
+                started = time.perf_counter()
+                run(verify)
+                series["on" if verify else "off"].append(time.perf_counter() - started)
+        out[kind] = series
+    return out
+
+
+def analyse_verify(result: dict) -> dict:
+    summary = {"sha256_gbs": result["sha256"]["gbs"], "sha256_seconds": result["sha256"]["seconds"],
+               "bytes": result["sha256"]["bytes"]}
+    for kind in ("streamed", "replay"):
+        if kind in result:
+            on, off = result[kind]["on"], result[kind]["off"]
+            summary[kind] = {"on": summarize(on), "off": summarize(off),
+                             "overhead": ratio_summary([a - b for a, b in zip(on, off)], off)}
+    return summary
+
+
+def _verify_section(doc: dict) -> list[str]:
+    ver = (doc.get("verify") or {}).get("summary")
+    if not ver:
+        return ["## Checksum verification on read", "", "Not measured in this run.", ""]
+    point = (doc.get("verify") or {}).get("point") or {}
+    lines = ["## Checksum verification on read", "",
+             "Every tensor a command reads is checked once against its manifest SHA-256 (`Dump.check`; "
+             "`--no-verify` turns it off). Timed on "
+             f"{point.get('model', 'the main configuration')} {point.get('imgsz', '')}px batch "
+             f"{point.get('batch', '')}: the streamed compare of the reference against the 1-ULP candidate, and "
+             "the built-in replay (`compare_layers`, what `parity compare --what layers` runs), verification on and "
+             "off in alternating rounds. Target: under 10 % of a compare.", "",
+             "| what | value |", "| --- | --- |",
+             f"| SHA-256 over the reference's {ver['bytes'] / 1e6:.1f} MB | {_fmt(ver['sha256_seconds'])} s "
+             f"({_fmt(ver['sha256_gbs'])} GB/s) |"]
+    for kind, label in (("streamed", "streamed compare"), ("replay", "built-in replay")):
+        if kind in ver:
+            entry = ver[kind]
+            lines.append(f"| {label}: verification off / on | {_cell(entry['off'], ' s')} / "
+                         f"{_cell(entry['on'], ' s')} |")
+            lines.append(f"| {label}: cost of verification | {_cell(entry['overhead'], 'x', 3)} of the unverified "
+                         f"time (target < 0.10x) |")
+    lines += _verify_estimate(doc, ver)
+    load = point.get("load_average")
+    if load and load[0] > 1.5:
+        lines += ["", f"> **Taken under load** (1-minute load average {load[0]} at the end of this measurement): the "
+                      f"on/off timings above are dominated by other processes and their ratios mean little; the "
+                      f"estimate from the SHA-256 throughput against this file's quiet compare and replay figures is "
+                      f"the better guide."]
+    return lines + [""]
+
+
+def _verify_estimate(doc: dict, ver: dict) -> list[str]:
+    """Hashing time at the measured SHA-256 throughput, against the compare and replay timings of this document."""
+    gbs = ver.get("sha256_gbs")
+    if not gbs:
+        return []
+    lines = []
+    series = ((doc.get("compare") or {}).get("raw") or {}).get("series") or []
+    if series:
+        total = sorted(s["total"] for s in series)[len(series) // 2]
+        nbytes = series[0]["bytes"]
+        hashing = nbytes / gbs / 1e9
+        lines.append(f"| estimate, streamed compare: hashing its {nbytes / 1e6:.0f} MB (both dumps) / the compare's "
+                     f"{_fmt(total)} s | {_fmt(hashing)} s = {hashing / total:.2f}x (target < 0.10x) |")
+    replay = (doc.get("replay") or {}).get("raw") or {}
+    times = (replay.get("series") or {}).get("isolated")
+    if times and replay.get("activation_bytes"):
+        total = sorted(t["total"] if isinstance(t, dict) else t for t in times)[len(times) // 2]
+        hashing = replay["activation_bytes"] / gbs / 1e9
+        lines.append(f"| estimate, isolated replay: hashing its {replay['activation_bytes'] / 1e6:.0f} MB of "
+                     f"activations (weights add more) / the replay's {_fmt(total)} s | {_fmt(hashing)} s = "
+                     f"{hashing / total:.2f}x (target < 0.10x) |")
+    return lines
+
+
+def run_verify_only(args, out_dir: Path) -> int:
+    """`--only-verify`: measure the verification section alone and merge it into the existing benchmarks.json
+    (the other sections keep their figures)."""
+    from parity.capture import CaptureConfig, dump_reference
+
+    path = out_dir / "benchmarks.json"
+    doc = json.loads(path.read_text()) if path.exists() else {
+        "schema": SCHEMA, "schema_version": SCHEMA_VERSION, "quick": args.quick,
+        "machine": {**machine_info(), **versions_and_threads()}, "skipped": [], "settings": {}, "threads": None}
+    workdir = Path(tempfile.mkdtemp(prefix="parity-bench-verify-"))
+    try:
+        model = args.template.format(scale="n")
+        ref, cand = workdir / "reference", workdir / "candidate"
+        dump_reference(CaptureConfig(model=model, imgsz=args.imgsz, batch=args.batch), ref)
+        made, info = run_worker("make-candidate", {"dump": str(ref), "out": str(cand)}, timeout=600)
+        if made is None:
+            raise SystemExit(f"candidate dump failed: {info.get('error')}")
+        result, info = run_worker("verify", {"reference": str(ref), "candidate": str(cand),
+                                             "repeats": args.repeats, "threads": args.threads}, timeout=1200)
+        doc["verify"] = {"worker": info, "point": {"model": model, "imgsz": args.imgsz, "batch": args.batch,
+                                                   "repeats": args.repeats, "load_average": load_average()}}
+        if result is not None:
+            doc["verify"].update({"raw": result, "summary": analyse_verify(result)})
+        write_outputs(doc, out_dir)
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    return 0
+
+WORKERS = {"step": worker_step, "replay": worker_replay, "make-candidate": worker_make_candidate,
+           "compare": worker_compare, "compare-base": worker_compare_base, "fused": worker_fused,
+           "cuda": worker_cuda, "verify": worker_verify}
+
 
 def run_worker_main(kind: str, params_json: str) -> int:
     from parity.runtime import prepare
@@ -1178,6 +1315,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workdir", default=None, help="scratch folder for dumps (default: a temporary folder)")
     parser.add_argument("--explain-only", action="store_true",
                         help="only the explainer's time per divergent place (the committed fixtures, no dump)")
+    parser.add_argument("--only-verify", action="store_true",
+                        help="measure only the checksum-verification section and merge it into benchmarks.json")
     parser.add_argument("--inprocess", action="store_true",
                         help="run the workers in this process (tests: faster; memory figures lose their meaning)")
     args = parser.parse_args(argv)
@@ -1194,6 +1333,8 @@ def main(argv: list[str] | None = None) -> int:
 
     threads = prepare(args.threads)
     out_dir = Path(args.out) if args.out else PROJECT_ROOT / "docs"
+    if args.only_verify:
+        return run_verify_only(args, out_dir)
     budget = Budget(args.budget)
     workdir = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="parity-bench-"))
     workdir.mkdir(parents=True, exist_ok=True)
@@ -1291,6 +1432,13 @@ def _run_all(args, doc: dict, common: dict, budget: Budget, workdir: Path, out_d
             doc["compare"]["fused"] = fused or {"skipped": info.get("error")}
         else:
             doc["skipped"].append("fused-kernel probe: not enough time left")
+        _progress(budget, "checksum verification on read: streamed compare and replay, on vs off")
+        ver, info = run_worker("verify", {**pair, "repeats": 3 if not args.quick else 1, "min_repeats": 1,
+                                          "deadline": budget.deadline(0.08)}, timeout=budget.left())
+        doc["verify"] = {"worker": info, "point": {"model": _model_yaml(main_point), "imgsz": args.imgsz,
+                                                   "batch": args.batch}}
+        if ver is not None:
+            doc["verify"].update({"raw": ver, "summary": analyse_verify(ver)})
         shutil.rmtree(cand_dump, ignore_errors=True)
     else:
         doc["skipped"].append(f"compare: candidate dump failed: {info.get('error')}")
@@ -1506,6 +1654,7 @@ def render_markdown(doc: dict) -> str:
     lines += _capture_section(doc)
     lines += _replay_section(doc)
     lines += _compare_section(doc)
+    lines += _verify_section(doc)
     lines += _growth_section(doc)
     lines += _cuda_section(doc)
     lines += _explain_section(doc)

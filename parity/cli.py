@@ -1,18 +1,33 @@
 """`parity` command line: dump, inspect, compare, map, export-layer, check-layer, envelope, drift.
 
-Exit codes: 0 parity (or success), 1 divergence found, 2 bad input. Bad input is never a traceback.
+Exit codes: 0 parity (or success), 1 divergence found, 2 bad input, 3 internal error (a bug: one line on the
+terminal, the traceback in a file under runs/crashes/). No traceback ever reaches the terminal.
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime
+import os
 import sys
+import traceback
 from contextlib import contextmanager
 from pathlib import Path
 
 from parity.compare_command import add_report_output_options
 from parity.errors import ParityError
+from parity.options import UsageError, validate_numbers
 from parity.runtime import PROJECT_ROOT, prepare
+
+EXIT_INTERNAL_ERROR = 3
+CRASH_DIR = PROJECT_ROOT / "runs" / "crashes"
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse, with a usage error raised as exit-2 bad input (one line) instead of printed and exited on."""
+
+    def error(self, message: str):
+        raise UsageError(f"{self.prog}: {message} (see {self.prog} --help)")
 
 DEFAULTS = dict(model="yolo11n.yaml", nc=80, imgsz=640, batch=2, seed=0, device="cpu", images="assets",
                 init="perturbed", precision="fp32")
@@ -116,14 +131,18 @@ def _add_capture_options(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="parity", description=__doc__.splitlines()[0])
+    parser = ArgumentParser(prog="parity", description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default 2, recorded in dumps)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    parser.add_argument("--no-verify", action="store_true",
+                        help="do not check tensors against their manifest checksums as they are read (the report "
+                             "says so)")
     sub = parser.add_subparsers(dest="command", required=True)
     # The global options are accepted after the command too; SUPPRESS keeps a sub-parser from resetting them.
-    common = argparse.ArgumentParser(add_help=False)
+    common = ArgumentParser(add_help=False)
     common.add_argument("--threads", type=int, default=argparse.SUPPRESS)
     common.add_argument("--no-progress", action="store_true", default=argparse.SUPPRESS)
+    common.add_argument("--no-verify", action="store_true", default=argparse.SUPPRESS)
     original_add_parser = sub.add_parser
     sub.add_parser = lambda *a, **k: original_add_parser(*a, parents=[common, *k.pop("parents", [])], **k)
 
@@ -192,19 +211,46 @@ def _add_optional_commands(sub) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    """Run one command; returns its exit code (0 parity/success, 1 divergence, 2 bad input, 3 internal error)."""
     try:
+        args = build_parser().parse_args(argv)
+        validate_numbers(vars(args))
         prepare(args.threads)
-        return int(args.func(args) or 0)
-    except ParityError as error:
-        from rich.console import Console
+        from parity.dumpfile import verify_reads
 
-        Console(stderr=True).print(f"[bold red]error:[/bold red] {error}", highlight=False)
+        with verify_reads(not getattr(args, "no_verify", False)):
+            return int(args.func(args) or 0)
+    except ParityError as error:
+        print(f"error: {error}", file=sys.stderr)
         return error.exit_code
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except SystemExit as exit_:  # --help, --version
+        return exit_.code if isinstance(exit_.code, int) else (0 if exit_.code is None else 2)
+    except Exception as error:  # noqa: BLE001 - anything else is a bug in the tool: report it, never show it raw
+        return report_internal_error(error, argv)
+
+
+def report_internal_error(error: BaseException, argv: list[str] | None) -> int:
+    """One line on stderr; the traceback in runs/crashes/ (or the temp directory when runs/ is not writable)."""
+    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%d-%H%M%S")
+    text = (f"parity {' '.join(sys.argv[1:] if argv is None else argv)}\n"
+            + "".join(traceback.format_exception(type(error), error, error.__traceback__)))
+    path = None
+    for folder in (CRASH_DIR, Path(os.environ.get("TMPDIR", "/tmp"))):
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            path = folder / f"crash-{stamp}-{os.getpid()}.txt"
+            path.write_text(text)
+            break
+        except OSError:
+            path = None
+    where = f"traceback in {path}" if path else "the traceback could not be written"
+    summary = " ".join(f"{type(error).__name__}: {error}".split())[:200]
+    print(f"internal error (a bug in yolo-parity, not in your input): {summary}; {where}; please report it with "
+          f"that file", file=sys.stderr)
+    return EXIT_INTERNAL_ERROR
 
 
 if __name__ == "__main__":

@@ -727,8 +727,12 @@ def cmd_envelope(args) -> int:
     config = CaptureConfig(model=args.model, nc=args.nc, imgsz=args.imgsz, batch=args.batch, seed=args.seed,
                            images=args.images, init=args.init)
     out = Path(args.out) if args.out else default_out(config, plan)
-    if out.exists() and not args.force:
-        raise ParityError(f"{out} exists; pass --force to replace it")
+    if out.exists() or out.is_symlink():
+        if not args.force:
+            raise ParityError(f"{out} exists; pass --force to replace it")
+        from parity.dumpfile import check_replaceable_file
+
+        check_replaceable_file(out, "a noise envelope file", lambda path: read_envelope_file(path) is not None)
     for skip in plan.skipped:
         console.print(f"[yellow]skipped[/yellow] {skip['run']}: {skip['reason']}", highlight=False)
     start = time.perf_counter()

@@ -444,7 +444,15 @@ def _compile_key_map(key_map) -> list[tuple[re.Pattern, str]]:
     if not key_map:
         return []
     pairs = key_map.items() if isinstance(key_map, Mapping) else key_map
-    return [(re.compile(p), r) for p, r in pairs]
+    return [(_compile_entry("key_map", p), r) for p, r in pairs]
+
+
+def _compile_entry(section: str, pattern: str) -> re.Pattern:
+    """A user's regular expression, or exit 2 naming the entry (never a re.error traceback)."""
+    try:
+        return re.compile(pattern)
+    except (re.error, TypeError) as error:
+        raise ParityError(f"{section} entry {pattern!r} is not a valid regular expression: {error}") from None
 
 
 def _nearest(shape: Shape, pool: Iterable[tuple[str, Shape]], n: int = 3) -> list[tuple[str, Shape]]:
@@ -499,7 +507,7 @@ def build_mapping(reference, candidate, key_map=None, layer_map: Mapping[str, in
         layer_map = getattr(candidate, "layer_map", None)
     ref_shapes = _shapes(reference)
     cand_shapes = _shapes(candidate)
-    allowed_res = [re.compile(p) for p in allow_missing]
+    allowed_res = [_compile_entry("allow_missing", p) for p in allow_missing]
 
     def allowed_key(k: str) -> bool:
         return any(p.search(k) for p in allowed_res)

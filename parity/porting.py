@@ -103,11 +103,20 @@ def export_layer(reference, layer: int, out: str | os.PathLike, *, candidate: st
     out = Path(out)
     if out.is_dir():
         raise ParityError(f"--out {out} is a directory; export-layer writes one .safetensors file")
-    if out.exists() and not force:
-        raise ParityError(f"--out {out} already exists")
+    _check_replaceable(out, force, "a layer file written by export-layer", LAYER_SCHEMA)
     tensors, metadata = layer_file_contents(reference, layer, candidate=candidate, map_file=map_file)
     _write_safetensors(tensors, metadata, out)
     return out
+
+
+def _check_replaceable(out: Path, force: bool, what: str, schema: str) -> None:
+    """--force replaces only a file this tool wrote: a file of the user's at --out is never deleted."""
+    if out.exists() or out.is_symlink():
+        if not force:
+            raise ParityError(f"--out {out} already exists")
+        from parity.dumpfile import check_replaceable_file, read_metadata
+
+        check_replaceable_file(out, what, lambda path: read_metadata(path).get("schema") == schema)
 
 
 def layer_file_contents(reference, layer: int, *, candidate: str | None = None, map_file: str | None = None
@@ -185,8 +194,7 @@ def export_layers(reference, out: str | os.PathLike, *, layers: list[int] | None
     out = Path(out)
     if out.is_dir():
         raise ParityError(f"--out {out} is a directory; export-layers writes one .safetensors file")
-    if out.exists() and not force:
-        raise ParityError(f"--out {out} already exists")
+    _check_replaceable(out, force, "a file written by export-layers", LAYERS_SCHEMA)
     indices = layers if layers is not None else [e["index"] for e in reference.model.get("layers", [])]
     tensors: dict[str, torch.Tensor] = {}
     per_layer: dict[str, dict[str, str]] = {}

@@ -48,6 +48,15 @@ class Report:
     coverage: dict[str, Any] = field(default_factory=dict)  # what the candidate covered and left out
     context: dict[str, Any] = field(default_factory=dict)
 
+    def __post_init__(self) -> None:
+        from parity.dumpfile import read_verification
+
+        if not read_verification():  # `--no-verify`: say that nothing read was checked against its checksum
+            self.context["checksums"] = "not verified (--no-verify): tensors were read without checking them " \
+                                        "against their manifest checksums"
+            self.coverage.setdefault("not_checked", []).append(
+                "checksums: tensors were read without checking them against their manifest checksums (--no-verify)")
+
     def add(self, row: Row) -> Row:
         self.rows.append(row)
         return row

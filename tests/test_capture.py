@@ -177,7 +177,9 @@ def test_dump_is_atomic_when_writing_fails(tmp_path, monkeypatch):
     original = dumpfile.save_file
     monkeypatch.setattr(dumpfile, "save_file", failing_save)
     out = tmp_path / "dump"
-    with pytest.raises(OSError):
+    from parity.errors import DumpError
+
+    with pytest.raises(DumpError, match=f"cannot write {out}: disk full; nothing was written"):
         dump_reference(SMALL, out)
     assert not out.exists()
     assert list(tmp_path.iterdir()) == []

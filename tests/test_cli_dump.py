@@ -58,15 +58,23 @@ def test_bad_input_is_exit_2_and_writes_nothing(tmp_path, capsys, argv, message)
     assert not out.exists() and list(tmp_path.iterdir()) == []
 
 
-def test_existing_output_needs_force(tmp_path, capsys):
+def test_existing_output_needs_force_and_force_replaces_only_a_dump(tmp_path, capsys):
     out = tmp_path / "dump"
     out.mkdir()
     (out / "keep.txt").write_text("mine")
     code, _, err = run_cli(capsys, "dump", *SMALL, "--out", str(out))
     assert code == 2 and "--force" in err
     assert (out / "keep.txt").read_text() == "mine"
-    code, _, _ = run_cli(capsys, "dump", *SMALL, "--out", str(out), "--force")
-    assert code == 0 and not (out / "keep.txt").exists()
+    code, _, err = run_cli(capsys, "dump", *SMALL, "--out", str(out), "--force")
+    assert code == 2 and "--force replaces only a dump" in err and "keep.txt" in err
+    assert (out / "keep.txt").read_text() == "mine"
+    (out / "keep.txt").unlink()
+    out.rmdir()
+    assert run_cli(capsys, "dump", *SMALL, "--out", str(out))[0] == 0
+    first = (out / "manifest.json").read_text()
+    code, _, _ = run_cli(capsys, "dump", *SMALL, "--out", str(out), "--force", "--seed", "1")
+    assert code == 0 and (out / "manifest.json").read_text() != first
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dump"]
 
 
 def test_unreadable_image_is_named(tmp_path, capsys):

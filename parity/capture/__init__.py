@@ -12,10 +12,10 @@ from parity.dumpfile import DumpWriter
 def dump_reference(config: CaptureConfig, out: str | Path, *, force: bool = False, stats_only: bool = False,
                    progress: Callable[[str], None] = lambda step: None) -> Path:
     """Capture and write atomically; nothing appears at `out` unless the whole dump succeeded."""
-    # Refuses an existing `out` before any work is done.
-    writer = DumpWriter(out, force=force, kind="reference", stats_only=stats_only)
-    capture = run_capture(config, progress)
-    with writer:
+    # Refuses an existing `out` before any work is done, and holds OUT's lock during the capture too, so a second
+    # writer of the same OUT is refused at once rather than after minutes of work.
+    with DumpWriter(out, force=force, kind="reference", stats_only=stats_only) as writer:
+        capture = run_capture(config, progress)
         progress("writing")
         for name, tensor in capture.tensors.items():
             writer.add(name, tensor, copy=False)

@@ -280,7 +280,7 @@ def compare_tensors(ref: torch.Tensor, cand: torch.Tensor, tol: Tolerance | None
         ref_sq += float(torch.dot(rd, rd))
         cand_sq += float(torch.dot(cd, cd))
         ra = rd.abs_()
-        rel = torch.nan_to_num(d / ra, nan=0.0)  # 0/0 -> 0; x/0 -> inf
+        rel = torch.nan_to_num(d / ra, nan=0.0, posinf=math.inf)  # 0/0 -> 0; x/0 -> inf (not the largest float)
         max_rel = max(max_rel, float(rel.max()))
         excess = d.sub_(ra.mul_(rtol))
         min_atol = max(min_atol, float(excess.max()))

@@ -32,7 +32,7 @@ from typing import Any
 
 from parity import names
 from parity.compare.tolerances import Profile, Tolerance, get_profile, profile_for_environment
-from parity.dumpfile import Dump, checksum
+from parity.dumpfile import Dump
 from parity.errors import ParityError
 from parity.report import Finding, Report, Row
 
@@ -61,13 +61,20 @@ _EXACT_DTYPES = {"BOOL", "I64", "I32", "I16", "I8", "U8", "U16", "U32", "U64"}
 
 
 def _sha(dump: Dump, name: str) -> str | None:
-    """The tensor's SHA-256: from the manifest, else computed from its values when the dump holds them."""
-    entry = dump.index.get(name) or {}
-    if entry.get("sha256"):
-        return entry["sha256"]
-    if entry.get("file"):
-        return checksum(dump.get(name))
-    return None
+    """The tensor's SHA-256: recomputed from its values when the dump holds them (a stale manifest checksum is a
+    corrupted dump, DumpError), from the manifest only in a statistics-only dump."""
+    return dump.verified_checksum(name)
+
+
+def checksum_source(reference: Dump, candidate: Dump) -> str:
+    """Where the checksums a statistics-only report relies on come from, in words."""
+    def one(dump: Dump, role: str) -> str:
+        if dump.stats_only:
+            return f"{role}: from its manifest (a statistics-only dump holds no values to hash)"
+        if not dump.verify_reads:
+            return f"{role}: from its manifest, NOT checked against the values (--no-verify)"
+        return f"{role}: recomputed from the values and checked against its manifest"
+    return "; ".join((one(reference, "reference"), one(candidate, "candidate")))
 
 
 def stat_bounds(ref: dict, tol: Tolerance) -> dict[str, float]:
@@ -172,6 +179,7 @@ def compare_stats(reference: Dump | str, candidate: Dump | str, *, profile: str 
         "candidate_stats_only": candidate.stats_only,
         "profile": profile.as_dict(),
         "limitations": list(LIMITATIONS),
+        "checksums": checksum_source(reference, candidate),
         "bounds": "statistic differences allowed by the element-wise tolerance: min/max atol_eff + rtol*max|r|; "
                   "mean/std atol_eff + rtol*rms(r); l2 sqrt(n)*atol_eff + rtol*l2(r) (necessary conditions)",
     })
@@ -225,6 +233,8 @@ def compare_stats(reference: Dump | str, candidate: Dump | str, *, profile: str 
     report.find(Finding(
         "stats-only-limits", "statistics-only comparison",
         "statistics-only comparison: " + "; ".join(LIMITATIONS), severity="info"))
+    report.find(Finding("checksum-source", "statistics-only comparison",
+                        "checksums: " + report.context["checksums"], severity="info"))
     return report
 
 

@@ -22,7 +22,7 @@ import torch
 from parity import names
 from parity.compare.metrics import compare_tensors
 from parity.compare.tolerances import Profile, get_profile, profile_for_environment
-from parity.dumpfile import Dump
+from parity.dumpfile import Dump, read_header
 from parity.errors import DumpError, ParityError
 from parity.report import Finding, Report, Row
 
@@ -31,7 +31,8 @@ BACKENDS = ("pread", "mmap")
 
 class TensorReader:
     """Reads one tensor at a time from a dump. `backend="pread"` copies into private memory (freed with the
-    tensor); `backend="mmap"` is `Dump.get` (no copy, but mapped pages stay resident until `close`)."""
+    tensor); `backend="mmap"` is `Dump.get` (no copy, but mapped pages stay resident until `close`). Either way
+    each tensor is checked against its manifest checksum as it is read (`Dump.check`)."""
 
     def __init__(self, dump: Dump, backend: str = "pread"):
         if backend not in BACKENDS:
@@ -47,6 +48,7 @@ class TensorReader:
             full = self.dump.path / file
             if not full.exists():
                 raise DumpError(f"{self.dump.path}: manifest names {file}, which is missing")
+            read_header(full)  # a truncated or corrupt file is named as such, in one line
             try:
                 self._handles[file] = safe_open(str(full), framework="pt", backend="pread")
             except Exception as error:  # noqa: BLE001 - safetensors raises several types for corrupt files
@@ -65,9 +67,7 @@ class TensorReader:
             raise
         except Exception as error:  # noqa: BLE001
             raise DumpError(f"{self.dump.path / entry['file']}: cannot read {name!r}: {error}") from None
-        if list(tensor.shape) != list(entry["shape"]):
-            raise DumpError(f"{self.dump.path}: {name!r} has shape {list(tensor.shape)} in {entry['file']} "
-                            f"but the manifest says {entry['shape']}")
+        self.dump.check(name, tensor)  # shape, and the checksum once per tensor: the dump's own rule
         return tensor
 
     def close(self) -> None:

@@ -112,16 +112,6 @@ example-numpy: $(STAMP)
 		--output $(EXAMPLES_OUT)/numpy/out/layer$$l.safetensors || exit $$?; done
 	$(PY) -m parity compare --reference $(NUMPY_REF) --candidate $(EXAMPLES_OUT)/numpy/dump --what layers
 
-# ---- the whole CUDA path on whatever GPU is present (parity/gpu_check.py): appends to docs/cuda-results.md;
-# exits 2 without a GPU. `make examples-pytest` runs the user-side pytest example with the plugin.
-GPU_CHECK_ARGS ?=
-.PHONY: gpu-check examples-pytest
-examples-pytest: $(STAMP)
-	$(PY) -m pytest -q -p parity.pytest_plugin examples/pytest
-
-gpu-check: $(STAMP)
-	$(PY) -m parity.gpu_check $(GPU_CHECK_ARGS)
-
 # ---- the Jittor example (docs/porting-jittor.md): its own environment, jittor from the registry, offline flags.
 # The compile cache lives in runs/jittor-home (about 5 minutes to build the first time, reused after).
 JITTOR_VENV ?= .venv-jittor
@@ -137,3 +127,13 @@ $(JITTOR_STAMP):
 example-jittor: $(STAMP) $(JITTOR_STAMP)
 	PARITY_JITTOR_PYTHON="$(abspath $(JITTOR_VENV))/bin/python" PARITY_JITTOR_HOME="$(JITTOR_HOME)" \
 		$(PY) -m pytest -q tests/test_jittor_example.py
+
+# ---- the whole CUDA path on whatever GPU is present (parity/gpu_check.py): appends to docs/cuda-results.md;
+# exits 2 without a GPU. `make examples-pytest` runs the user-side pytest example with the plugin.
+GPU_CHECK_ARGS ?=
+.PHONY: gpu-check examples-pytest
+examples-pytest: $(STAMP)
+	$(PY) -m pytest -q -p parity.pytest_plugin examples/pytest
+
+gpu-check: $(STAMP)
+	$(PY) -m parity.gpu_check $(GPU_CHECK_ARGS)

@@ -879,9 +879,6 @@ def explain_summary(result: dict) -> list[dict]:
     return out
 
 
-WORKERS = {"step": worker_step, "replay": worker_replay, "make-candidate": worker_make_candidate,
-           "compare": worker_compare, "compare-base": worker_compare_base, "fused": worker_fused,
-           "cuda": worker_cuda, "explain": worker_explain}
 
 # ------------------------------------------------------------------------- checksum verification on read
 def worker_verify(params: dict) -> dict:
@@ -1018,7 +1015,7 @@ def run_verify_only(args, out_dir: Path) -> int:
 
 WORKERS = {"step": worker_step, "replay": worker_replay, "make-candidate": worker_make_candidate,
            "compare": worker_compare, "compare-base": worker_compare_base, "fused": worker_fused,
-           "cuda": worker_cuda, "verify": worker_verify}
+           "cuda": worker_cuda, "verify": worker_verify, "explain": worker_explain}
 
 
 def run_worker_main(kind: str, params_json: str) -> int:

@@ -101,21 +101,23 @@ def export_layer(reference, layer: int, out: str | os.PathLike, *, candidate: st
     if not isinstance(reference, Dump):
         reference = Dump(reference)
     out = Path(out)
-    if out.is_dir():
-        raise ParityError(f"--out {out} is a directory; export-layer writes one .safetensors file")
-    _check_replaceable(out, force, "a layer file written by export-layer", LAYER_SCHEMA)
+    _check_replaceable(out, force, "export-layer", LAYER_SCHEMA)
     tensors, metadata = layer_file_contents(reference, layer, candidate=candidate, map_file=map_file)
     _write_safetensors(tensors, metadata, out)
     return out
 
 
-def _check_replaceable(out: Path, force: bool, what: str, schema: str) -> None:
-    """--force replaces only a file this tool wrote: a file of the user's at --out is never deleted."""
+def _check_replaceable(out: Path, force: bool, command: str, schema: str) -> None:
+    """`out` may be written: one file, and --force replaces only a file this command wrote (a file of the user's
+    at --out is never deleted)."""
+    if out.is_dir():
+        raise ParityError(f"--out {out} is a directory; {command} writes one .safetensors file")
     if out.exists() or out.is_symlink():
         if not force:
             raise ParityError(f"--out {out} already exists")
         from parity.dumpfile import check_replaceable_file, read_metadata
 
+        what = "a layer file written by export-layer" if command == "export-layer" else f"a file written by {command}"
         check_replaceable_file(out, what, lambda path: read_metadata(path).get("schema") == schema)
 
 
@@ -192,9 +194,7 @@ def export_layers(reference, out: str | os.PathLike, *, layers: list[int] | None
     if not isinstance(reference, Dump):
         reference = Dump(reference)
     out = Path(out)
-    if out.is_dir():
-        raise ParityError(f"--out {out} is a directory; export-layers writes one .safetensors file")
-    _check_replaceable(out, force, "a file written by export-layers", LAYERS_SCHEMA)
+    _check_replaceable(out, force, "export-layers", LAYERS_SCHEMA)
     indices = layers if layers is not None else [e["index"] for e in reference.model.get("layers", [])]
     tensors: dict[str, torch.Tensor] = {}
     per_layer: dict[str, dict[str, str]] = {}

@@ -97,7 +97,8 @@ JUNIT_XSD = """<?xml version="1.0" encoding="UTF-8"?>
 </xs:schema>
 """
 
-CASES = ["structure", "layers", "loss default", "loss small_box", "loss empty_image", "loss no_boxes", "gradients"]
+CASES = ["structure", "layers", "loss default", "loss small_box", "loss empty_image", "loss no_boxes", "gradients",
+         "bias init"]
 
 
 @pytest.fixture(scope="module")

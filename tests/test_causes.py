@@ -112,6 +112,7 @@ MODEL_PLANTS = [
     # plant, fixture, cause named first, words the finding must carry
     ("upsample-bilinear", V8, "upsample-mode", "bilinear"),
     ("feature-scale", V8, "feature-scale", "k=0.01"),
+    ("input-scale", V8, "input-scale", "input=1, k=0.01"),
     ("bn-eps", V8, "bn-eps", "eps=1e-05"),
     ("activation-relu", V8, "activation", "act=relu"),
     ("activation-missing", V8, "activation", "act=identity"),
@@ -184,6 +185,7 @@ def test_planted_causes_change_the_clean_layer(dumps):
     detector, profile = clean.module, profile_of(dump)
     types = detector.layer_types()
     trials = {"upsample-mode": [{"mode": "bilinear", "align_corners": False}], "feature-scale": [{"k": 0.01}],
+              "input-scale": [{"input": 1, "k": 0.01}],
               "residual-shortcut": [{"block": 0}], "bn-eps": [{"eps": 1e-5}], "activation": [{"act": "relu"}],
               "concat-order": [{"order": (1, 0)}], "concat-duplicate": [{}], "sppf-padding": [{"padding": "zero"}]}
     for signature, params in trials.items():

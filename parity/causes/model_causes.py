@@ -44,6 +44,17 @@ class Scaled(nn.Module):
         return self.inner(x) * self.k
 
 
+class ScaledInput(nn.Module):
+    """The wrapped Concat with one of its inputs times a constant (a feature scaled before a torch.cat)."""
+
+    def __init__(self, inner: nn.Module, slot: int, k: float):
+        super().__init__()
+        self.inner, self.slot, self.k = inner, slot, k
+
+    def forward(self, xs):
+        return self.inner([x * self.k if i == self.slot else x for i, x in enumerate(xs)])
+
+
 class Permuted(nn.Module):
     """A Concat whose inputs arrive in another order."""
 
@@ -151,6 +162,33 @@ def fit_scale(place) -> list[dict]:
     return [{"k": value} for value in proposals]
 
 
+def input_scale(module, *, input: int, k: float):  # noqa: A002 - the parameter is named as the finding says it
+    return ScaledInput(module, input, k)
+
+
+def fit_input_scale(place) -> list[dict]:
+    """Per input of a Concat: the least-squares k of its slice of channels (candidate = k * reference there),
+    rounded to a few significant digits; only inputs whose k is not 1."""
+    inputs = list(place.inputs or [])
+    ref, cand = place.reference_output.double(), place.candidate_output.double()
+    if len(inputs) < 2 or ref.shape != cand.shape or ref.dim() < 2 or not bool(torch.isfinite(cand).all()):
+        return []
+    proposals, start = [], 0
+    for slot, tensor in enumerate(inputs):
+        width = tensor.shape[1]
+        r, c = ref[:, start:start + width].flatten(), cand[:, start:start + width].flatten()
+        start += width
+        denominator = float((r * r).sum())
+        k = float((r * c).sum()) / denominator if denominator else math.nan
+        if not math.isfinite(k) or k == 0 or abs(k - 1) < 1e-7:
+            continue
+        for digits in (1, 2, 4):
+            proposal = {"input": slot, "k": float(f"{k:.{digits}g}")}
+            if proposal not in proposals:
+                proposals.append(proposal)
+    return proposals
+
+
 def _blocks(module) -> list[nn.Module]:
     return list(getattr(module, "blocks", []))
 
@@ -221,6 +259,11 @@ register(Cause(
     "the layer's output is the reference's times a constant k: look for a stray multiplier (a unit or "
     "normalisation factor) applied to this tensor and remove it",
     feature_scale, fit=fit_scale))
+register(Cause(
+    "input-scale", "model", ("Concat",),
+    "one input of the concatenation is the reference's times a constant k: look for a stray multiplier "
+    "applied to that feature before the torch.cat and remove it",
+    input_scale, fit=fit_input_scale))
 register(Cause(
     "residual-shortcut", "model", ("C2f", "C3k2"),
     "a bottleneck inside this block has its residual shortcut the other way round from ultralytics "
@@ -442,6 +485,8 @@ plant("bn-momentum", "bn-momentum",
       _momentum_layer4)
 plant("feature-scale", "feature-scale", "layer 6's output is multiplied by 0.01 (a stray unit factor)",
       _plant_at(lambda d: 6, feature_scale, k=0.01))
+plant("input-scale", "input-scale", "the first neck Concat's second input is multiplied by 0.01 before the cat",
+      _plant_at(lambda d: _first_neck(d, "Concat"), input_scale, input=1, k=0.01))
 plant("shortcut-flipped", "residual-shortcut",
       "the first neck C2f/C3k2 has its first bottleneck's residual shortcut the other way round",
       lambda d: _replace(d, (i := _first_neck(d, "C3k2" if "C3k2" in d.layer_types() else "C2f")),

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Iterator
 
 import torch
+import xxhash
 from safetensors import safe_open
 from safetensors.torch import save_file
 
@@ -29,6 +30,8 @@ from parity.errors import DumpError, ParityError
 SCHEMA = "yolo-parity-dump"
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
+# The per-tensor manifest field every read is checked against when present (docs/dump-format.md).
+FAST_CHECKSUM = "xxh3_128"
 
 # The file a tensor goes to when the writer is not told: decided by the first segment of its name.
 FILE_OF_GROUP = {
@@ -67,6 +70,15 @@ def tensor_stats(tensor: torch.Tensor) -> dict:
         "l2": float(finite.norm()) if finite.numel() else None,
     }
     return stats
+
+
+def fast_checksum(tensor: torch.Tensor) -> str:
+    """XXH3-128 of the same raw bytes as `checksum`: what every read is checked against (about 20x faster than
+    SHA-256 here). Not cryptographic: it guards against corruption, SHA-256 stays the format's checksum."""
+    data = tensor.detach().cpu().contiguous()
+    if data.numel() == 0:
+        return xxhash.xxh3_128_hexdigest(b"")
+    return xxhash.xxh3_128_hexdigest(data.reshape(-1).view(torch.uint8).numpy().data)
 
 
 def checksum(tensor: torch.Tensor) -> str:
@@ -389,6 +401,7 @@ class DumpWriter:
                 index[name]["file"] = None
                 index[name]["stats"] = tensor_stats(data)
             else:
+                index[name][FAST_CHECKSUM] = fast_checksum(data)
                 by_file.setdefault(file, {})[name] = data
         mode = 0o666 & ~current_umask()
         for file, tensors in by_file.items():
@@ -521,8 +534,9 @@ class Dump:
         return entry
 
     def check(self, name: str, tensor: torch.Tensor, *, verify: bool | None = None) -> None:
-        """Shape against the manifest always; bytes against the manifest's SHA-256 once per tensor when
-        verifying. A mismatch is a DumpError: nothing is ever judged against corrupted data."""
+        """Shape against the manifest always; bytes against the manifest's checksum once per tensor when
+        verifying (its XXH3-128 where the writer recorded one, else its SHA-256). A mismatch is a DumpError:
+        nothing is ever judged against corrupted data."""
         entry = self.index[name]
         if list(tensor.shape) != list(entry["shape"]):
             raise DumpError(
@@ -530,9 +544,11 @@ class Dump:
                 f"but the manifest says {entry['shape']}"
             )
         verify = self.verify_reads if verify is None else verify
-        if not verify or name in self._verified or "sha256" not in entry:
+        if not verify or name in self._verified or not ({"sha256", FAST_CHECKSUM} & entry.keys()):
             return
-        if checksum(tensor) != entry["sha256"]:
+        matches = fast_checksum(tensor) == entry[FAST_CHECKSUM] if FAST_CHECKSUM in entry else \
+            checksum(tensor) == entry["sha256"]
+        if not matches:
             raise DumpError(f"{self.kind} dump corrupted: {name} does not match its checksum "
                             f"({self.path / entry['file']})")
         self._verified.add(name)

@@ -247,11 +247,25 @@ def test_each_tensor_is_hashed_once(tmp_path, monkeypatch):
 
     dump = Dump(write_dump(tmp_path / "ref"))
     calls = []
-    real = dumpfile.checksum
-    monkeypatch.setattr(dumpfile, "checksum", lambda t: calls.append(1) or real(t))
+    real_fast, real_sha = dumpfile.fast_checksum, dumpfile.checksum
+    monkeypatch.setattr(dumpfile, "fast_checksum", lambda t: calls.append("xxh3") or real_fast(t))
+    monkeypatch.setattr(dumpfile, "checksum", lambda t: calls.append("sha256") or real_sha(t))
     for _ in range(3):
         dump.get("act.0")
-    assert len(calls) == 1
+    assert calls == ["xxh3"]  # once, and with the fast hash the writer recorded (not SHA-256)
+
+
+def test_a_dump_without_the_fast_hash_is_checked_against_its_sha256(tmp_path):
+    """A port's dump (or one written before xxh3_128 existed) carries sha256 only: reads check that."""
+    reference = write_dump(tmp_path / "ref")
+    manifest = json.loads((reference / "manifest.json").read_text())
+    for entry in manifest["tensors"].values():
+        del entry["xxh3_128"]
+    (reference / "manifest.json").write_text(json.dumps(manifest))
+    Dump(reference).get("act.0")  # intact: passes its SHA-256
+    flip_bit(reference, "act.0", 0)
+    with pytest.raises(DumpError, match="act.0 does not match its checksum"):
+        Dump(reference).get("act.0")
 
 
 def test_a_truncated_file_is_exit_2_naming_it(tmp_path, capsys):

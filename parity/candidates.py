@@ -191,6 +191,11 @@ class Candidate:
     def has_layer(self, index: int) -> bool:
         return False
 
+    def has_isolated_outputs(self) -> bool:
+        """Whether the candidate holds outputs it computed on the reference's own inputs without being run
+        (a candidate dump's isolated.act.*); a live candidate computes them when asked instead."""
+        return False
+
     def run_layer(self, index: int, inputs: list[torch.Tensor], *, is_head: bool = False) -> dict[str, torch.Tensor]:
         """Layer `index` alone on `inputs`; its outputs under dump names."""
         raise NotImplementedError

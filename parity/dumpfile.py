@@ -75,19 +75,22 @@ def tensor_stats(tensor: torch.Tensor) -> dict:
 def fast_checksum(tensor: torch.Tensor) -> str:
     """XXH3-128 of the same raw bytes as `checksum`: what every read is checked against (about 20x faster than
     SHA-256 here). Not cryptographic: it guards against corruption, SHA-256 stays the format's checksum."""
-    data = tensor.detach().cpu().contiguous()
-    if data.numel() == 0:
-        return xxhash.xxh3_128_hexdigest(b"")
-    return xxhash.xxh3_128_hexdigest(data.reshape(-1).view(torch.uint8).numpy().data)
+    return xxhash.xxh3_128_hexdigest(_stored_bytes(tensor))
 
 
 def checksum(tensor: torch.Tensor) -> str:
     """SHA-256 of the tensor's raw little-endian bytes, as stored: one pass over the tensor's own memory (a
     memory-mapped tensor is hashed from the mapping, never copied)."""
+    return hashlib.sha256(_stored_bytes(tensor)).hexdigest()
+
+
+def _stored_bytes(tensor: torch.Tensor):
+    """The tensor's raw little-endian bytes as a buffer over its own memory (a memory-mapped tensor is read from
+    the mapping, never copied)."""
     data = tensor.detach().cpu().contiguous()
     if data.numel() == 0:
-        return hashlib.sha256(b"").hexdigest()
-    return hashlib.sha256(data.reshape(-1).view(torch.uint8).numpy().data).hexdigest()
+        return b""
+    return data.reshape(-1).view(torch.uint8).numpy().data
 
 
 # Whether `Dump` checks each tensor against its manifest checksum as it is read. On unless the person opted out

@@ -211,13 +211,13 @@ def _write_safetensors(tensors: dict[str, torch.Tensor], metadata: dict[str, str
     """One safetensors file written beside `out` and renamed into place (nothing half-written), with the umask's mode."""
     from safetensors.torch import save_file
 
+    from parity.dumpfile import current_umask
+
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.partial-{os.getpid()}")
     try:
         save_file({k: v.detach().cpu().contiguous().clone() for k, v in tensors.items()}, str(tmp), metadata=metadata)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # safetensors creates the file 0600
+        os.chmod(tmp, 0o666 & ~current_umask())  # safetensors creates the file 0600
         os.replace(tmp, out)
     finally:
         if tmp.exists():

@@ -296,8 +296,6 @@ def _explain_layer(report: Report, context: dict, side: "_ModelSide", index: int
     """The first divergent layer. Where it is a Conv (or starts with one), the BatchNorm scale fitted from the
     candidate's own outputs says first whether an eps is at work at all: reduction rounding is reported as such
     and bn-eps is not tried against it (never an eps for noise); an eps no trial reproduces is still named."""
-    from parity.diagnose import batchnorm
-
     batchnorm_finding = _guarded(context, f"layer {index} batchnorm", _batchnorm_finding, side, index, place)
     if batchnorm_finding is not None and batchnorm_finding.signature == "bn-reduction-rounding":
         report.find(batchnorm_finding)
@@ -766,7 +764,7 @@ def explain_report(report: Report, reference, config: ExplainConfig | None = Non
             index = first_layer
             # A dump's isolated.act.* are its outputs on the reference's inputs: causes are tested against them
             # with no port code.
-            runnable = side.candidate.live or getattr(side.candidate, "has_isolated_outputs", lambda: False)()
+            runnable = side.candidate.live or side.candidate.has_isolated_outputs()
             if index is not None and runnable and f"layer {index}" not in explained:
                 place = _guarded(context, f"layer {index}", side.place, index, profile, config.budget)
                 if place is not None:

@@ -118,7 +118,7 @@ def compare_layers(reference: Dump | str, candidate: Candidate | str | Any, *, p
     if not candidate.live:
         _check_dump_candidate(reference, candidate, report, profile)
         # A port that ran each layer on the reference's inputs wrote isolated.act.*: judged like a live replay.
-        isolated_written = getattr(candidate, "has_isolated_outputs", lambda: False)()
+        isolated_written = candidate.has_isolated_outputs()
         modes_run = tuple(m for m in modes if m == "chained" or isolated_written)
         if "isolated" in modes and not isolated_written:
             report.coverage.setdefault("not_checked", []).append(

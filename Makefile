@@ -18,10 +18,10 @@ MODEL_NAME := $(basename $(notdir $(MODEL)))
 # A value as one shell word, whatever it holds (spaces, non-ASCII, quotes): paths reach parity unchanged.
 q = '$(subst ','\'',$(1))'
 
-# ULTRALYTICS=8.3.200 dumps with that release, from a side environment built on first use (parity/sideenv.py).
+# ULTRALYTICS=8.3.200 dumps with that release, from a side environment built on first use (parity/capture/sideenv.py).
 ULTRALYTICS ?=
 OUT ?= reference_dumps/$(MODEL_NAME)-nc$(NC)-$(IMGSZ)-b$(BATCH)-s$(SEED)-$(IMAGES)-$(INIT)-$(DEVICE)$(if $(ULTRALYTICS),-u$(ULTRALYTICS),)
-PARITY = $(if $(ULTRALYTICS),$(PY) -m parity.sideenv $(ULTRALYTICS) --,$(PY) -m parity)
+PARITY = $(if $(ULTRALYTICS),$(PY) -m parity.capture.sideenv $(ULTRALYTICS) --,$(PY) -m parity)
 LAYER ?=
 INJECT ?=
 WHAT ?= all
@@ -62,13 +62,13 @@ compare: $(STAMP)
 		--device $(call q,$(DEVICE)) $(if $(LAYER),--layer $(call q,$(LAYER)),) $(if $(INJECT),--inject $(call q,$(INJECT)),)
 
 fixtures: $(STAMP)
-	$(PY) -m parity.fixtures
+	$(PY) -m parity.tools.fixtures
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests
 
 bench: $(STAMP)
-	$(PY) -m parity.bench
+	$(PY) -m benchmarks.bench
 
 # The reference against itself under harmless changes (threads, float64 shadow; CUDA/TF32 where present).
 envelope: $(STAMP)
@@ -128,7 +128,7 @@ example-jittor: $(STAMP) $(JITTOR_STAMP)
 	PARITY_JITTOR_PYTHON="$(abspath $(JITTOR_VENV))/bin/python" PARITY_JITTOR_HOME="$(JITTOR_HOME)" \
 		$(PY) -m pytest -q tests/test_jittor_example.py
 
-# ---- the whole CUDA path on whatever GPU is present (parity/gpu_check.py): appends to docs/cuda-results.md;
+# ---- the whole CUDA path on whatever GPU is present (parity/tools/gpu_check.py): appends to docs/cuda-results.md;
 # exits 2 without a GPU. `make examples-pytest` runs the user-side pytest example with the plugin.
 GPU_CHECK_ARGS ?=
 .PHONY: gpu-check examples-pytest
@@ -136,4 +136,4 @@ examples-pytest: $(STAMP)
 	$(PY) -m pytest -q -p parity.pytest_plugin examples/pytest
 
 gpu-check: $(STAMP)
-	$(PY) -m parity.gpu_check $(GPU_CHECK_ARGS)
+	$(PY) -m parity.tools.gpu_check $(GPU_CHECK_ARGS)

@@ -15,7 +15,7 @@ _EXPORTS = {
     "compare": "parity.api", "compare_layers": "parity.api", "compare_loss": "parity.api",
     "dump_reference": "parity.api", "assert_parity": "parity.api", "CompareConfig": "parity.api",
     "ReportFiles": "parity.api", "write_reports": "parity.api",
-    "Report": "parity.report", "Finding": "parity.report", "Row": "parity.report",
+    "Report": "parity.findings", "Finding": "parity.findings", "Row": "parity.findings",
     "ParityError": "parity.errors", "CaptureConfig": "parity.capture",
 }
 

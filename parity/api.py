@@ -1,7 +1,7 @@
 """The public Python API (docs/python-api.md): what `parity compare` does, callable from a user's own code.
 
 `compare` runs the layer replay, the loss replay, or a dump-against-dump comparison, exactly as the CLI does
-(the CLI is a thin layer over this module: `parity.compare_command.run_compare` turns its flags into a
+(the CLI is a thin layer over this module: `parity.cli.compare.run_compare` turns its flags into a
 `CompareConfig` and calls `run`). `assert_parity` is the `torch.testing.assert_close` of this project: one call
 that raises an `AssertionError` saying where a port departs from ultralytics, and by how much.
 """
@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from parity.errors import ParityError
-from parity.report import Finding, Report, Row
+from parity.findings import Finding, Report, Row
 
 WHATS = ("layers", "loss", "all")
 MODES = ("both", "isolated", "chained")
@@ -106,7 +106,7 @@ def run(reference, candidate: Any, config: CompareConfig) -> Report:
 def _explain(report: Report, reference, candidate: Any, config: CompareConfig) -> None:
     """Counterfactual diagnosis: at each divergent place, the known cause that turns the reference into the
     candidate (docs/causes.md). Does nothing on a passing report."""
-    from parity.causes import ExplainConfig, explain_report
+    from parity.diagnose.explain import ExplainConfig, explain_report
 
     explain_report(report, reference, ExplainConfig(candidate=candidate, loss_candidate=config.loss,
                                                     inject=config.inject, profile=config.profile,
@@ -241,22 +241,22 @@ def _sentence(text: str, width: int = 160) -> str:
 
 def write_reports(report: Report, files: ReportFiles) -> list[Path]:
     """Write the report to every file asked for; returns the paths written."""
-    from parity.render import to_json
+    from parity.report.text import to_json
 
     written = []
     if files.json is not None:
         to_json(report, files.json)
         written.append(Path(files.json))
     if files.html is not None:
-        from parity.report_html import write_html
+        from parity.report.html import write_html
 
         written.append(write_html(report, files.html))
     if files.junit is not None:
-        from parity.report_junit import write_junit
+        from parity.report.junit import write_junit
 
         written.append(write_junit(report, files.junit))
     if files.github_summary is not None:
-        from parity.report_junit import write_github_summary
+        from parity.report.junit import write_github_summary
 
         written.append(write_github_summary(report, files.github_summary))
     return written
@@ -264,7 +264,7 @@ def write_reports(report: Report, files: ReportFiles) -> list[Path]:
 
 # ------------------------------------------------------------------------------------------ the replays
 def _open_dump(reference):
-    from parity.dumpfile import MANIFEST, Dump
+    from parity.dump.files import MANIFEST, Dump
 
     if isinstance(reference, Dump):
         return reference
@@ -276,7 +276,7 @@ def _open_dump(reference):
 
 
 def _is_dump_dir(candidate: Any) -> bool:
-    from parity.dumpfile import MANIFEST, Dump
+    from parity.dump.files import MANIFEST, Dump
 
     if isinstance(candidate, Dump):
         return True
@@ -284,7 +284,7 @@ def _is_dump_dir(candidate: Any) -> bool:
 
 
 def _replay(reference, candidate: Any, config: CompareConfig) -> Report:
-    from parity.compare_command import _split_injection
+    from parity.cli.compare import _split_injection
 
     model_inject, loss_inject = _split_injection(config.inject)
     report: Report | None = None
@@ -320,7 +320,7 @@ def _replay_loss(reference, candidate: Any, config: CompareConfig, loss_inject: 
 def _dump_against_dump(reference, candidate: Any, config: CompareConfig) -> Report | None:
     """Tensor-by-tensor comparison of two whole dumps, when asked for (streamed, stats_only) or when either
     dump is statistics-only (it has no values to replay). None: run the layer and loss replays."""
-    from parity.dumpfile import MANIFEST, Dump
+    from parity.dump.files import MANIFEST, Dump
 
     is_dump = _is_dump_dir(candidate)
     if (config.streamed or config.stats_only) and not is_dump:
@@ -391,7 +391,7 @@ def explain_version_drift(report: Report, reference, candidate: Any, config: Com
     release; error findings about those tensors become warnings; `version-drift` findings say why.
     """
     from parity.drift import explain
-    from parity.dumpfile import Dump
+    from parity.dump.files import Dump
     from parity.replay.loss import mark_drifted_stages
 
     old = Dump(config.old_reference)
@@ -429,7 +429,7 @@ def explain_version_drift(report: Report, reference, candidate: Any, config: Com
 
 
 def _old_release_report(report: Report, old, candidate: Any, config: CompareConfig) -> Report | None:
-    from parity.compare_command import _split_injection
+    from parity.cli.compare import _split_injection
 
     model_inject, loss_inject = _split_injection(config.inject)
     old_report = None

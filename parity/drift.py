@@ -1,7 +1,7 @@
 """Reference-version drift: what changes in a reference dump from one ultralytics release to another.
 
 `parity drift A B` compares two reference dumps (usually the same configuration captured with two ultralytics
-releases, see `parity.sideenv`) and lists every difference grouped by its cause:
+releases, see `parity.capture.sideenv`) and lists every difference grouped by its cause:
 
 | cause | evidence |
 | --- | --- |
@@ -37,7 +37,7 @@ from typing import Any, Iterable, Mapping
 
 from parity.causes.releases import RELEASE_HISTORY
 from parity.errors import ParityError
-from parity.report import Finding
+from parity.findings import Finding
 
 # ----------------------------------------------------------------------------------- release history
 # RELEASE_HISTORY is data of the cause registry (each entry is a known cause, `parity.causes.releases`).
@@ -240,8 +240,8 @@ def in_current_layout(dump):
     """An ultralytics <= 8.3 dump as readers of the 8.4 layout expect it: the per-level head maps and the
     per-level head gradients joined into `act.{head}.boxes/.scores` and `grad.head.{case}.{term}.boxes/.scores`.
     A dump already in the dict layout (or without a head) is returned unchanged."""
-    from parity import names
-    from parity.dumpfile import DumpWithDerived
+    from parity.dump import names
+    from parity.dump.files import DumpWithDerived
 
     head = _head_index(dump.manifest)
     if head is None or head_layout(dump) != "list":
@@ -337,7 +337,7 @@ def _fg_count(dump, case: str) -> list[int] | None:
 
 def drift(path_a: str | Path, path_b: str | Path, *, max_tensors_per_cause: int | None = None) -> DriftReport:
     """Everything that differs between reference dumps A and B, grouped by cause."""
-    from parity.dumpfile import Dump
+    from parity.dump.files import Dump
 
     a, b = Dump(path_a), Dump(path_b)
     ma, mb = a.manifest, b.manifest

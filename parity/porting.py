@@ -34,7 +34,7 @@ import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping
 
-from parity import names
+from parity.dump import names
 from parity.errors import ParityError
 
 if TYPE_CHECKING:  # torch is imported by the commands, not when the CLI registers them (before prepare())
@@ -76,7 +76,7 @@ def expected_names(reference, entry: dict) -> tuple[list[str], list[str]]:
 
 def _mapped_params(reference, layer: int, spec: str, map_file: str | None) -> tuple[dict[str, torch.Tensor], dict]:
     """The layer's reference parameters under a live candidate's names, and {ref_key: [cand_keys]}."""
-    from parity.candidates import LazyTensors, ModuleCandidate, load_candidate
+    from parity.replay.candidates import LazyTensors, ModuleCandidate, load_candidate
 
     candidate = load_candidate(spec, reference, map_file=map_file)
     if not isinstance(candidate, ModuleCandidate):
@@ -96,7 +96,7 @@ def _mapped_params(reference, layer: int, spec: str, map_file: str | None) -> tu
 def export_layer(reference, layer: int, out: str | os.PathLike, *, candidate: str | None = None,
                  map_file: str | None = None, force: bool = True) -> Path:
     """Write layer `layer`'s inputs, parameters and expected outputs as one safetensors file (see module doc)."""
-    from parity.dumpfile import Dump
+    from parity.dump.files import Dump
 
     if not isinstance(reference, Dump):
         reference = Dump(reference)
@@ -115,7 +115,7 @@ def _check_replaceable(out: Path, force: bool, command: str, schema: str) -> Non
     if out.exists() or out.is_symlink():
         if not force:
             raise ParityError(f"--out {out} already exists")
-        from parity.dumpfile import check_replaceable_file, read_metadata
+        from parity.dump.files import check_replaceable_file, read_metadata
 
         what = "a layer file written by export-layer" if command == "export-layer" else f"a file written by {command}"
         check_replaceable_file(out, what, lambda path: read_metadata(path).get("schema") == schema)
@@ -189,7 +189,7 @@ def layer_file_contents(reference, layer: int, *, candidate: str | None = None, 
 def export_layers(reference, out: str | os.PathLike, *, layers: list[int] | None = None, force: bool = True) -> Path:
     """Every layer's layer file in ONE safetensors file, so a port loops over one file: layer i's tensors under
     `layer.{i}.` + their layer-file names, its metadata under `layers` (a JSON object keyed by the index)."""
-    from parity.dumpfile import Dump
+    from parity.dump.files import Dump
 
     if not isinstance(reference, Dump):
         reference = Dump(reference)
@@ -211,7 +211,7 @@ def _write_safetensors(tensors: dict[str, torch.Tensor], metadata: dict[str, str
     """One safetensors file written beside `out` and renamed into place (nothing half-written), with the umask's mode."""
     from safetensors.torch import save_file
 
-    from parity.dumpfile import current_umask
+    from parity.dump.files import current_umask
 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.partial-{os.getpid()}")
@@ -283,7 +283,7 @@ class LayerFile:
 
 
 class _LayerFileAsReference:
-    """The parts of `parity.dumpfile.Dump` that `diagnose_bias_init` reads, served from a layer file."""
+    """The parts of `parity.dump.files.Dump` that `diagnose_bias_init` reads, served from a layer file."""
 
     def __init__(self, layer_file: LayerFile):
         self.lf = layer_file
@@ -326,7 +326,7 @@ class _LayerFileAsReference:
 
 
 def _port_bias_candidate(biases: dict[int, dict[str, torch.Tensor]], label: str):
-    from parity.candidates import Candidate
+    from parity.replay.candidates import Candidate
 
     class PortBiases(Candidate):
         kind = "port-output"
@@ -356,7 +356,7 @@ def read_port_output(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], 
         bad = errors(problems)
         if bad:
             raise ParityError(f"--output {path}: " + "; ".join(p.message for p in bad))
-        from parity.dumpfile import Dump
+        from parity.dump.files import Dump
 
         dump = Dump(path)
         return {name: dump.get(name) for name in dump.index}, problems
@@ -388,12 +388,12 @@ def _normalise_port_names(tensors: dict[str, torch.Tensor]) -> tuple[dict[str, t
 
 def check_layer(layer_file: str | os.PathLike | LayerFile, output: str | os.PathLike, *,
                 profile: str | None = None):
-    """Judge a port's output file against an export-layer file. Returns a `parity.report.Report`."""
+    """Judge a port's output file against an export-layer file. Returns a `parity.findings.Report`."""
     from parity.compare.foreign import name_problem, tensor_findings
     from parity.compare.metrics import compare_tensors
     from parity.compare.tolerances import BITWISE, get_profile
     from parity.diagnose import structure
-    from parity.report import Finding, Report, Row
+    from parity.findings import Finding, Report, Row
 
     lf = layer_file if isinstance(layer_file, LayerFile) else LayerFile(layer_file)
     prof = get_profile(profile or DEFAULT_PROFILE)
@@ -541,8 +541,8 @@ def write_candidate_dump(reference, candidate, out: str | os.PathLike, *, force:
     `init.{cls,box}_bias.{l}.stored`, and a manifest with `kind: "candidate"`. With `isolated`, also each layer
     run alone on the reference's own inputs, as `isolated.act.*`.
     """
-    from parity.candidates import Candidate, load_candidate
-    from parity.dumpfile import Dump, DumpWriter
+    from parity.replay.candidates import Candidate, load_candidate
+    from parity.dump.files import Dump, DumpWriter
 
     if not isinstance(reference, Dump):
         reference = Dump(reference)
@@ -599,7 +599,7 @@ def _jsonable(value: Any) -> Any:
 def cmd_export_layer(args) -> int:
     from rich.console import Console
 
-    from parity.dumpfile import Dump
+    from parity.dump.files import Dump
 
     reference = Dump(args.reference)
     path = export_layer(reference, args.layer, args.out, candidate=args.candidate, map_file=args.map_file,
@@ -630,7 +630,7 @@ def parse_layer_list(text: str) -> list[int]:
 
 
 def cmd_export_layers(args) -> int:
-    from parity.dumpfile import Dump
+    from parity.dump.files import Dump
 
     reference = Dump(args.reference)
     layers = parse_layer_list(args.layers) if args.layers else None
@@ -645,7 +645,7 @@ def cmd_check_layer(args) -> int:
 
     report = check_layer(args.layer_file, args.output, profile=args.profile)
     try:
-        from parity import render
+        from parity.report import text as render
     except ImportError:  # pragma: no cover - render ships with the tool
         render = None
     if args.json is not None:
@@ -671,7 +671,7 @@ def register(sub) -> None:
     export.add_argument("--layer", type=int, required=True, help="layer index (e.g. 23, the Detect head of yolo11n)")
     export.add_argument("--out", required=True, help="output .safetensors file")
     export.add_argument("--candidate", help="also write the parameters under this candidate's names: builtin or "
-                                            "package.module:factory (key mapping of parity.mapping)")
+                                            "package.module:factory (key mapping of parity.replay.mapping)")
     export.add_argument("--map", dest="map_file", help="YAML/JSON key_map/layer_map for --candidate")
     export.set_defaults(func=cmd_export_layer)
 

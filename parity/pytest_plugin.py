@@ -63,7 +63,7 @@ def parity_capture_config(tmp_path_factory):
 @pytest.fixture(scope="session")
 def parity_reference(request, tmp_path_factory) -> Path:
     """The reference dump directory (see the module docstring)."""
-    from parity.dumpfile import MANIFEST
+    from parity.dump.files import MANIFEST
     from parity.runtime import prepare
 
     prepare()

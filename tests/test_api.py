@@ -78,10 +78,10 @@ def test_bad_input_is_a_parity_error_not_an_assertion(tmp_path, fixtures_dir):
 
 
 def test_the_cli_defaults_are_the_api_defaults():
-    from parity.cli import build_parser
+    from parity.cli.main import build_parser
 
     args = build_parser().parse_args(["compare"])
-    from parity.compare_command import compare_config
+    from parity.cli.compare import compare_config
 
     cli = compare_config(args)
     api = CompareConfig()
@@ -90,8 +90,8 @@ def test_the_cli_defaults_are_the_api_defaults():
 
 
 def test_the_cli_report_is_the_api_report(fixtures_dir, tmp_path):
-    from parity.cli import main
-    from parity.render import to_json
+    from parity.cli.main import main
+    from parity.report.text import to_json
 
     reference = fixtures_dir / "yolov8-narrow-nc12-96"
     assert main(["--no-progress", "compare", "--reference", str(reference), "--inject", "bias-init-float32",

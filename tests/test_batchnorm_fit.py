@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from parity.candidates import DumpCandidate
+from parity.replay.candidates import DumpCandidate
 from parity.diagnose.batchnorm import diagnose_layer, fit_conv_batchnorm
-from parity.dumpfile import Dump
+from parity.dump.files import Dump
 from parity.porting import write_candidate_dump
 
 

@@ -1,4 +1,4 @@
-"""Smoke tests of the benchmark code (`parity.bench`, `make bench`) at tiny sizes.
+"""Smoke tests of the benchmark code (`benchmarks.bench`, `make bench`) at tiny sizes.
 
 No timing is asserted here: timings are claims of docs/benchmarks.md only. These tests check that every code
 path runs, that the statistics helpers are right, and that the report says what it measured and left out.
@@ -12,7 +12,7 @@ import math
 import pytest
 import torch
 
-from parity import bench
+from benchmarks import bench
 
 NARROW = "fixtures/models/yolo11-narrow.yaml"
 
@@ -111,7 +111,7 @@ def test_worker_subprocess_round_trip(fixtures_dir):
 
 
 def test_quick_bench_end_to_end(tmp_path):
-    """`python -m parity.bench --quick`: every section runs at tiny sizes and is written to md and json."""
+    """`python -m benchmarks.bench --quick`: every section runs at tiny sizes and is written to md and json."""
     out = tmp_path / "docs"
     code = bench.main(["--quick", "--inprocess", "--template", NARROW, "--out", str(out), "--budget", "900",
                        "--workdir", str(tmp_path / "work")])

@@ -10,11 +10,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from parity import names
+from parity.dump import names
 from parity.capture import CaptureConfig, dump_reference, run_capture
 from parity.capture.batch import load_batch
 from parity.capture.reference import build_model, is_end2end, prepare_model
-from parity.fixtures import FIXTURES, MODELS
+from parity.tools.fixtures import FIXTURES, MODELS
 
 ROOT = Path(__file__).resolve().parent.parent
 SMALL = CaptureConfig(model=f"{MODELS}/yolo11-narrow.yaml", nc=80, imgsz=64)
@@ -164,7 +164,7 @@ def test_progress_callback_sees_every_step():
 
 
 def test_dump_is_atomic_when_writing_fails(tmp_path, monkeypatch):
-    import parity.dumpfile as dumpfile
+    import parity.dump.files as dumpfile
 
     calls = []
 
@@ -200,8 +200,8 @@ def test_fixture_configs_are_small():
 def test_every_model_family_dumps_and_inspects(model, tmp_path):
     from rich.console import Console
 
-    from parity.dumpfile import Dump
-    from parity.inspect import render_inspect
+    from parity.dump.files import Dump
+    from parity.dump.inspect import render_inspect
 
     path = dump_reference(CaptureConfig(model=model, imgsz=64), tmp_path / "dump")
     dump = Dump(path)

@@ -9,14 +9,15 @@ import json
 import pytest
 import torch
 
-from parity import names
-from parity.candidates import load_candidate
-from parity.causes import ExplainConfig, all_causes, all_injections, explain_report, get
+from parity.dump import names
+from parity.replay.candidates import load_candidate
+from parity.causes import all_causes, all_injections, get
+from parity.diagnose.explain import ExplainConfig, explain_report
 from parity.compare.metrics import compare_tensors
 from parity.compare.tolerances import get_profile, profile_for_environment
-from parity.dumpfile import Dump
+from parity.dump.files import Dump
 from parity.replay.loss import LossAdapter, compare_loss
-from parity.report import Report, Row
+from parity.findings import Report, Row
 
 V8, V11, V26 = "yolov8-narrow-nc12-96", "yolo11-narrow-nc80-96", "yolo26-narrow-nc12-64"
 
@@ -140,7 +141,7 @@ def test_a_planted_model_cause_is_named_first(dumps, plant, fixture, cause, word
 
 
 def test_wiring_names_the_layer_read_instead(dumps, tmp_path):
-    from parity.cli import main
+    from parity.cli.main import main
 
     out = tmp_path / "r.json"
     assert main(["compare", "--no-progress", "--reference", str(dumps[V8].path), "--inject", "wiring",
@@ -249,10 +250,11 @@ def test_a_planted_loss_cause_is_named_first(dumps, plant, fixture, case, cause,
                                          ("gain-twice", "box term equals ultralytics' with box term x box gain 7.5"),
                                          ("no-batch-scale", "with factor=none")])
 def test_a_black_box_loss_is_explained_per_term(dumps, plant, words):
+    from parity.causes.plant import planted_loss
     from parity.reimpl.loss import build_loss
 
     dump = dumps[V8]
-    planted = build_loss(dump.manifest, inject=plant)
+    planted = planted_loss(dump.manifest, plant)
     adapter = LossAdapter(lambda preds, batch: planted(preds, batch), name=f"black box {plant}")
     report = compare_loss(dump, adapter, cases=["default"], progress=False)
     found = named(explain_report(report, dump, ExplainConfig(loss_candidate=adapter)))
@@ -264,6 +266,7 @@ def test_a_black_box_loss_is_explained_per_term(dumps, plant, words):
 def test_nothing_explains_an_unknown_difference(dumps):
     """A loss term scaled by 1.01: no registered cause reaches tolerance, so none is named; the two closest
     are listed with how much of the residual they remove."""
+    from parity.causes.plant import planted_loss
     from parity.reimpl.loss import build_loss
 
     dump = dumps[V8]
@@ -319,7 +322,7 @@ def test_the_clean_loss_names_nothing(dumps):
 
 # ------------------------------------------------------------------------------------ through the CLI
 def test_compare_names_the_cause_in_80_columns(dumps, tmp_path, capsys, monkeypatch):
-    from parity.cli import main
+    from parity.cli.main import main
 
     monkeypatch.setenv("COLUMNS", "80")
     out = tmp_path / "r.json"
@@ -346,7 +349,7 @@ def test_docs_list_every_cause_and_plant():
 def test_chained_mode_alone_explains_its_first_divergent_layer_in_isolation(dumps, tmp_path):
     """The issue's case: a feature scaled by 0.01 (cosine ~1) run in chained mode only is named `feature-scale`
     with k = 0.01, not chained drift."""
-    from parity.cli import main
+    from parity.cli.main import main
 
     out = tmp_path / "r.json"
     assert main(["compare", "--no-progress", "--reference", str(dumps[V8].path), "--inject", "feature-scale",

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from parity.cli import main
-from parity.fixtures import FIXTURES, fixture_path
+from parity.cli.main import main
+from parity.tools.fixtures import FIXTURES, fixture_path
 
 ROOT = Path(__file__).resolve().parent.parent
 SMALL = ["--model", "fixtures/models/yolo11-narrow.yaml", "--imgsz", "64", "--no-progress"]

@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from parity import runtime
-from parity.cli import build_parser, main
+from parity.cli.main import build_parser, main
 from parity.errors import ParityError
 
 HAS_CUDA = torch.cuda.is_available()
@@ -140,7 +140,7 @@ def test_environment_survives_the_new_tf32_api():
 
 
 def test_envelope_cuda_status_with_a_fake_gpu(monkeypatch):
-    from parity import envelope
+    from parity.compare import envelope
 
     FakeCuda(monkeypatch, count=1)
     assert envelope.cuda_status("cuda") == (True, "")
@@ -195,7 +195,7 @@ def cuda_dumps(tmp_path_factory):
 @pytest.mark.cuda
 @requires_cuda
 def test_cuda_dump_records_the_environment(cuda_dumps):
-    from parity.dumpfile import Dump
+    from parity.dump.files import Dump
 
     fp32 = Dump(cuda_dumps[("cuda", "fp32")]).manifest["environment"]
     tf32 = Dump(cuda_dumps[("cuda", "tf32")]).manifest["environment"]
@@ -211,7 +211,7 @@ def test_cuda_dump_records_the_environment(cuda_dumps):
 def test_cpu_reference_vs_cuda_run_within_the_cuda_profile(cuda_dumps, precision, profile):
     from parity.compare.metrics import compare_tensors
     from parity.compare.tolerances import PROFILES, get_profile, profile_for_environment
-    from parity.dumpfile import Dump
+    from parity.dump.files import Dump
 
     if profile not in PROFILES:
         pytest.skip(f"tolerance profile {profile} is not defined yet (parity/compare/tolerances.py)")

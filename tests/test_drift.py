@@ -15,10 +15,11 @@ import pytest
 import torch
 
 from parity import drift
-from parity.cli import main
-from parity.dumpfile import DumpWriter
+from parity.cli.main import main
+from parity.dump.files import DumpWriter
 from parity.errors import ParityError
-from parity.report import Finding
+from parity.findings import Finding
+from parity.causes.plant import planted_loss
 
 HEAD = 3
 REG_MAX, NC = 2, 3  # tiny head: 4*reg_max + nc = 11 channels
@@ -228,7 +229,8 @@ def test_as_of_rejects_nonsense():
 
 def test_as_of_detector_and_loss_injection(fixtures_dir, isolated_injections):
     """The as-of-8.3 modes on the built-in candidate: box bias 1.0; no small-box floor in the assigner."""
-    from parity.dumpfile import Dump
+    from parity.dump.files import Dump
+    from parity.causes.plant import planted_loss
     from parity.reimpl.loss import build_loss
     from parity.reimpl.model import build_detector
 
@@ -243,14 +245,14 @@ def test_as_of_detector_and_loss_injection(fixtures_dir, isolated_injections):
              "feat_shapes": [tuple(ref.index[f"act.{i}"]["shape"][2:]) for i in ref.layers[head]["from"]]}
     batch = {k: ref.get(f"batch.small_box.{k}") for k in ("cls", "bboxes", "batch_idx")}
     clean = build_loss(ref.manifest).run(preds, batch).tensors["assign.fg_mask"]
-    old = build_loss(ref.manifest, inject="as-of-8.3-loss").run(preds, batch).tensors["assign.fg_mask"]
+    old = planted_loss(ref.manifest, "as-of-8.3-loss").run(preds, batch).tensors["assign.fg_mask"]
     assert torch.equal(clean, ref.get("loss.small_box.assign.fg_mask"))
     assert int(old[0].sum()) < int(clean[0].sum())  # the 6x6 px box no longer widened to 16 px: fewer anchors
 
 
 # ------------------------------------------------------------------------------------- side environment
 def test_sideenv_version_checks(tmp_path):
-    from parity import sideenv
+    from parity.capture import sideenv
 
     assert sideenv.check_version("8.3.200") == "8.3.200"
     assert sideenv.check_version("ultralytics==8.3.200") == "8.3.200"
@@ -278,7 +280,7 @@ def _sideenv_skip_reason() -> str | None:
 def test_real_83_dump_drifts_as_documented(tmp_path, fixtures_dir, isolated_injections):
     """Dump with real ultralytics 8.3.200 (yolov8 narrow fixture config) and compare with the committed 8.4.190
     fixture: exactly the documented release differences, and the as-of-8.3 candidate matches 8.3 there."""
-    from parity import sideenv
+    from parity.capture import sideenv
 
     try:
         sideenv.build(SIDE_VERSION)
@@ -296,7 +298,8 @@ def test_real_83_dump_drifts_as_documented(tmp_path, fixtures_dir, isolated_inje
     # the as-of-8.3 loss reproduces the real 8.3.200 assignment: bitwise, but for the last bits of the CIoU
     # (ultralytics rewrote the CIoU alpha in 8.4.170; the built-in loss follows 8.4.190)
     from parity.compare.metrics import ulp_distance
-    from parity.dumpfile import Dump
+    from parity.dump.files import Dump
+    from parity.causes.plant import planted_loss
     from parity.reimpl.loss import build_loss
 
     drift.register_injections()
@@ -307,7 +310,7 @@ def test_real_83_dump_drifts_as_documented(tmp_path, fixtures_dir, isolated_inje
     preds = {**views, "feat_shapes": [tuple(m.shape[2:]) for m in maps]}
     for case in ("default", "small_box"):
         batch = {k: ref.get(f"batch.{case}.{k}") for k in ("cls", "bboxes", "batch_idx")}
-        run = build_loss(ref.manifest, inject="as-of-8.3-loss").run(preds, batch).tensors
+        run = planted_loss(ref.manifest, "as-of-8.3-loss").run(preds, batch).tensors
         for key in ("mask_in_gts", "mask_pos", "fg_mask", "target_gt_idx", "target_scores"):
             expected = ref.get(f"loss.{case}.assign.{key}")
             assert torch.equal(run[f"assign.{key}"].to(expected.dtype), expected), (case, key)
@@ -327,7 +330,7 @@ def _compare_json(tmp_path, *argv: str) -> tuple[int, dict]:
 
 def test_the_loss_replay_reads_a_83_dump_with_per_level_head_maps(fixtures_dir, isolated_injections):
     """8.3 stores the head as per-level maps; the loss replay joins them (and their gradients) into boxes/scores."""
-    from parity.dumpfile import Dump
+    from parity.dump.files import Dump
     from parity.replay.loss import compare_loss
 
     drift.register_injections()

@@ -9,9 +9,9 @@ import math
 import pytest
 import torch
 
-from parity.cli import main
+from parity.cli.main import main
 from parity.compare.stream import TensorReader, compare_dumps
-from parity.dumpfile import Dump, DumpWriter
+from parity.dump.files import Dump, DumpWriter
 
 FIXTURE = "yolo11-narrow-nc80-96"
 

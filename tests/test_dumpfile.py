@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from parity.dumpfile import Dump, DumpWriter, read_header
+from parity.dump.files import Dump, DumpWriter, read_header
 from parity.errors import DumpError
 
 

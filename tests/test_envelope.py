@@ -1,4 +1,4 @@
-"""Noise envelopes (`parity envelope`, `parity.envelope.judge`, `load_envelope`) and the committed envelopes."""
+"""Noise envelopes (`parity envelope`, `parity.compare.envelope.judge`, `load_envelope`) and the committed envelopes."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from parity import envelope as env
-from parity.cli import main
+from parity.compare import envelope as env
+from parity.cli.main import main
 from parity.compare.metrics import compare_tensors
 from parity.errors import ParityError
 
@@ -162,7 +162,7 @@ def test_measured_envelope_document(measured):
 def test_envelope_judges_its_own_runs_within_and_a_bug_outside(measured):
     """Re-capturing at 1 thread stays within the envelope (factor <= 1); a layer scaled by 1.001 does not."""
     from parity.capture import CaptureConfig
-    from parity.envelope import capture_run, RunSpec
+    from parity.compare.envelope import capture_run, RunSpec
 
     envelope = env.load_envelope("cpu", "fp32", path=measured)
     config = CaptureConfig(model="fixtures/models/yolo11-narrow.yaml", imgsz=64, gradients=False,
@@ -205,7 +205,7 @@ def test_shipped_cpu_envelope_loads_for_the_default_model():
 
 
 def test_shipped_fixture_envelope_judges_the_fixture_against_itself(fixtures_dir):
-    from parity.dumpfile import Dump
+    from parity.dump.files import Dump
 
     envelope = env.load_envelope("cpu", "fp32", model="yolo11-narrow.yaml", imgsz=96)
     dump = Dump(fixtures_dir / "yolo11-narrow-nc80-96")

@@ -21,10 +21,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from parity.cli import main
-from parity.dumpfile import Dump, DumpWriter, read_header
+from parity.cli.main import main
+from parity.dump.files import Dump, DumpWriter, read_header
 from parity.errors import DumpError
-from parity.fixtures import fixture_path
+from parity.tools.fixtures import fixture_path
 
 ROOT = Path(__file__).resolve().parent.parent
 PY = sys.executable
@@ -243,7 +243,7 @@ def test_stats_only_says_where_its_checksums_come_from(tmp_path, capsys):
 
 
 def test_each_tensor_is_hashed_once(tmp_path, monkeypatch):
-    import parity.dumpfile as dumpfile
+    import parity.dump.files as dumpfile
 
     dump = Dump(write_dump(tmp_path / "ref"))
     calls = []
@@ -326,13 +326,13 @@ def test_an_invalid_regex_in_a_map_file_is_exit_2_naming_the_entry(tmp_path, cap
 
 
 def test_an_internal_error_is_exit_3_one_line_and_a_traceback_file(tmp_path, capsys, monkeypatch):
-    import parity.cli as cli
-    import parity.inspect
+    import parity.cli.main as cli
+    import parity.dump.inspect
 
     def broken(*args, **kwargs):
         raise ZeroDivisionError("division by zero in a planted bug")
 
-    monkeypatch.setattr(parity.inspect, "render_inspect", broken)
+    monkeypatch.setattr(parity.dump.inspect, "render_inspect", broken)
     monkeypatch.setattr(cli, "CRASH_DIR", tmp_path / "crashes")
     code, _, err = run_cli(capsys, "inspect", str(fixture_path("yolo26-narrow-nc12-64")))
     line = one_line(err)
@@ -374,7 +374,7 @@ def test_the_cli_takes_paths_with_spaces_and_non_ascii(tmp_path, capsys):
 # -------------------------------------------------------------------------------- 5. crash safety
 KILL_SCRIPT = textwrap.dedent("""
     import os, signal, sys, torch
-    import parity.dumpfile as dumpfile
+    import parity.dump.files as dumpfile
     point, out, force = sys.argv[1], sys.argv[2], sys.argv[3] == "1"
     die = lambda: os.kill(os.getpid(), signal.SIGKILL)
     real_save, real_replace, saves = dumpfile.save_file, os.replace, []
@@ -446,7 +446,7 @@ def test_a_stale_partial_is_removed_by_the_next_cli_run_which_says_so(tmp_path, 
 
 HOLD_SCRIPT = textwrap.dedent("""
     import sys, torch
-    from parity.dumpfile import DumpWriter
+    from parity.dump.files import DumpWriter
     with DumpWriter(sys.argv[1], kind="candidate") as writer:
         writer.add("act.0", torch.arange(5.0))
         print("locked", flush=True)
@@ -529,7 +529,7 @@ def test_a_read_only_out_is_not_half_deleted_by_force(tmp_path, capsys):
 FULL_SCRIPT = textwrap.dedent("""
     import resource, sys
     resource.setrlimit(resource.RLIMIT_FSIZE, (200_000, 200_000))
-    from parity.cli import main
+    from parity.cli.main import main
     raise SystemExit(main(sys.argv[1:]))
 """)
 

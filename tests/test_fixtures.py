@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from parity.capture import run_capture
-from parity.dumpfile import Dump
-from parity.fixtures import FIXTURES, fixture_path
+from parity.dump.files import Dump
+from parity.tools.fixtures import FIXTURES, fixture_path
 
 
 @pytest.mark.parametrize("name", list(FIXTURES))

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 import parity
-from parity.cli import main
+from parity.cli.main import main
 
 ROOT = Path(__file__).resolve().parent.parent
 SCREENSHOTS = ROOT / "runs" / "screenshots"
@@ -64,7 +64,7 @@ def test_the_file_is_self_contained(reports):
 
 
 def test_the_drill_down_carries_the_worst_element_and_a_histogram(fixtures_dir):
-    from parity.report_html import _drill_entry
+    from parity.report.html import _drill_entry
 
     report = parity.compare(fixtures_dir / "yolo11-narrow-nc80-96", what="layers", inject="bn-eps", histograms=True)
     row = next(r for r in report.rows if r.section == "isolated" and not r.passed)

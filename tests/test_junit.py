@@ -15,7 +15,7 @@ import pytest
 
 import parity
 from parity.errors import ParityError
-from parity.report_junit import github_summary, junit_xml, section_case, write_github_summary, write_junit
+from parity.report.junit import github_summary, junit_xml, section_case, write_github_summary, write_junit
 
 JUNIT_XSD = """<?xml version="1.0" encoding="UTF-8"?>
 <xs:schema xmlns:xs="http://www.w3.org/2001/XMLSchema" elementFormDefault="qualified">
@@ -172,8 +172,8 @@ def test_github_summary_is_markdown_that_names_the_bug(reports, tmp_path):
 
 
 def test_github_summary_without_a_path_uses_the_step_summary_file(monkeypatch, tmp_path):
-    from parity.cli import build_parser
-    from parity.compare_command import report_files
+    from parity.cli.main import build_parser
+    from parity.cli.compare import report_files
 
     args = build_parser().parse_args(["compare", "--github-summary"])
     monkeypatch.setenv("GITHUB_STEP_SUMMARY", str(tmp_path / "step.md"))

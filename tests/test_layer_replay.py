@@ -14,11 +14,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from parity import names
-from parity.candidates import load_candidate
-from parity.dumpfile import Dump, DumpWriter
+from parity.dump import names
+from parity.replay.candidates import load_candidate
+from parity.dump.files import Dump, DumpWriter
 from parity.errors import ParityError
-from parity.render import exit_code, render, to_json
+from parity.report.text import exit_code, render, to_json
 from parity.replay.layers import compare_layers
 from parity.runtime import PROJECT_ROOT
 
@@ -175,7 +175,7 @@ def _init_only_dump(tmp_path: Path, family: str, nc: int) -> Dump:
 
 def _bias_findings(dump: Dump, inject: str):
     from parity.diagnose.structure import diagnose_bias_init
-    from parity.report import Report
+    from parity.findings import Report
 
     candidate = load_candidate("builtin", dump, inject=inject)
     candidate.prepare(dump)

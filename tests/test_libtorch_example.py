@@ -21,8 +21,8 @@ from pathlib import Path
 
 import pytest
 
-from parity.cli import main
-from parity.dumpfile import Dump
+from parity.cli.main import main
+from parity.dump.files import Dump
 from parity.runtime import PROJECT_ROOT
 
 EXAMPLE = PROJECT_ROOT / "examples" / "libtorch"

@@ -11,13 +11,14 @@ import json
 import pytest
 import torch
 
-from parity import names
+from parity.dump import names
 from parity.compare.tolerances import Tolerance
-from parity.dumpfile import Dump
+from parity.dump.files import Dump
 from parity.errors import ParityError
 from parity.reimpl import assigner as assigner_module
 from parity.reimpl.loss import build_loss
 from parity.replay.loss import (LossAdapter, LossSpec, builtin_loss_adapter, compare_assignment, compare_loss)
+from parity.causes.plant import planted_loss
 
 from test_reimpl_loss import ultralytics_loss_dump
 
@@ -142,7 +143,7 @@ def test_ultralytics_own_loss_as_a_black_box_is_at_parity(yolo11):
                                               ("unclamped-target-scores-sum", "unclamped-target-scores-sum")])
 def test_black_box_bugs_are_still_diagnosed(yolo11, inject, signature):
     """A candidate exposing no stage and no intermediate: per-term verdicts and inferred findings."""
-    loss = build_loss(yolo11.manifest, inject=inject)
+    loss = planted_loss(yolo11.manifest, inject)
     cases = ["no_boxes"] if inject.startswith("unclamped") else ["default"]
     report = compare_loss(yolo11, LossAdapter(lambda p, b: loss(p, b), name=inject), cases=cases, progress=False)
     assert report.verdict == "divergence"
@@ -290,10 +291,10 @@ def test_a_total_only_loss_gets_a_total_verdict_and_says_so(yolo11):
 def _write_candidate_dump(reference: Dump, out, *, inject=None, record_loss=True, head_scale=1.0) -> str:
     """What a port in another language writes: its head outputs, and (optionally) every loss tensor and head
     gradient it computed, under the dump's names."""
-    from parity.dumpfile import DumpWriter
+    from parity.dump.files import DumpWriter
 
     spec = LossSpec.from_dump(reference)
-    loss = build_loss(reference.manifest, inject=inject)
+    loss = planted_loss(reference.manifest, inject)
     head_index = reference.model["head_index"]
     with DumpWriter(out, force=True, kind="candidate") as writer:
         head = {o: reference.get(names.act(head_index, o)) * head_scale for o in names.HEAD_OUTPUTS}

@@ -15,10 +15,11 @@ import torch
 import torch.nn as nn
 
 from parity.errors import ParityError
-from parity.mapping import (MappingError, build_mapping, compare_param_counts, layer_of_from_map,
+from parity.replay.mapping import (MappingError, build_mapping, compare_param_counts, layer_of_from_map,
                             param_counts_by_layer, ref_layer_of, reference_shapes_from_manifest)
 from parity.reimpl import build_detector
 from parity.reimpl.blocks import ConvNormAct
+from parity.causes.plant import planted_detector
 
 _UL: dict = {}
 
@@ -174,7 +175,7 @@ def test_missing_dfl_and_num_batches_tracked_are_allowed_and_reported(ref_sd):
 
 
 def test_failure_names_the_tensor_and_both_shapes(ref_sd):
-    bad = build_detector("yolov8n.yaml", inject="concat-channels")
+    bad = planted_detector("yolov8n.yaml", name="concat-channels")
     with pytest.raises(MappingError) as info:
         build_mapping(ref_sd, bad)
     msg = str(info.value)

@@ -9,11 +9,11 @@ import sys
 
 import pytest
 
-from parity.cli import main
-from parity.dumpfile import Dump
+from parity.cli.main import main
+from parity.dump.files import Dump
 from parity.replay.layers import compare_layers
 from parity.runtime import PROJECT_ROOT
-from parity.scaffold import scaffold_text
+from parity.replay.scaffold import scaffold_text
 
 DOC = PROJECT_ROOT / "docs" / "model-adapter.md"
 V8 = PROJECT_ROOT / "fixtures" / "yolov8-narrow-nc12-96"

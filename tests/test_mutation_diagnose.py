@@ -13,14 +13,14 @@ import math
 import pytest
 import torch
 
-from parity import names
+from parity.dump import names
 from parity.compare.tolerances import BITWISE, Tolerance
 from parity.diagnose import loss as dl
 from parity.diagnose import structure as ds
 from parity.diagnose.loss import BroadcastEvent, CaseEvidence, LossEvidence, StageEvidence
-from parity.dumpfile import Dump
-from parity.fixtures import fixture_path
-from parity.report import Report
+from parity.dump.files import Dump
+from parity.tools.fixtures import fixture_path
+from parity.findings import Report
 
 LOSS_TOL = Tolerance(1e-6, 1e-5)
 
@@ -750,7 +750,7 @@ def test_diagnose_bias_init_box_evidence_keeps_eight_values_and_skips_box_when_c
 
 
 def test_diagnose_bias_init_without_init_tensors_says_so(tmp_path):
-    from parity.dumpfile import DumpWriter
+    from parity.dump.files import DumpWriter
 
     with DumpWriter(tmp_path / "d", kind="reference") as writer:
         writer.add("act.0", torch.zeros(2))

@@ -15,10 +15,10 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from parity.cli import main
+from parity.cli.main import main
 from parity.compare.foreign import (check_candidate_dump, check_safetensors_file, diagnose_foreign_tensor,
                                     name_problem, nearest_names)
-from parity.dumpfile import Dump, DumpWriter
+from parity.dump.files import Dump, DumpWriter
 from parity.porting import LayerFile, check_layer, export_layer, write_candidate_dump
 from parity.runtime import PROJECT_ROOT
 
@@ -503,7 +503,7 @@ def test_problems_become_report_findings(tmp_path):
 
 def test_dump_compare_names_an_nhwc_tensor_first(tmp_path, fixtures_dir):
     """Through the real compare path: one activation written NHWC is called a layout slip, not a bad layer."""
-    from parity.dumpfile import Dump, DumpWriter
+    from parity.dump.files import Dump, DumpWriter
     from parity.replay.layers import compare_layers
 
     reference = Dump(fixtures_dir / "yolo11-narrow-nc80-96")

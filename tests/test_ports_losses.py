@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import pytest
 
-from parity.dumpfile import Dump
+from parity.dump.files import Dump
 from parity.replay.loss import LossSpec, compare_loss
-from parity.render import render
+from parity.report.text import render
 
 YOLOV8 = "yolov8-narrow-nc12-96"
 YOLO11 = "yolo11-narrow-nc80-96"

@@ -11,10 +11,10 @@ import textwrap
 import pytest
 import torch
 
-from parity.candidates import load_candidate
-from parity.dumpfile import Dump
+from parity.replay.candidates import load_candidate
+from parity.dump.files import Dump
 from parity.errors import ParityError
-from parity.mapping import KeyMapping
+from parity.replay.mapping import KeyMapping
 from parity.replay.layers import compare_layers
 from parity.runtime import PROJECT_ROOT
 
@@ -221,7 +221,7 @@ def test_unused_key_map_and_layer_map_entries_are_errors_that_name_them(tmp_path
 def test_a_mapped_module_that_never_runs_is_a_finding_with_the_fix(tmp_path):
     import copy
 
-    from parity.candidates import module_candidate
+    from parity.replay.candidates import module_candidate
 
     model = __import__("tests.ports.models.flat_v8", fromlist=["build"]).build(12)
     model.old_n16 = copy.deepcopy(model.n16)       # an earlier version of the block, left in, never called

@@ -11,12 +11,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from parity import names
-from parity.dumpfile import Dump, DumpWriter
+from parity.dump import names
+from parity.dump.files import Dump, DumpWriter
 from parity.causes import all_injections, get
 from parity.reimpl.loss import (INPUT_SOURCES, STAGE_INPUTS, DetectionLoss, EndToEndLoss, LossConfig, build_loss,
                                 preprocess)
 from parity.causes.loss_causes import LOSS_INJECTIONS
+from parity.causes.plant import planted_loss
 
 FIXTURE_DUMPS = ("yolo11-narrow-nc80-96", "yolov8-narrow-nc12-96", "yolo26-narrow-nc12-64")
 FILLER = ("target_labels", "target_bboxes", "target_gt_idx")  # background rows are filler: foreground only
@@ -245,14 +246,14 @@ def test_loss_injections_are_registered_and_buildable(fixtures_dir):
     registry = all_injections()
     for name in LOSS_INJECTIONS:
         assert registry[name].kind == "loss" and registry[name].description
-        assert isinstance(build_loss(dump.manifest, inject=name), DetectionLoss)
-    assert isinstance(build_loss(Dump(fixtures_dir / "yolo26-narrow-nc12-64").manifest, inject="gain-swap"),
+        assert isinstance(planted_loss(dump.manifest, name), DetectionLoss)
+    assert isinstance(planted_loss(Dump(fixtures_dir / "yolo26-narrow-nc12-64").manifest, "gain-swap"),
                       EndToEndLoss)
     with pytest.raises(KeyError):
-        build_loss(dump.manifest, inject="no-such-bug")
+        planted_loss(dump.manifest, "no-such-bug")
     model_bug = next(n for n, i in registry.items() if i.kind == "model")
     with pytest.raises(ValueError):
-        build_loss(dump.manifest, inject=model_bug)
+        planted_loss(dump.manifest, model_bug)
     assert get("missing-sigmoid").hooks  # hooks replace stage methods
 
 
@@ -265,29 +266,29 @@ def test_injected_bugs_show_their_symptom(fixtures_dir):
         leaves = head_leaves(dump)
         return loss.run(predictions(dump, leaves), loss_batch(dump, case)), leaves
 
-    sick, _ = run(build_loss(dump.manifest, inject="missing-sigmoid"))
+    sick, _ = run(planted_loss(dump.manifest, "missing-sigmoid"))
     assert bool(torch.isnan(sick.loss).all()) and bool(torch.isnan(sick.tensors["assign.align_metric"]).any())
     assert not bool(torch.isnan(sick.tensors["assign.pd_scores"]).any())  # NaN starts inside the assigner
 
-    empty, _ = run(build_loss(dump.manifest, inject="unclamped-target-scores-sum"), "no_boxes")
+    empty, _ = run(planted_loss(dump.manifest, "unclamped-target-scores-sum"), "no_boxes")
     assert float(empty.tensors["normalize.target_scores_sum"]) == 0 and not bool(torch.isfinite(empty.loss).all())
     assert bool(torch.isfinite(run(clean, "no_boxes")[0].loss).all())
 
-    (reference, ref_leaves), (detached, leaves) = run(clean), run(build_loss(dump.manifest, inject="no-detach"))
+    (reference, ref_leaves), (detached, leaves) = run(clean), run(planted_loss(dump.manifest, "no-detach"))
     assert torch.equal(reference.loss.detach(), detached.loss.detach())  # equal values …
     g_ref = torch.autograd.grad(reference.loss[1], ref_leaves[None]["scores"])[0]
     g_bug = torch.autograd.grad(detached.loss[1], leaves[None]["scores"])[0]
     assert not torch.equal(g_ref, g_bug)  # … different gradients
 
-    swapped, _ = run(build_loss(dump.manifest, inject="gain-swap"))
+    swapped, _ = run(planted_loss(dump.manifest, "gain-swap"))
     assert torch.allclose(swapped.loss[0] / reference.loss[0], torch.tensor(0.2))
-    unscaled, _ = run(build_loss(dump.manifest, inject="no-batch-scale"))
+    unscaled, _ = run(planted_loss(dump.manifest, "no-batch-scale"))
     assert torch.allclose(unscaled.loss * 2, reference.loss)
 
-    everything, _ = run(build_loss(dump.manifest, inject="all-anchors-positive"))
+    everything, _ = run(planted_loss(dump.manifest, "all-anchors-positive"))
     assert bool(everything.tensors["assign.fg_mask"].all())
     with pytest.raises(RuntimeError, match="must match the size"):
-        run(build_loss(dump.manifest, inject="weights-broadcast"))
+        run(planted_loss(dump.manifest, "weights-broadcast"))
 
 
 def test_config_from_manifest(fixtures_dir):

@@ -14,9 +14,10 @@ import numpy as np
 import pytest
 import torch
 
-from parity.mapping import build_mapping, compare_param_counts, layer_of_from_map, param_counts_by_layer
+from parity.replay.mapping import build_mapping, compare_param_counts, layer_of_from_map, param_counts_by_layer
 from parity.causes import INJECTIONS, all_injections
 from parity.reimpl import build_detector
+from parity.causes.plant import planted_detector
 
 IMGSZ = 128
 NC80_BIAS = [-11.536642074584961, -10.150347709655762, -8.764053344726562]
@@ -251,7 +252,7 @@ def test_bias_init_bitwise_like_ultralytics():
 
 def built(name, nc=80, inject=None, seed=0):
     torch.manual_seed(seed)
-    return build_detector(name, nc=nc, inject=inject)
+    return planted_detector(name, nc, inject)
 
 
 def differing_keys(a, b):
@@ -266,7 +267,7 @@ def test_registry_lists_every_model_injection():
         assert INJECTIONS[name] and "\n" not in INJECTIONS[name]
         assert all_injections()[name].kind == "model"
     with pytest.raises(KeyError):
-        build_detector("yolov8n.yaml", inject="no-such-bug")
+        planted_detector("yolov8n.yaml", name="no-such-bug")
     # a loss-side bug (registered by parity.reimpl.loss_inject, when present) leaves the model as it is
     loss_bugs = [n for n, inj in all_injections().items() if inj.kind != "model"]
     if loss_bugs:
@@ -362,7 +363,7 @@ def test_bitwise_against_committed_reference_dump(dump):
 
     from safetensors.torch import load_file
 
-    from parity.mapping import reference_shapes_from_manifest
+    from parity.replay.mapping import reference_shapes_from_manifest
 
     root = Path(__file__).resolve().parent.parent
     path = root / "fixtures" / dump

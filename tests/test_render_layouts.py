@@ -12,8 +12,8 @@ import os
 import pytest
 from rich.console import Console
 
-from parity.render import render, to_json
-from parity.report import Finding, Report, Row
+from parity.report.text import render, to_json
+from parity.findings import Finding, Report, Row
 from parity.runtime import PROJECT_ROOT
 
 EXPECTED = PROJECT_ROOT / "tests" / "expected"

@@ -8,7 +8,7 @@ import json
 
 import pytest
 
-from parity import sideenv
+from parity.capture import sideenv
 from parity.errors import ParityError
 
 
@@ -64,7 +64,7 @@ def test_remove_deletes_only_what_it_built(tmp_path, capsys):
     mine = tmp_path / "ultralytics-8.3.201"
     mine.mkdir()
     (mine / "notes.txt").write_text("a user's file")
-    with pytest.raises(ParityError, match="not a side environment built by parity.sideenv"):
+    with pytest.raises(ParityError, match="not a side environment built by parity.capture.sideenv"):
         sideenv.remove("8.3.201", tmp_path)
     with pytest.raises(ParityError, match="is not a side environment: not replaced"):
         sideenv.build("8.3.201", root=tmp_path)

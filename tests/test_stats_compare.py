@@ -11,7 +11,7 @@ import torch
 
 from parity.compare.stats import LIMITATIONS, compare_stats, judge, stat_bounds
 from parity.compare.tolerances import BITWISE, Profile, Tolerance
-from parity.dumpfile import Dump, DumpWriter, tensor_stats
+from parity.dump.files import Dump, DumpWriter, tensor_stats
 
 TOL = Tolerance(1e-5, 1e-4, source="test")
 PROFILE = Profile("test-stats", "tolerances for these tests", True, {
@@ -201,7 +201,7 @@ def test_stat_bounds_formula():
 
 
 def test_report_is_strict_json(tmp_path):
-    render = pytest.importorskip("parity.render")
+    render = pytest.importorskip("parity.report.text")
     report = compare_stats(*pair(tmp_path, lambda t: t["act.0"].mul_(2)), profile=PROFILE)
     document = json.loads(render.to_json(report))
     assert document["verdict"] == "divergence"

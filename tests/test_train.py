@@ -10,13 +10,13 @@ import torch
 from parity.capture import CaptureConfig, dump_reference
 from parity.capture.reference import _config_section
 from parity.capture.train import TrainArgs
-from parity.cli import main
+from parity.cli.main import main
 from parity.compare.tolerances import get_profile
 from parity.diagnose.train import compare_training
-from parity.dumpfile import Dump
+from parity.dump.files import Dump
 from parity.errors import ParityError
 from parity.replay.train import DumpSteps, candidate_steps, write_train_dump
-from parity.train_command import overfit_curves, render_train
+from parity.cli.train import overfit_curves, render_train
 
 from tests.ports.train import planted
 

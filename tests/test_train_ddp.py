@@ -8,7 +8,7 @@ from parity.capture import CaptureConfig, dump_reference
 from parity.capture.train import TrainArgs
 from parity.compare.tolerances import get_profile
 from parity.diagnose.train import compare_training
-from parity.dumpfile import Dump
+from parity.dump.files import Dump
 from parity.replay.train import DumpSteps
 from parity.replay.train_ddp import run_two_ranks
 

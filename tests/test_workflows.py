@@ -130,7 +130,7 @@ def _parity_argv(line: str) -> list[str] | None:
 
 @pytest.mark.parametrize("name", FILES)
 def test_every_parity_command_parses(name):
-    from parity.cli import build_parser
+    from parity.cli.main import build_parser
     from parity.compare.tolerances import PROFILES
 
     document = load(FILES[name])

@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Callable
 
 from parity.capture.reference import CaptureConfig, run_capture
-from parity.dumpfile import DumpWriter
+from parity.dump.files import DumpWriter
 
 
 def dump_reference(config: CaptureConfig, out: str | Path, *, force: bool = False, stats_only: bool = False,

@@ -22,7 +22,7 @@ from typing import Any, Callable
 
 import torch
 
-from parity import names
+from parity.dump import names
 
 
 def ultralytics_version() -> tuple[int, ...]:

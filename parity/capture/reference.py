@@ -17,7 +17,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from parity import names
+from parity.dump import names
 from parity.capture import compat
 from parity.capture.batch import Batch, calibration_images, load_batch
 from parity.capture.train import TrainArgs

@@ -40,7 +40,7 @@ from typing import Any, Callable, Iterator
 import torch
 from torch import nn
 
-from parity import names
+from parity.dump import names
 from parity.errors import ParityError
 
 # What `clip_grad_norm_` is called with in `BaseTrainer.optimizer_step`.

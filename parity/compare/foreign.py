@@ -35,7 +35,7 @@ from typing import Iterable
 
 import torch
 
-from parity import names
+from parity.dump import names
 
 SCHEMA = "yolo-parity-dump"
 SCHEMA_VERSION = 1
@@ -577,7 +577,7 @@ def check_candidate_dump(path: str | Path, reference=None) -> list[Problem]:
     """Everything wrong with a candidate dump as a container (see the module docstring). Pure: reads only.
 
     `path` is a dump directory (manifest.json + .safetensors files) or, for convenience, one .safetensors file
-    or the manifest itself. `reference` (a `parity.dumpfile.Dump`) makes the name check exact: every name must
+    or the manifest itself. `reference` (a `parity.dump.files.Dump`) makes the name check exact: every name must
     be one of the reference's (nearest suggested otherwise); without it names are checked against the
     protocol's grammar.
     """
@@ -709,9 +709,9 @@ def _layout_guess(rshape: list[int], cshape: list[int]) -> str:
 
 # ==================================================================================== for the comparisons
 def problem_findings(problems: Iterable[Problem], where: str = "candidate dump") -> list:
-    """`parity.report.Finding`s for a comparison report: signature `foreign-{code}`; only "error" problems stay
+    """`parity.findings.Finding`s for a comparison report: signature `foreign-{code}`; only "error" problems stay
     errors (a dump with error problems cannot be read reliably; callers usually refuse it with exit 2 instead)."""
-    from parity.report import Finding
+    from parity.findings import Finding
 
     return [Finding(f"foreign-{p.code}", where if p.tensor is None else f"{where}, {p.tensor}", p.message,
                     severity=p.severity, evidence={k: v for k, v in p.as_dict().items() if v is not None})
@@ -722,7 +722,7 @@ def tensor_findings(name: str, where: str, ref: torch.Tensor, cand: torch.Tensor
                     passed: bool = False) -> list:
     """`Finding`s from `diagnose_foreign_tensor`: `foreign-dtype` for the dtype message (always first when the
     dtypes differ), `foreign-layout` for the rest; errors when the tensor failed, warnings when it passed."""
-    from parity.report import Finding
+    from parity.findings import Finding
 
     messages = diagnose_foreign_tensor(name, ref, cand, tol)
     out = []

@@ -30,11 +30,11 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from parity import names
+from parity.dump import names
 from parity.compare.tolerances import Profile, Tolerance, get_profile, profile_for_environment
-from parity.dumpfile import Dump
+from parity.dump.files import Dump
 from parity.errors import ParityError
-from parity.report import Finding, Report, Row
+from parity.findings import Finding, Report, Row
 
 SECTION = "stats"
 STATS = ("min", "max", "mean", "std", "l2")

@@ -19,12 +19,12 @@ from collections.abc import Callable, Iterable, Iterator
 
 import torch
 
-from parity import names
+from parity.dump import names
 from parity.compare.metrics import compare_tensors
 from parity.compare.tolerances import Profile, get_profile, profile_for_environment
-from parity.dumpfile import Dump, read_header
+from parity.dump.files import Dump, read_header
 from parity.errors import DumpError, ParityError
-from parity.report import Finding, Report, Row
+from parity.findings import Finding, Report, Row
 
 BACKENDS = ("pread", "mmap")
 

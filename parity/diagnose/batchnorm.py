@@ -137,7 +137,7 @@ def conv_places(reference, index: int) -> list[tuple[str, str, str]]:
 def diagnose_layer(reference, candidate_outputs: dict[str, torch.Tensor], index: int):
     """A `bn-eps` error or a `bn-reduction-rounding` warning for layer `index`, from the candidate's isolated outputs
     (`{act name: tensor}`, as `Candidate.run_layer` / `layer_stages` return them); None when nothing can be said."""
-    from parity.report import Finding
+    from parity.findings import Finding
 
     for output, prefix, source in conv_places(reference, index):
         cand = candidate_outputs.get(output)

@@ -34,7 +34,7 @@ from typing import Any
 import torch
 from torch.overrides import TorchFunctionMode
 
-from parity.report import Finding, Report
+from parity.findings import Finding, Report
 
 STAGE_ORDER = ("anchors", "preprocess", "decode", "assign", "assigner", "normalize", "classify", "box", "gains",
                "output")

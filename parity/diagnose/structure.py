@@ -22,12 +22,12 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from parity import names
-from parity.candidates import REFERENCE_BN_EPS, REFERENCE_BN_MOMENTUM, Candidate, default_conv_bias_bound, final_conv_bias_key
+from parity.dump import names
+from parity.replay.candidates import REFERENCE_BN_EPS, REFERENCE_BN_MOMENTUM, Candidate, default_conv_bias_bound, final_conv_bias_key
 from parity.compare.metrics import compare_tensors, shape_difference
 from parity.compare.tolerances import BITWISE, Tolerance
-from parity.dumpfile import Dump
-from parity.report import Finding, Report, Row
+from parity.dump.files import Dump
+from parity.findings import Finding, Report, Row
 
 SECTION = "structure"
 BIAS_SECTION = "bias init"
@@ -131,7 +131,7 @@ def structure_difference(reference: Dump, candidate: Candidate, index: int) -> s
     mapping = getattr(candidate, "mapping", None)
     if mapping is None:
         return ""
-    from parity.mapping import describe_block_difference
+    from parity.replay.mapping import describe_block_difference
 
     return describe_block_difference(mapping, index, _ref_type(reference, index))
 

@@ -24,7 +24,7 @@ import torch
 
 from parity.compare.metrics import compare_tensors
 from parity.compare.tolerances import Profile, Tolerance
-from parity.report import Finding, Report, Row
+from parity.findings import Finding, Report, Row
 
 HYPER_TOLERANCE = Tolerance(1e-15, 1e-12, source="float64 hyperparameters: last-bit differences of an interpolation")
 ORDER = ("weight_decay", "lr", "momentum", "stepped", "loss", "loss_sum", "grad_norm", "grad_norm_clipped",

@@ -2,7 +2,7 @@
 
 Written from scratch from what the blocks compute; nothing here imports ultralytics. Parameter names are
 deliberately our own (`split_conv`, `norm`, ...): the built-in model is loaded through the same key mapping
-(`parity.mapping`) as a user's port, so it exercises that code path instead of bypassing it.
+(`parity.replay.mapping`) as a user's port, so it exercises that code path instead of bypassing it.
 
 Where two formulations are mathematically equal but round differently (`(q * scale) @ k` versus
 `q @ (k * scale)`, `x + f(x)` chains), we use the order of operations ultralytics uses, because the

@@ -429,10 +429,9 @@ def image_size(feat_shapes, strides, like: torch.Tensor) -> torch.Tensor:
     return torch.tensor([h, w], dtype=like.dtype, device=like.device) * float(strides[0])
 
 
-def build_loss(config: LossConfig | dict, *, inject: str | None = None, end2end: bool | None = None
-               ) -> DetectionLoss | EndToEndLoss:
-    """The built-in loss for a configuration (or a dump manifest). `inject` names a known loss cause to plant
-    (`parity.causes`): it replaces stages of the built loss object from outside."""
+def build_loss(config: LossConfig | dict, *, end2end: bool | None = None) -> DetectionLoss | EndToEndLoss:
+    """The built-in loss for a configuration (or a dump manifest). Known causes are planted into it from outside
+    (`parity.causes.plant`)."""
     if isinstance(config, dict):
         if end2end is None:
             end2end = bool(config.get("model", {}).get("end2end", False))
@@ -441,8 +440,4 @@ def build_loss(config: LossConfig | dict, *, inject: str | None = None, end2end:
         loss = EndToEndLoss(config, o2m=float(weights.get("one2many", 0.8))) if end2end else DetectionLoss(config)
     else:
         loss = EndToEndLoss(config) if end2end else DetectionLoss(config)
-    if inject:
-        from parity.causes.plant import plant_loss  # planting sits outside the loss: see parity/causes
-
-        plant_loss(loss, inject)
     return loss

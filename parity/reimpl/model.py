@@ -9,7 +9,7 @@ The yaml files are data (the architecture tables shipped with ultralytics); this
 
 Layer `i` of `model.layers` is row `i` of the yaml (backbone rows, then head rows), the same index as
 ultralytics' `model.model[i]`; `model.sources[i]` lists the absolute indices it reads (`[-1]` for layer 0: the
-image). Parameter names are our own; `parity.mapping` maps them onto ultralytics' `model.{i}.…` names by
+image). Parameter names are our own; `parity.replay.mapping` maps them onto ultralytics' `model.{i}.…` names by
 order and shape (see `Detector.layer_map`).
 """
 
@@ -204,7 +204,7 @@ class Detector(nn.Module):
 
     @property
     def layer_map(self) -> dict[str, int]:
-        """Our key prefix of each layer -> ultralytics layer index (what `parity.mapping` groups blocks by)."""
+        """Our key prefix of each layer -> ultralytics layer index (what `parity.replay.mapping` groups blocks by)."""
         return {f"layers.{i}.": i for i in range(len(self.layers))}
 
     @property
@@ -310,13 +310,6 @@ class Detector(nn.Module):
         return f"model={self.model_name!r}, scale={self.scale!r}, nc={self.nc}, reg_max={self.reg_max}"
 
 
-def build_detector(model: str = "yolo11n.yaml", nc: int = 80, inject: str | None = None) -> Detector:
-    """Build the built-in detector. `inject` names a known cause to plant in it (`parity.causes`); the cause is
-    applied from outside, to the finished model, by replacing or wrapping its modules. A loss-side cause leaves
-    the model as it is."""
-    detector = Detector(model, nc=nc)
-    if inject:
-        from parity.causes.plant import plant_detector  # planting sits outside the model: see parity/causes
-
-        plant_detector(detector, inject)
-    return detector
+def build_detector(model: str = "yolo11n.yaml", nc: int = 80) -> Detector:
+    """Build the built-in detector. Known causes are planted into it from outside (`parity.causes.plant`)."""
+    return Detector(model, nc=nc)

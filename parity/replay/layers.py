@@ -23,14 +23,14 @@ from typing import Any, Iterable
 
 import torch
 
-from parity import names
-from parity.candidates import Candidate, load_candidate
+from parity.dump import names
+from parity.replay.candidates import Candidate, load_candidate
 from parity.compare.metrics import compare_tensors
 from parity.compare.tolerances import Profile, get_profile, profile_for_environment
 from parity.diagnose import structure
-from parity.dumpfile import Dump
+from parity.dump.files import Dump
 from parity.errors import ParityError
-from parity.report import Finding, Report, Row
+from parity.findings import Finding, Report, Row
 
 MODES = ("isolated", "chained")
 
@@ -77,7 +77,7 @@ def _outputs_of(reference: Dump, entry: dict, head: int | None) -> list[str]:
 def compare_layers(reference: Dump | str, candidate: Candidate | str | Any, *, profile: str | Profile | None = None,
                    layer: int | None = None, modes: Iterable[str] = MODES, progress: bool = True,
                    inject: str | None = None, map_file: str | None = None, device: str = "cpu") -> Report:
-    """Compare a candidate with a reference dump, layer by layer. Returns a `parity.report.Report`."""
+    """Compare a candidate with a reference dump, layer by layer. Returns a `parity.findings.Report`."""
     if not isinstance(reference, Dump):
         reference = Dump(reference)
     if getattr(reference, "stats_only", False):
@@ -185,7 +185,7 @@ def _compare_into(report: Report, section: str, index: int, name: str, ref: torc
 
 
 def _error_row(report: Report, section: str, index: int | None, name: str, error: BaseException) -> Row:
-    from parity.tracing import error_site
+    from parity.replay.tracing import error_site
 
     site = error_site(error)
     text = str(error).splitlines()[0] if str(error) else ""

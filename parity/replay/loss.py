@@ -34,14 +34,14 @@ from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
-from parity import names
+from parity.dump import names
 from parity.compare.metrics import compare_tensors
 from parity.compare.tolerances import BITWISE, Profile, Tolerance, get_profile, profile_for_environment
 from parity.diagnose.loss import (BroadcastWatch, CaseEvidence, LossEvidence, StageEvidence, diagnose_loss)
-from parity.dumpfile import Dump
+from parity.dump.files import Dump
 from parity.errors import ParityError
 from parity.reimpl.loss import INPUT_SOURCES, STAGE_INPUTS, LossConfig, build_loss
-from parity.report import Report, Row
+from parity.findings import Report, Row
 
 TERMS = names.LOSS_TERMS
 # Stage replay order: `assigner` (the assigner proper, fed the reference's assigner inputs) follows `assign`.
@@ -564,7 +564,7 @@ def load_loss_candidate(candidate: Any, spec: LossSpec, *, inject: str | None = 
 
 
 def _import(spec: str):
-    from parity.candidates import import_factory
+    from parity.replay.candidates import import_factory
 
     return import_factory(spec, "loss candidate", "'builtin' or 'package.module:factory'")
 

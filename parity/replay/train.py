@@ -27,9 +27,9 @@ from typing import Any, Callable, Iterator
 import torch
 from torch import nn
 
-from parity import names
+from parity.dump import names
 from parity.capture.train import group_hyperparameters, grad_norm, optimizer_state
-from parity.dumpfile import MANIFEST, Dump
+from parity.dump.files import MANIFEST, Dump
 from parity.errors import ParityError
 
 
@@ -50,8 +50,8 @@ class TrainSetup:
     _loaded: dict = field(default_factory=dict)
 
     def load_reference_weights(self, module: nn.Module, *, key_map=None, layer_map=None) -> None:
-        """Map the reference's `model.*` weights onto `module` (parity.mapping) and load them in place."""
-        from parity.candidates import ModuleCandidate
+        """Map the reference's `model.*` weights onto `module` (parity.replay.mapping) and load them in place."""
+        from parity.replay.candidates import ModuleCandidate
 
         candidate = ModuleCandidate(module, label="train candidate", key_map=key_map, layer_map=layer_map,
                                     device=next(module.parameters()).device)
@@ -64,7 +64,7 @@ def setup_from_dump(reference: Dump, *, world_size: int = 1, rank: int = -1) -> 
     train = reference.manifest.get("train")
     if not train:
         raise ParityError(f"{reference.path} holds no training steps: write it with `parity dump --steps N`")
-    from parity.candidates import _resolve_model
+    from parity.replay.candidates import _resolve_model
 
     return TrainSetup(reference=reference, model=_resolve_model(reference.config.get("model")),
                       nc=int(reference.model.get("nc") or reference.config.get("nc")),
@@ -318,7 +318,7 @@ class BuiltinTrainCandidate:
 
 def builtin_factory(setup: TrainSetup, trainer_class=None):
     """The built-in's training candidate; `trainer_class` lets a test plant a variant (a Trainer subclass)."""
-    from parity.candidates import builtin_candidate
+    from parity.replay.candidates import builtin_candidate
     from parity.reimpl.loss import build_loss
     from parity.reimpl.train import Trainer, TrainConfig
 
@@ -339,7 +339,7 @@ def resolve_train_candidate(spec: str | Callable) -> Callable:
         return spec
     if spec == "builtin":
         return builtin_factory
-    from parity.candidates import import_factory
+    from parity.replay.candidates import import_factory
 
     factory, _ = import_factory(spec, what="training candidate", expected="'builtin' or 'package.module:factory'")
     return factory
@@ -378,7 +378,7 @@ def candidate_steps(spec: str | Callable, reference: Dump, *, world_size: int = 
 def write_train_dump(steps, out: str | Path, *, producer: str = "yolo-parity", force: bool = False) -> Path:
     """Write recorded steps as a candidate dump (`train.{step}.…` tensors, a manifest `train` section): the
     layout a port in another language writes (docs/porting-protocol.md, "Training steps")."""
-    from parity.dumpfile import DumpWriter
+    from parity.dump.files import DumpWriter
 
     writer = DumpWriter(out, force=force, kind="candidate")
     with writer:

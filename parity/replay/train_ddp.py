@@ -39,11 +39,11 @@ def _worker(rank: int, reference: str, candidates: list[str], steps: int, out: s
     prepare(1)  # one thread per rank: two ranks share this machine's cores
     dist.init_process_group("gloo", init_method=f"file://{out}/rendezvous", rank=rank, world_size=world)
     try:
-        from parity import names
+        from parity.dump import names
         from parity.capture.batch import load_batch
         from parity.capture.reference import CaptureConfig, prepare_model
         from parity.capture.train import ReferenceTraining, TrainArgs, TrainWorld
-        from parity.dumpfile import Dump, DumpWriter
+        from parity.dump.files import Dump, DumpWriter
         from parity.replay.train import candidate_steps, loss_batch_of, write_train_dump
 
         dump = Dump(reference)

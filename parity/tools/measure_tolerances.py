@@ -60,7 +60,7 @@ def _stats(ref, cand) -> dict:
 
 
 def _group(name: str) -> str:
-    from parity import names
+    from parity.dump import names
 
     parts = name.split(".")
     if parts[0] == "act":
@@ -88,7 +88,7 @@ def measure_one(model_yaml: str, imgsz: int, threads: list[int], batch: int) -> 
     runtime.prepare(2)
     import torch
 
-    from parity import names
+    from parity.dump import names
     from parity.capture.batch import load_batch
     from parity.capture.reference import CaptureConfig, head_of, prepare_model, run_capture
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 from rich.console import Console
 from rich.table import Table
 
-from parity import names
-from parity.dumpfile import Dump
+from parity.dump import names
+from parity.dump.files import Dump
 
 
 def _shape(shape) -> str:

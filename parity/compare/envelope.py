@@ -730,7 +730,7 @@ def cmd_envelope(args) -> int:
     if out.exists() or out.is_symlink():
         if not args.force:
             raise ParityError(f"{out} exists; pass --force to replace it")
-        from parity.dumpfile import check_replaceable_file
+        from parity.dump.files import check_replaceable_file
 
         check_replaceable_file(out, "a noise envelope file", lambda path: read_envelope_file(path) is not None)
     for skip in plan.skipped:
@@ -822,8 +822,8 @@ def _dispatch(args) -> int:
     return cmd_envelope(args)
 
 
-def main(argv: list[str] | None = None) -> int:  # python -m parity.envelope (same as `parity envelope`)
-    from parity.cli import main as cli_main
+def main(argv: list[str] | None = None) -> int:  # python -m parity.compare.envelope (same as `parity envelope`)
+    from parity.cli.main import main as cli_main
 
     return cli_main(["envelope", *(argv or [])])
 

@@ -88,7 +88,7 @@ def plan(workdir: Path = WORKDIR, *, model: str = "yolo11n.yaml", imgsz: int = 3
 def run_step(step: Step, timeout: float) -> StepResult:
     started = time.perf_counter()
     if step.argv[0] == "--bench-cuda":
-        command = [sys.executable, "-m", "parity.gpu_check", *step.argv]
+        command = [sys.executable, "-m", "parity.tools.gpu_check", *step.argv]
     else:
         command = [sys.executable, "-m", "parity", "--no-progress", *step.argv]
     env = {**os.environ, "PYTHONPATH": str(PROJECT_ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
@@ -153,8 +153,8 @@ def run_all(steps: list[Step], budget: float = BUDGET_S, log=print) -> list[Step
 
 
 def bench_cuda(model: str, imgsz: int, keep_dump: str) -> int:
-    """The bench's CUDA section (`parity.bench.worker_cuda`), its summary on stdout's last line."""
-    from parity import bench
+    """The bench's CUDA section (`benchmarks.bench.worker_cuda`), its summary on stdout's last line."""
+    from benchmarks import bench
 
     raw = bench.worker_cuda({"template": model, "model": model, "scale": "n", "imgsz": imgsz, "batch": 2,
                              "threads": 2, "workdir": str(Path(keep_dump).parent), "repeats": 3,
@@ -198,7 +198,7 @@ def results_section(facts: dict[str, Any], results: list[StepResult], *, model: 
 
 HEADER = """# CUDA results
 
-Written by `make gpu-check` (`parity/gpu_check.py`), one section per run, newest last: what the whole CUDA path
+Written by `make gpu-check` (`parity/tools/gpu_check.py`), one section per run, newest last: what the whole CUDA path
 gave on that GPU. docs/cuda.md says what each step means. Nothing here is measured on a machine without a GPU.
 
 """
@@ -223,7 +223,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["--bench-cuda"]:
         return bench_cuda(argv[1], int(argv[2]), argv[3])
-    parser = argparse.ArgumentParser(prog="python -m parity.gpu_check", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m parity.tools.gpu_check", description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="yolo11n.yaml")
     parser.add_argument("--imgsz", type=int, default=320)
     parser.add_argument("--device", default="cuda")

@@ -16,7 +16,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from parity.report import Report, Row
+from parity.findings import Report, Row
 
 # max |d| of a bitwise-equal tensor, drawn on the log axis at this floor
 BITWISE_FLOOR = 1e-12

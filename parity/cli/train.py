@@ -1,6 +1,6 @@
 """CLI glue for training-step parity: `parity dump --steps N`, `parity compare --what train`, `parity overfit`.
 
-`add_train_options(sub, dump=..., compare=...)` is the one call parity/cli.py makes; everything the options
+`add_train_options(sub, dump=..., compare=...)` is the one call parity/cli/main.py makes; everything the options
 mean lives here and in parity/capture/train.py, parity/replay/train.py, parity/diagnose/train.py.
 """
 
@@ -72,7 +72,7 @@ def train_args_from(args):
 
 
 def train_dump_dir(args) -> Path:
-    from parity.cli import default_dump_dir
+    from parity.cli.main import default_dump_dir
 
     base = default_dump_dir(args)
     return base.with_name(f"{base.name}-steps{args.steps}-{args.optimizer}")
@@ -85,7 +85,7 @@ def _dump_with_steps(plain_dump):
         from rich.console import Console
 
         from parity.capture import CaptureConfig, dump_reference
-        from parity.cli import progress_enabled, step_progress
+        from parity.cli.main import progress_enabled, step_progress
         from parity.runtime import check_device
 
         check_device(args.device)
@@ -113,7 +113,7 @@ def _compare_with_train(plain_compare):
 
 
 def resolve_train_reference(args):
-    from parity.dumpfile import Dump
+    from parity.dump.files import Dump
 
     path = Path(args.reference) if args.reference else None
     if path is None:
@@ -132,7 +132,7 @@ def resolve_train_reference(args):
 def run_train_compare(args) -> int:
     from parity.compare.tolerances import get_profile, profile_for_environment
     from parity.diagnose.train import compare_training
-    from parity.render import to_json
+    from parity.report.text import to_json
     from parity.replay.train import DumpSteps, candidate_steps
 
     reference = resolve_train_reference(args)

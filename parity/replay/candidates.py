@@ -4,7 +4,7 @@ A candidate is one of
 
 * `builtin`: the clean-room detector in `parity.reimpl` (optionally with an injected bug, `inject=`);
 * `package.module:factory`: a callable returning an `nn.Module` (a class works too). Its parameters are mapped
-  onto ultralytics' names by `parity.mapping`; a `layer_map` ({candidate_prefix: layer_index}) and a `key_map`
+  onto ultralytics' names by `parity.replay.mapping`; a `layer_map` ({candidate_prefix: layer_index}) and a `key_map`
   ({regex: replacement}) may be given as attributes of the module, as module-level names beside the factory
   (`layer_map`/`LAYER_MAP`, `key_map`/`KEY_MAP`), or in a YAML/JSON file passed as `map_file` (`--map`):
 
@@ -39,10 +39,10 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from parity import names
-from parity.dumpfile import MANIFEST, Dump
+from parity.dump import names
+from parity.dump.files import MANIFEST, Dump
 from parity.errors import ParityError
-from parity.report import Finding
+from parity.findings import Finding
 
 # ultralytics' initialize_weights() sets these on every BatchNorm2d; the reference dump was built with them.
 REFERENCE_BN_EPS = 1e-3
@@ -332,7 +332,7 @@ class ModuleCandidate(Candidate):
 
     # -- weights
     def prepare(self, reference: Dump) -> list[Finding]:
-        from parity.mapping import MappingError, build_mapping, reference_shapes_from_manifest
+        from parity.replay.mapping import MappingError, build_mapping, reference_shapes_from_manifest
 
         findings: list[Finding] = []
         ref_shapes = reference_shapes_from_manifest(reference.manifest)
@@ -518,7 +518,7 @@ class ModuleCandidate(Candidate):
 
     def _unmapped_findings(self, reference: Dump) -> list[Finding]:
         """One `weight-unmapped` finding per layer whose tensors do not all map, naming the difference."""
-        from parity.mapping import describe_block_difference
+        from parity.replay.mapping import describe_block_difference
 
         mapping = self.mapping
         per_layer: dict[Any, dict[str, list[str]]] = {}
@@ -558,9 +558,9 @@ class ModuleCandidate(Candidate):
         return self.mapping.candidate_to_reference(state)
 
     def _infer_layers(self, reference: Dump) -> list[Finding]:
-        """Trace one forward on the reference's image and read the layers off it (`parity.layer_inference`)."""
-        from parity.layer_inference import infer_layers
-        from parity.tracing import error_site, run_traced
+        """Trace one forward on the reference's image and read the layers off it (`parity.replay.layer_inference`)."""
+        from parity.replay.layer_inference import infer_layers
+        from parity.replay.tracing import error_site, run_traced
 
         img = reference.get(names.batch_img()).to(self.device)
         with torch.no_grad():
@@ -611,7 +611,7 @@ class ModuleCandidate(Candidate):
             counts = {i: sum(p.numel() for p in layer.parameters()) for i, layer in self.layers.items()}
             return dict(sorted(counts.items()))
         if self.mapping is not None:
-            from parity.mapping import param_counts_by_layer
+            from parity.replay.mapping import param_counts_by_layer
 
             return param_counts_by_layer(self.mapping.cand_shapes, self.mapping.layer_of_candidate)
         return None
@@ -755,7 +755,7 @@ class ModuleCandidate(Candidate):
     def _replay_functional(self, index: int, inputs: list[torch.Tensor]):
         """A layer the candidate computes with ops inside a parent's forward: the ops from its source layers'
         outputs to it are run again with those outputs replaced by `inputs` (the reference's)."""
-        from parity.tracing import replay
+        from parity.replay.tracing import replay
 
         trace, layer = self.trace, self.functional[index]
         by_layer = {}
@@ -854,7 +854,7 @@ class ModuleCandidate(Candidate):
 
     def _traced_outputs(self, img: torch.Tensor) -> dict[int, Any]:
         """One traced forward: each inferred layer's output (first call of its module, or its op)."""
-        from parity.tracing import run_traced
+        from parity.replay.tracing import run_traced
 
         paths = {l.name: i for i, l in self.inference.layers.items() if l.kind == "module"}
         trace = run_traced(self.module, img, skip=lambda stack: any(p in paths for p in stack))
@@ -1009,7 +1009,7 @@ class DumpCandidate(Candidate):
 # ---------------------------------------------------------------------------------------------- loading
 def builtin_candidate(model: str, nc: int, inject: str | None = None, device: str = "cpu") -> ModuleCandidate:
     try:
-        from parity.reimpl.model import build_detector
+        from parity.causes.plant import planted_detector
     except ImportError as error:  # pragma: no cover - the built-in model ships with the tool
         raise ParityError(f"the built-in candidate is not available: {error}") from None
     if inject:
@@ -1022,7 +1022,7 @@ def builtin_candidate(model: str, nc: int, inject: str | None = None, device: st
 
     label = "builtin" + (f" (inject {inject})" if inject else "")
     try:
-        module = build_detector(model, nc=nc, inject=inject)
+        module = planted_detector(model, nc, inject)
     except (FileNotFoundError, NotImplementedError) as error:
         raise ParityError(f"the built-in candidate cannot build {model!r}: {error}") from None
     return ModuleCandidate(module, label=label, freshly_built=True, kind="builtin", device=device)

@@ -1,4 +1,4 @@
-"""Benchmarks of yolo-parity on this machine: `make bench` (`python -m parity.bench`) writes
+"""Benchmarks of yolo-parity on this machine: `make bench` (`python -m benchmarks.bench`) writes
 docs/benchmarks.md and docs/benchmarks.json. Not part of `make test`.
 
 What is measured (every figure a median of several runs, with min and max; spread over 20 % is flagged):
@@ -18,7 +18,7 @@ What is measured (every figure a median of several runs, with min and max; sprea
 * CUDA: the same capture and replay timings with `torch.cuda.synchronize()` around timed regions, when a GPU
   is present (skipped with the reason otherwise).
 
-Heavy work runs in worker subprocesses (`python -m parity.bench --worker KIND`), so each has its own memory
+Heavy work runs in worker subprocesses (`python -m benchmarks.bench --worker KIND`), so each has its own memory
 figures and ultralytics' process-global state never leaks between model sizes. A time budget (default 14
 minutes) shrinks repeats and drops the most expensive growth points when the machine is slower than planned;
 anything left out is said in the output.
@@ -314,7 +314,7 @@ def worker_step(params: dict) -> dict:
     from parity.capture import dump_reference
     from parity.capture.batch import load_batch
     from parity.capture.reference import Capture, prepare_model
-    from parity.dumpfile import Dump
+    from parity.dump.files import Dump
 
     device = params.get("device", "cpu")
     sync = _sync_for(device)
@@ -427,10 +427,10 @@ def worker_replay(params: dict) -> dict:
     """compare_layers (built-in candidate), isolated and chained separately, vs one plain forward."""
     import torch
 
-    from parity import candidates
+    from parity.replay import candidates
     from parity.capture.batch import load_batch
     from parity.capture.reference import prepare_model
-    from parity.dumpfile import Dump
+    from parity.dump.files import Dump
     from parity.replay import layers as replay_layers
 
     device = params.get("device", "cpu")
@@ -473,7 +473,7 @@ def worker_replay(params: dict) -> dict:
 
 
 def _replay_loop(reference, forward, sync, spent: dict, repeats: int, device: str, params: dict) -> dict:
-    from parity import candidates
+    from parity.replay import candidates
     from parity.replay import layers as replay_layers
 
     series: dict[str, list] = {"forward_grad": [], "forward_nograd": [], "isolated": [], "chained": []}
@@ -513,7 +513,7 @@ def worker_make_candidate(params: dict) -> dict:
     loss and gradient tensor (weights, batch and init copied bitwise): inside every tolerance, never bitwise."""
     import torch
 
-    from parity.dumpfile import Dump, DumpWriter
+    from parity.dump.files import Dump, DumpWriter
 
     reference = Dump(params["dump"])
     t0 = time.perf_counter()
@@ -558,7 +558,7 @@ def worker_compare(params: dict) -> dict:
     """Streamed dump-vs-dump compare: peak memory (first run, fresh process), then throughput vs copy bandwidth.
     `repeats: 0` measures memory only."""
     from parity.compare.stream import compare_dumps
-    from parity.dumpfile import Dump
+    from parity.dump.files import Dump
 
     repeats = int(params["repeats"])
     prefix = params.get("prefix", "")
@@ -686,7 +686,7 @@ def worker_compare_base(params: dict) -> dict:
     """The fixed base of a compare process: same imports, both dumps opened, nothing compared; then the fixed
     working set: the peak above that base while comparing a small dump (same tensor count, tiny tensors)."""
     from parity.compare.stream import compare_dumps
-    from parity.dumpfile import Dump
+    from parity.dump.files import Dump
 
     Dump(params["reference"]), Dump(params["candidate"])
     out = {"rss_mb": rss_mb(), "hwm_mb": hwm_mb()}
@@ -705,7 +705,7 @@ def worker_fused(params: dict) -> dict:
     float64 statistics compare_tensors keeps, on the largest activation pair; compile time excluded."""
     import torch
 
-    from parity.dumpfile import Dump
+    from parity.dump.files import Dump
 
     reference, candidate = Dump(params["reference"]), Dump(params["candidate"])
     acts = [n for n in reference.names("act.") if n in candidate and reference.index[n]["dtype"] == "F32"]
@@ -790,10 +790,10 @@ EXPLAIN_PLANTS = [
 def _isolated_report(dump, inject):
     """The isolated replay's verdict up to the first divergent layer (what the explainer reads), and the
     loaded candidate."""
-    from parity.candidates import load_candidate
+    from parity.replay.candidates import load_candidate
     from parity.compare.metrics import compare_tensors
     from parity.compare.tolerances import get_profile, profile_for_environment
-    from parity.report import Report, Row
+    from parity.findings import Report, Row
 
     candidate = load_candidate("builtin", dump, inject=inject)
     candidate.prepare(dump)
@@ -816,8 +816,9 @@ def _isolated_report(dump, inject):
 
 def worker_explain(params: dict) -> dict:
     """Time the explainer at every divergent place of each plant, against one run of that place."""
-    from parity.causes import ExplainConfig, explain_report
-    from parity.dumpfile import Dump
+    from parity.diagnose.explain import ExplainConfig, explain_report
+    from parity.dump.files import Dump
+    from parity.causes.plant import planted_loss
     from parity.reimpl.loss import build_loss
     from parity.replay.loss import LossAdapter, compare_loss
     from parity.runtime import PROJECT_ROOT
@@ -831,7 +832,7 @@ def worker_explain(params: dict) -> dict:
                 report, candidate = _isolated_report(dump, plant)
                 config = ExplainConfig(candidate=candidate, inject=plant)
             elif what == "black-box":
-                planted = build_loss(dump.manifest, inject=plant)
+                planted = planted_loss(dump.manifest, plant)
                 adapter = LossAdapter(lambda p, b, planted=planted: planted(p, b), name=plant)
                 report = compare_loss(dump, adapter, cases=["default"], progress=False)
                 config = ExplainConfig(loss_candidate=adapter)
@@ -887,7 +888,7 @@ def worker_verify(params: dict) -> dict:
     and off in alternating rounds (fresh `Dump`s each round, so every tensor is hashed again), plus the throughput
     of the hash reads check (XXH3-128) and of SHA-256 over the reference's bytes."""
     from parity.compare.stream import compare_dumps
-    from parity.dumpfile import Dump, checksum, fast_checksum
+    from parity.dump.files import Dump, checksum, fast_checksum
 
     ref_path, cand_path = params["reference"], params["candidate"]
     reference = Dump(ref_path, verify=False)
@@ -1063,7 +1064,7 @@ def run_worker(kind: str, params: dict, *, timeout: float) -> tuple[dict | None,
         result = json.loads(json.dumps(WORKERS[kind](params), default=str))
         result["worker_hwm_mb"] = hwm_mb()
         return result, {"wall": time.perf_counter() - t0, "maxrss_mb": hwm_mb(), "exit": 0, "inprocess": True}
-    command = [sys.executable, "-m", "parity.bench", "--worker", kind, json.dumps(params)]
+    command = [sys.executable, "-m", "benchmarks.bench", "--worker", kind, json.dumps(params)]
     env = dict(os.environ)
     root = str(Path(__file__).resolve().parent.parent)
     env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
@@ -1299,7 +1300,7 @@ def growth_fits(points: list[dict]) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m parity.bench", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.bench", description=__doc__.splitlines()[0])
     parser.add_argument("--worker", nargs=2, metavar=("KIND", "JSON"), help=argparse.SUPPRESS)
     parser.add_argument("--out", default=None, help="folder for benchmarks.md and benchmarks.json (default docs/)")
     parser.add_argument("--budget", type=float, default=840.0, help="seconds for the whole run (default 840)")
@@ -1615,7 +1616,7 @@ def _jsonable(value):
 def render_markdown(doc: dict) -> str:
     m = doc["machine"]
     lines = ["# Benchmarks", "",
-             "Generated by `make bench` (`python -m parity.bench`); do not edit by hand. Raw numbers: "
+             "Generated by `make bench` (`python -m benchmarks.bench`); do not edit by hand. Raw numbers: "
              "[benchmarks.json](benchmarks.json). Every figure is a median over the runs shown as `n`, with "
              "(min–max); a spread over 20 % of the median is marked **±N%**.", ""]
     if doc.get("quick"):
@@ -1970,7 +1971,7 @@ def _cuda_section(doc: dict) -> list[str]:
     cuda = doc.get("cuda") or {}
     lines = ["## CUDA", ""]
     if not cuda or cuda.get("skipped") or "summary" not in cuda:
-        lines += [f"Skipped: {cuda.get('skipped') or 'not run'}. The code path (`parity.bench.worker_cuda`) runs the "
+        lines += [f"Skipped: {cuda.get('skipped') or 'not run'}. The code path (`benchmarks.bench.worker_cuda`) runs the "
                   f"same capture and replay benchmark with `--device cuda`, `torch.cuda.synchronize()` before and "
                   f"after every timed region and the warm-up excluded.", ""]
         return lines

@@ -14,9 +14,9 @@ import traceback
 from contextlib import contextmanager
 from pathlib import Path
 
-from parity.compare_command import add_report_output_options
+from parity.cli.compare import add_report_output_options
 from parity.errors import ParityError
-from parity.options import UsageError, validate_numbers
+from parity.cli.options import UsageError, validate_numbers
 from parity.runtime import PROJECT_ROOT, prepare
 
 EXIT_INTERNAL_ERROR = 3
@@ -91,8 +91,8 @@ def cmd_dump(args) -> int:
 
 # -------------------------------------------------------------------------------------------- inspect
 def cmd_inspect(args) -> int:
-    from parity.dumpfile import Dump
-    from parity.inspect import render_inspect
+    from parity.dump.files import Dump
+    from parity.dump.inspect import render_inspect
 
     dump = Dump(args.dump)
     if args.verify:
@@ -105,13 +105,13 @@ def cmd_inspect(args) -> int:
 
 # -------------------------------------------------------------------------------------------- compare
 def cmd_compare(args) -> int:
-    from parity.compare_command import run_compare
+    from parity.cli.compare import run_compare
 
     return run_compare(args)
 
 
 def cmd_map(args) -> int:
-    from parity.compare_command import run_map
+    from parity.cli.compare import run_map
 
     return run_map(args)
 
@@ -193,7 +193,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_capture_options(mapping)
     mapping.set_defaults(func=cmd_map)
 
-    from parity.train_command import add_train_options  # dump --steps, compare --what train, overfit
+    from parity.cli.train import add_train_options  # dump --steps, compare --what train, overfit
 
     add_train_options(sub, dump=dump, compare=compare)
     _add_optional_commands(sub)
@@ -202,7 +202,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _add_optional_commands(sub) -> None:
     """Commands whose modules register their own arguments (porting harness, envelopes, drift)."""
-    for module_name in ("parity.porting", "parity.envelope", "parity.drift", "parity.scaffold"):
+    for module_name in ("parity.porting", "parity.compare.envelope", "parity.drift", "parity.replay.scaffold"):
         try:
             module = __import__(module_name, fromlist=["register"])
         except ImportError:
@@ -216,7 +216,7 @@ def main(argv: list[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
         validate_numbers(vars(args))
         prepare(args.threads)
-        from parity.dumpfile import verify_reads
+        from parity.dump.files import verify_reads
 
         with verify_reads(not getattr(args, "no_verify", False)):
             return int(args.func(args) or 0)

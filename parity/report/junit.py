@@ -14,7 +14,7 @@ import platform
 from datetime import datetime, timezone
 from pathlib import Path
 
-from parity.report import Report, Row
+from parity.findings import Report, Row
 
 FAILURE_LINES = 50
 

@@ -26,7 +26,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 _TORCH_DIR = os.path.dirname(torch.__file__)
-_PARITY_DIR = os.path.dirname(os.path.abspath(__file__))
+_PARITY_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the package, not this room
 # Calls that only read metadata or copy; they are not a layer's computation.
 _IGNORED_OPS = {"size", "dim", "numel", "__len__", "__get__", "__bool__", "__format__", "__repr__", "item",
                 "tolist", "detach", "requires_grad_", "is_floating_point", "__index__", "__hash__", "contiguous",

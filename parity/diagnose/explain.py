@@ -32,12 +32,12 @@ from typing import Any, Callable
 
 import torch
 
-from parity import names
+from parity.dump import names
 from parity.causes.registry import Cause, all_causes, all_injections
 from parity.compare.metrics import compare_tensors
 from parity.compare.tolerances import BITWISE, Profile, get_profile, profile_for_environment
 from parity.errors import ParityError
-from parity.report import Finding, Report
+from parity.findings import Finding, Report
 
 __all__ = ["ExplainConfig", "Place", "explain_report"]
 
@@ -46,7 +46,7 @@ __all__ = ["ExplainConfig", "Place", "explain_report"]
 class ExplainConfig:
     """What the explainer needs beyond the report: how to load the candidate again."""
 
-    candidate: Any = "builtin"            # a spec (as for `compare`) or a loaded `parity.candidates.Candidate`
+    candidate: Any = "builtin"            # a spec (as for `compare`) or a loaded `parity.replay.candidates.Candidate`
     loss_candidate: Any = None            # a loss spec or LossAdapter; None: as `compare` chooses
     inject: str | None = None             # a plant in the built-in candidate
     profile: str | Profile | None = None
@@ -324,7 +324,7 @@ class _ModelSide:
     """The candidate and the built-in reference computation (the reference's weights loaded)."""
 
     def __init__(self, reference, config: ExplainConfig, model_inject: str | None):
-        from parity.candidates import Candidate, load_candidate
+        from parity.replay.candidates import Candidate, load_candidate
 
         self.reference = reference
         if isinstance(config.candidate, Candidate):
@@ -342,7 +342,7 @@ class _ModelSide:
         self.layers = {e["index"]: e for e in reference.layers}
 
     def outputs(self, index: int, value) -> dict[str, torch.Tensor]:
-        from parity.candidates import layer_output_tensors
+        from parity.replay.candidates import layer_output_tensors
 
         return layer_output_tensors(index, value, reg_max=self.clean.reg_max, nc=self.clean.nc,
                                     is_head=index == self.head)
@@ -803,7 +803,7 @@ def explain_report(report: Report, reference, config: ExplainConfig | None = Non
 def _is_dump(candidate: Any) -> bool:
     from pathlib import Path
 
-    from parity.candidates import DumpCandidate
+    from parity.replay.candidates import DumpCandidate
 
     if isinstance(candidate, DumpCandidate):
         return True

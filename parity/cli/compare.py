@@ -9,8 +9,8 @@ from parity.errors import ParityError
 
 def resolve_reference(args):
     """The reference dump: `--reference`, or the default dump directory for the capture options given."""
-    from parity.cli import default_dump_dir
-    from parity.dumpfile import Dump
+    from parity.cli.main import default_dump_dir
+    from parity.dump.files import Dump
 
     path = Path(args.reference) if args.reference else default_dump_dir(args)
     if not (path / "manifest.json").exists():
@@ -40,7 +40,7 @@ def list_injections() -> int:
 def run_compare(args) -> int:
     """`parity compare`: the flags become a `parity.api.CompareConfig`; the public API does the work."""
     from parity.api import run, write_reports
-    from parity.render import render
+    from parity.report.text import render
 
     if args.list_injections:
         return list_injections()
@@ -68,7 +68,7 @@ def compare_config(args):
 
 def _check_two_dumps(args) -> None:
     """The library says the same, in its own words; the CLI names its flags."""
-    from parity.dumpfile import MANIFEST
+    from parity.dump.files import MANIFEST
 
     if (args.streamed or args.stats_only) and not (Path(str(args.candidate)) / MANIFEST).exists():
         flag = "--stats-only" if args.stats_only else "--streamed"
@@ -129,7 +129,7 @@ def run_map(args) -> int:
 
     from rich.console import Console
 
-    from parity.candidates import load_candidate
+    from parity.replay.candidates import load_candidate
     from parity.runtime import check_device
 
     check_device(args.device)

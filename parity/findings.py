@@ -1,6 +1,6 @@
 """The result of a comparison, independent of how it is shown (terminal table or JSON).
 
-Every comparison (layers, loss, dump-vs-dump) produces one `Report`. `parity.render` turns it into a rich
+Every comparison (layers, loss, dump-vs-dump) produces one `Report`. `parity.report.text` turns it into a rich
 table or the versioned JSON document described in docs/report-format.md.
 """
 
@@ -49,7 +49,7 @@ class Report:
     context: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        from parity.dumpfile import read_verification
+        from parity.dump.files import read_verification
 
         if not read_verification():  # `--no-verify`: say that nothing read was checked against its checksum
             self.context["checksums"] = "not verified (--no-verify): tensors were read without checking them " \

@@ -1,4 +1,4 @@
-"""Show a `parity.report.Report`: a rich terminal table, or the versioned JSON document (docs/report-format.md).
+"""Show a `parity.findings.Report`: a rich terminal table, or the versioned JSON document (docs/report-format.md).
 
 Terminal layout, top to bottom: a verdict line, a summary line that puts failures first (how many checks
 failed, the first divergent layer per mode), the findings (signature, where, message; errors first), then one
@@ -17,7 +17,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from parity.report import Report, Row
+from parity.findings import Report, Row
 
 EXIT_PARITY, EXIT_DIVERGENCE, EXIT_BAD_INPUT = 0, 1, 2
 _LAYER = re.compile(r"^layer (\d+)$")
@@ -415,7 +415,7 @@ def _indented(text: str, width: int) -> str:
 
 def _grouped_findings(report: Report) -> list:
     """Findings, errors first; one finding per stride of the same signature and layer is shown once."""
-    from parity.report import Finding
+    from parity.findings import Finding
 
     ordered = sorted(report.findings, key=lambda f: _SEVERITY_ORDER.get(f.severity, 3))
     out: list = []

@@ -1,6 +1,6 @@
 """Reading and writing dumps: safetensors files plus manifest.json, as docs/dump-format.md describes.
 
-This module knows the layout, never the meaning of a tensor: names are built by `parity.names`.
+This module knows the layout, never the meaning of a tensor: names are built by `parity.dump.names`.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Which part of a plain `nn.Module` is which ultralytics layer, read off one traced forward (`parity.tracing`).
+"""Which part of a plain `nn.Module` is which ultralytics layer, read off one traced forward (`parity.replay.tracing`).
 
 A layer with parameters is the candidate module whose tensors match the reference layer's block by block, taken
 in the order the candidate's modules first ran (not their registration order); where a module and its only
@@ -17,8 +17,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from parity.mapping import DEFAULT_ALLOWED_MISSING, _make_units, _ok, _solve_block, reference_shapes_from_manifest
-from parity.tracing import Event, Trace, tensors_in
+from parity.replay.mapping import DEFAULT_ALLOWED_MISSING, _make_units, _ok, _solve_block, reference_shapes_from_manifest
+from parity.replay.tracing import Event, Trace, tensors_in
 
 _OPS_FOR = {
     "Upsample": {"interpolate", "upsample", "upsample_nearest2d", "upsample_bilinear2d", "repeat_interleave"},

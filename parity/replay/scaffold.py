@@ -25,8 +25,8 @@ class ScaffoldConfig:
 
 
 def scaffold_text(spec: str, reference_path: str) -> str:
-    from parity.candidates import load_candidate
-    from parity.dumpfile import Dump
+    from parity.replay.candidates import load_candidate
+    from parity.dump.files import Dump
 
     reference = Dump(reference_path)
     candidate = load_candidate(spec, reference)

@@ -1,6 +1,6 @@
 """Side environments: a separate virtualenv per ultralytics release, for reference dumps of older versions.
 
-`ULTRALYTICS=8.3.200 make dump-reference` (and `python -m parity.sideenv 8.3.200 -- dump ...`) builds
+`ULTRALYTICS=8.3.200 make dump-reference` (and `python -m parity.capture.sideenv 8.3.200 -- dump ...`) builds
 `ultralytics-8.3.200/` once under the side-environment directory and runs `python -m parity ...` inside it:
 
 * a fresh venv made by the interpreter the project runs on (Python 3.11 here);
@@ -12,7 +12,7 @@
 Where: `--dir DIR`, else `$PARITY_SIDEENV_DIR`, else `runs/envs/` in the project. Any directory works (outside the
 project, on another disk); a `parity` run inside the environment starts in the caller's working directory, so
 a user's own model yaml and output paths resolve as they typed them. One environment takes several GB (torch
-is most of it); `python -m parity.sideenv 8.3.200 --remove` deletes it (only a directory this module built:
+is most of it); `python -m parity.capture.sideenv 8.3.200 --remove` deletes it (only a directory this module built:
 one that holds its `parity-env.json`).
 
 The environment is described in `<dir>/ultralytics-X.Y.Z/parity-env.json` (versions, build time); a
@@ -115,7 +115,7 @@ def remove(version: str, root: str | os.PathLike | None = None) -> Path:
     if not target.exists():
         raise ParityError(f"no side environment for ultralytics {version} in {target.parent}")
     if not (target / STAMP).exists():
-        raise ParityError(f"{target} holds no {STAMP}: not a side environment built by parity.sideenv; "
+        raise ParityError(f"{target} holds no {STAMP}: not a side environment built by parity.capture.sideenv; "
                           f"left as it is")
     shutil.rmtree(target)
     return target
@@ -189,7 +189,7 @@ def run_parity(version: str, argv: list[str], *, build_if_missing: bool = True,
         python = build(version, root=root)
     elif not is_ready(version, root):
         raise ParityError(f"no side environment for ultralytics {version} in {envs_root(root)}; build it with "
-                          f"`python -m parity.sideenv {version} --build`")
+                          f"`python -m parity.capture.sideenv {version} --build`")
     else:
         python = env_python(version, root)
     env = {**os.environ, "YOLO_OFFLINE": "1",
@@ -200,9 +200,9 @@ def run_parity(version: str, argv: list[str], *, build_if_missing: bool = True,
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m parity.sideenv",
+        prog="python -m parity.capture.sideenv",
         description="Build a side environment for an ultralytics release and run `parity` in it.",
-        epilog="example: python -m parity.sideenv 8.3.200 -- dump --out reference_dumps/yolo11n-u8.3.200",
+        epilog="example: python -m parity.capture.sideenv 8.3.200 -- dump --out reference_dumps/yolo11n-u8.3.200",
     )
     parser.add_argument("version", help="exact ultralytics release, e.g. 8.3.200")
     parser.add_argument("--build", action="store_true", help="only build (or check) the environment")

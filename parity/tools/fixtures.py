@@ -34,7 +34,7 @@ FIXTURES: dict[str, CaptureConfig] = {
 
 
 # The same configuration captured with an older ultralytics release (through its side environment,
-# parity/sideenv.py): the tests of `compare --old-reference` and of the drift report read it.
+# parity/capture/sideenv.py): the tests of `compare --old-reference` and of the drift report read it.
 OLD_RELEASE_FIXTURES: dict[str, tuple[str, str]] = {
     "yolov8-narrow-nc12-96-u8.3.200": ("8.3.200", "yolov8-narrow-nc12-96"),
 }
@@ -47,7 +47,7 @@ def fixture_path(name: str):
 def dump_old_release(name: str) -> None:
     """Re-dump an old-release fixture with its ultralytics version (builds the side environment when missing:
     about 5 minutes and 6 GB the first time)."""
-    from parity import sideenv
+    from parity.capture import sideenv
 
     version, base = OLD_RELEASE_FIXTURES[name]
     config = FIXTURES[base]
@@ -70,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"fixtures/{name}: dumped with ultralytics {OLD_RELEASE_FIXTURES[name][0]}")
     else:
         print(f"left as committed: {', '.join(OLD_RELEASE_FIXTURES)} (older ultralytics releases; "
-              f"`python -m parity.fixtures --old-releases` re-dumps them through their side environments)")
+              f"`python -m parity.tools.fixtures --old-releases` re-dumps them through their side environments)")
     return 0
 
 

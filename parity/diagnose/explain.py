@@ -518,7 +518,7 @@ def _explain_class_width(report: Report, reference, side: _ModelSide, finding: F
 # ----------------------------------------------------------------------------------------- loss places
 class _LossSide:
     def __init__(self, reference, config: ExplainConfig, loss_inject: str | None):
-        from parity.drift import in_current_layout
+        from parity.dump.layouts import in_current_layout
         from parity.reimpl.loss import build_loss
         from parity.replay.loss import LossSpec, load_loss_candidate
 

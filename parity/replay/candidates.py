@@ -70,7 +70,7 @@ def head_outputs(value: Any, reg_max: int, nc: int) -> Any:
     box_c, both = 4 * reg_max, 4 * reg_max + nc
     b = flat[0].shape[0]
     if all(t.dim() == 4 and t.shape[1] == both for t in flat):
-        from parity.drift import levels_to_dict
+        from parity.dump.layouts import levels_to_dict
 
         return levels_to_dict(flat, reg_max, nc)
     if all(t.dim() == 4 for t in flat) and len(flat) % 2 == 0:

@@ -748,7 +748,7 @@ def compare_loss(reference: Dump | str | Path, candidate_loss: Any = "builtin", 
     candidate_loss: "builtin", "package.module:factory", a LossAdapter, a callable loss, or a candidate dump
     (directory or Dump) holding the loss tensors a port recorded. Returns a Report (rows per case and stage, findings from `parity.diagnose.loss`).
     """
-    from parity.drift import in_current_layout
+    from parity.dump.layouts import in_current_layout
 
     # an ultralytics <= 8.3 reference stores the head per level: read it in the 8.4 boxes/scores layout
     dump = in_current_layout(reference if isinstance(reference, Dump) else Dump(reference))

@@ -11,12 +11,12 @@ Exit codes (`exit_code`): 0 parity, 1 divergence, 2 bad input (raised as `Parity
 from __future__ import annotations
 
 import json
-import math
 import os
 import re
 from pathlib import Path
 from typing import Any
 
+from parity.jsonio import plain
 from parity.findings import Report, Row
 
 EXIT_PARITY, EXIT_DIVERGENCE, EXIT_BAD_INPUT = 0, 1, 2
@@ -30,23 +30,8 @@ def exit_code(report: Report) -> int:
 
 
 # ------------------------------------------------------------------------------------------------ JSON
-def _strict(value: Any) -> Any:
-    """JSON without NaN/Infinity: non-finite floats become "nan", "inf", "-inf"; tuples become lists."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return "nan" if math.isnan(value) else ("inf" if value > 0 else "-inf")
-    if isinstance(value, dict):
-        return {str(k): _strict(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_strict(v) for v in value]
-    if hasattr(value, "item") and callable(value.item) and getattr(value, "numel", lambda: 2)() == 1:
-        return _strict(value.item())  # a 0-d tensor that slipped into evidence
-    if isinstance(value, (str, int, bool)) or value is None or isinstance(value, float):
-        return value
-    return str(value)
-
-
 def report_json(report: Report) -> dict:
-    document = _strict(report.to_dict())
+    document = plain(report.to_dict())
     document["summary"] = summary_counts(report)
     return document
 

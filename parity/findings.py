@@ -6,11 +6,34 @@ table or the versioned JSON document described in docs/report-format.md.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 REPORT_SCHEMA = "yolo-parity-report"
 REPORT_SCHEMA_VERSION = 1
+
+# Whether dumps check each tensor against its manifest checksum as it is read. On unless the person opted out
+# (`--no-verify`); a process-wide choice, because every reader of a command (replay, compare, candidates) opens
+# the dumps itself. It lives here, in the base room, because every Report states it; `parity.dump.files` reads
+# it for each Dump it opens.
+_READ_VERIFICATION = {"enabled": True}
+
+
+def read_verification() -> bool:
+    return _READ_VERIFICATION["enabled"]
+
+
+@contextmanager
+def verify_reads(enabled: bool) -> Iterator[None]:
+    """Dumps opened inside the block check (or, with False, do not check) every tensor they read."""
+    before = _READ_VERIFICATION["enabled"]
+    _READ_VERIFICATION["enabled"] = bool(enabled)
+    try:
+        yield
+    finally:
+        _READ_VERIFICATION["enabled"] = before
 
 
 @dataclass
@@ -49,8 +72,6 @@ class Report:
     context: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        from parity.dump.files import read_verification
-
         if not read_verification():  # `--no-verify`: say that nothing read was checked against its checksum
             self.context["checksums"] = "not verified (--no-verify): tensors were read without checking them " \
                                         "against their manifest checksums"

@@ -28,7 +28,6 @@ import itertools
 import json
 import math
 import re
-import struct
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Iterable
@@ -36,18 +35,11 @@ from typing import Iterable
 import torch
 
 from parity.dump import names
+from parity.dump.files import MANIFEST, SCHEMA, SCHEMA_VERSION
+from parity.dump.header import DTYPE_SIZES, MAX_HEADER_BYTES, HeaderRead, dtype_label, parse_header
+from parity.findings import REPORT_SCHEMA
 
-SCHEMA = "yolo-parity-dump"
-SCHEMA_VERSION = 1
 LAYER_SCHEMA = "yolo-parity-layer"
-REPORT_SCHEMA = "yolo-parity-report"
-MANIFEST = "manifest.json"
-
-# safetensors dtype names -> element size in bytes
-DTYPE_SIZES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "U16": 2,
-               "U32": 4, "U64": 8, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
-# Sanity bound for a header: the header of a 10 000-tensor file is well under this.
-MAX_HEADER_BYTES = 100 * 1024 * 1024
 
 
 @dataclass
@@ -124,90 +116,101 @@ def diagnose_foreign_tensor(name: str, ref: torch.Tensor, cand: torch.Tensor, to
 
 def _diagnose(name: str, ref: torch.Tensor, cand: torch.Tensor, tol) -> list[str]:
     out: list[str] = []
-    rshape, cshape = list(ref.shape), list(cand.shape)
-
-    # ---- dtype
-    cast = cand
     if cand.dtype != ref.dtype:
-        rname, cname = _dt(ref.dtype), _dt(cand.dtype)
-        if ref.is_floating_point() and cand.is_floating_point():
-            cast = cand.to(ref.dtype)
-            wider = torch.finfo(cand.dtype).bits > torch.finfo(ref.dtype).bits
-            verdict = ""
-            if rshape == cshape:
-                exact, ok = _matches(ref, cast, tol)
-                verdict = (f"; cast to {rname} it matches the reference {_how(exact)}" if ok else
-                           f"; cast to {rname} it still differs ({_summary(ref, cast, tol)})")
-            if wider:
-                out.append(f"{name} is {cname}, the protocol stores {rname}: the port computed or wrote it in higher "
-                           f"precision (write .astype(float32) / .to(torch::kFloat32) before saving){verdict}")
-            else:
-                out.append(f"{name} is {cname}, the protocol stores {rname}: half precision loses about 3 decimal "
-                           f"digits, far beyond the float32 tolerances (compute and write float32){verdict}")
-        elif ref.is_floating_point() != cand.is_floating_point():
-            out.append(f"{name} is {cname}, the protocol stores {rname}"
-                       + ("; integer data where floats are expected (a truncating cast?)" if ref.is_floating_point()
-                          else "; floats where the protocol has integer/bool values"))
-        else:
-            out.append(f"{name} is {cname}, the protocol stores {rname} (values are compared exactly after widening)")
+        out.append(_dtype_message(name, ref, cand, tol))
         if cand.is_floating_point() and ref.is_floating_point():
-            cand = cast
+            cand = cand.to(ref.dtype)  # the rest is judged on the values, in the reference's precision
+    for explain in (_byte_order, _permutation, _shape_mismatch):
+        message = explain(name, ref, cand, tol)
+        if message is not None:
+            return out + [message]
+    if list(ref.shape) != list(cand.shape) or _matches(ref, cand, tol)[1]:
+        return out
+    return out + _value_encodings(name, ref, cand, tol)
 
-    # ---- byte order (same shape and dtype)
-    if rshape == cshape and ref.dtype == cand.dtype and cand.element_size() in (2, 4, 8) and cand.numel() \
-            and not _matches(ref, cand, tol)[1]:
-        exact, ok = _matches(ref, _byteswap(cand), tol)
+
+def _dtype_message(name: str, ref: torch.Tensor, cand: torch.Tensor, tol) -> str:
+    """What a dtype other than the protocol's means (and, for floats, whether the cast values match)."""
+    rname, cname = dtype_label(ref.dtype), dtype_label(cand.dtype)
+    if ref.is_floating_point() and cand.is_floating_point():
+        cast = cand.to(ref.dtype)
+        verdict = ""
+        if list(ref.shape) == list(cand.shape):
+            exact, ok = _matches(ref, cast, tol)
+            verdict = (f"; cast to {rname} it matches the reference {_how(exact)}" if ok else
+                       f"; cast to {rname} it still differs ({_summary(ref, cast, tol)})")
+        if torch.finfo(cand.dtype).bits > torch.finfo(ref.dtype).bits:
+            return (f"{name} is {cname}, the protocol stores {rname}: the port computed or wrote it in higher "
+                    f"precision (write .astype(float32) / .to(torch::kFloat32) before saving){verdict}")
+        return (f"{name} is {cname}, the protocol stores {rname}: half precision loses about 3 decimal "
+                f"digits, far beyond the float32 tolerances (compute and write float32){verdict}")
+    if ref.is_floating_point() != cand.is_floating_point():
+        return (f"{name} is {cname}, the protocol stores {rname}"
+                + ("; integer data where floats are expected (a truncating cast?)" if ref.is_floating_point()
+                   else "; floats where the protocol has integer/bool values"))
+    return f"{name} is {cname}, the protocol stores {rname} (values are compared exactly after widening)"
+
+
+def _byte_order(name: str, ref: torch.Tensor, cand: torch.Tensor, tol) -> str | None:
+    """Big-endian elements (same shape and dtype)."""
+    if list(ref.shape) != list(cand.shape) or ref.dtype != cand.dtype or cand.element_size() not in (2, 4, 8) \
+            or not cand.numel() or _matches(ref, cand, tol)[1]:
+        return None
+    exact, ok = _matches(ref, _byteswap(cand), tol)
+    if not ok:
+        return None
+    return (f"{name}: its bytes are big-endian; safetensors stores little-endian. Byte-swapping every "
+            f"element makes it match {_how(exact)}")
+
+
+def _permutation(name: str, ref: torch.Tensor, cand: torch.Tensor, tol) -> str | None:
+    """A permuted layout: a different shape, or the same shape with equal-sized dimensions."""
+    rshape, cshape = list(ref.shape), list(cand.shape)
+    if not (len(rshape) == len(cshape) and sorted(rshape) == sorted(cshape) and 1 < len(rshape) <= 5):
+        return None
+    if rshape == cshape and _matches(ref, cand, tol)[1]:
+        return None
+    for perm in itertools.permutations(range(len(cshape))):
+        perm = list(perm)
+        if perm == list(range(len(cshape))) or [cshape[i] for i in perm] != rshape:
+            continue
+        exact, ok = _matches(ref, cand.permute(*perm).contiguous(), tol)
         if ok:
-            out.append(f"{name}: its bytes are big-endian; safetensors stores little-endian. Byte-swapping every "
-                       f"element makes it match {_how(exact)}")
-            return out
+            return (f"{name} has shape {cshape}, the reference {rshape}: candidate.permute{tuple(perm)} matches "
+                    f"the reference {_how(exact)}{_perm_words(perm, len(rshape))}. Write it as "
+                    f"{_layout_name(rshape, name)}")
+    if rshape == cshape:
+        return None
+    from parity.compare.metrics import shape_difference
 
-    # ---- layout: permutations (different shape, or same shape with equal-sized dimensions)
-    if len(rshape) == len(cshape) and sorted(rshape) == sorted(cshape) and 1 < len(rshape) <= 5:
-        same_shape_ok = rshape == cshape and _matches(ref, cand, tol)[1]
-        if not same_shape_ok:
-            hits = []
-            for perm in itertools.permutations(range(len(cshape))):
-                perm = list(perm)
-                if perm == list(range(len(cshape))) or [cshape[i] for i in perm] != rshape:
-                    continue
-                exact, ok = _matches(ref, cand.permute(*perm).contiguous(), tol)
-                if ok:
-                    hits.append((perm, exact))
-            if hits:
-                perm, exact = hits[0]
-                out.append(f"{name} has shape {cshape}, the reference {rshape}: candidate.permute{tuple(perm)} matches "
-                           f"the reference {_how(exact)}{_perm_words(perm, len(rshape))}. Write it as "
-                           f"{_layout_name(rshape, name)}")
-                return out
-            if rshape != cshape:
-                from parity.compare.metrics import shape_difference
+    _, perm = shape_difference(rshape, cshape)
+    if perm is None:
+        return None
+    return (f"{name} has shape {cshape}, the reference {rshape}: candidate.permute{tuple(perm)} has "
+            f"the reference's shape{_perm_words(perm, len(rshape))}, but the values still differ "
+            f"after it ({_summary(ref, cand.permute(*perm).contiguous(), tol)})")
 
-                note, perm = shape_difference(rshape, cshape)
-                if perm is not None:
-                    out.append(f"{name} has shape {cshape}, the reference {rshape}: candidate.permute{tuple(perm)} has "
-                               f"the reference's shape{_perm_words(perm, len(rshape))}, but the values still differ "
-                               f"after it ({_summary(ref, cand.permute(*perm).contiguous(), tol)})")
-                    return out
 
-    # ---- same number of elements, other shape: a flattened or reshaped tensor
-    if rshape != cshape and ref.numel() == cand.numel() and ref.numel():
-        exact, ok = _matches(ref, cand.reshape(rshape), tol)
-        if ok:
-            out.append(f"{name} has shape {cshape}, the reference {rshape}: the same values in the same order, only "
-                       f"the shape differs ({_how(exact)} after reshape({', '.join(map(str, rshape))})). Write the "
-                       f"shape in the header as the protocol's")
-        else:
-            out.append(f"{name} has shape {cshape}, the reference {rshape}: the same number of elements, but a plain "
-                       f"reshape does not reproduce the reference (a permuted layout flattened?)")
-        return out
-    if rshape != cshape:
-        out.append(f"{name} has shape {cshape}, the reference {rshape}: {_shape_words(rshape, cshape)}")
-        return out
+def _shape_mismatch(name: str, ref: torch.Tensor, cand: torch.Tensor, tol) -> str | None:
+    """Another shape that no permutation explains: flattened, reshaped, or simply different."""
+    rshape, cshape = list(ref.shape), list(cand.shape)
+    if rshape == cshape:
+        return None
+    if ref.numel() != cand.numel() or not ref.numel():
+        return f"{name} has shape {cshape}, the reference {rshape}: {_shape_words(rshape, cshape)}"
+    exact, ok = _matches(ref, cand.reshape(rshape), tol)
+    if ok:
+        return (f"{name} has shape {cshape}, the reference {rshape}: the same values in the same order, only "
+                f"the shape differs ({_how(exact)} after reshape({', '.join(map(str, rshape))})). Write the "
+                f"shape in the header as the protocol's")
+    return (f"{name} has shape {cshape}, the reference {rshape}: the same number of elements, but a plain "
+            f"reshape does not reproduce the reference (a permuted layout flattened?)")
 
-    # ---- same shape and dtype from here: value-level encodings
-    if _matches(ref, cand, tol)[1]:
-        return out
+
+def _value_encodings(name: str, ref: torch.Tensor, cand: torch.Tensor, tol) -> list[str]:
+    """Same shape and dtype, other values: non-finite values, BGR, 0..255 pixels, (W, H) axes, head layouts,
+    a channel order."""
+    out = []
     if cand.is_floating_point():
         nonfinite = int((~torch.isfinite(cand)).sum())
         ref_nonfinite = int((~torch.isfinite(ref)).sum()) if ref.is_floating_point() else 0
@@ -216,24 +219,20 @@ def _diagnose(name: str, ref: torch.Tensor, cand: torch.Tensor, tol) -> list[str
     if ref.dim() == 4 and ref.shape[1] == 3:
         exact, ok = _matches(ref, cand.flip(1), tol)
         if ok:
-            out.append(f"{name}: its colour channels are in reverse order (BGR); the protocol is RGB. Reversing "
-                       f"dimension 1 makes it match {_how(exact)}")
-            return out
+            return out + [f"{name}: its colour channels are in reverse order (BGR); the protocol is RGB. Reversing "
+                          f"dimension 1 makes it match {_how(exact)}"]
     if name == names.batch_img() and ref.is_floating_point():
         exact, ok = _matches(ref, cand / 255.0, tol)
         if ok or float(cand.abs().max()) > 2.0 >= float(ref.abs().max()):
-            out.append(f"{name} looks like 0..255 pixel values; the protocol stores RGB in [0, 1] (divide by 255)")
-            return out
+            return out + [f"{name} looks like 0..255 pixel values; the protocol stores RGB in [0, 1] (divide by 255)"]
     if ref.dim() == 4 and ref.shape[-1] == ref.shape[-2] and ref.shape[-1] > 1:
         exact, ok = _matches(ref, cand.transpose(-1, -2).contiguous(), tol)
         if ok:
-            out.append(f"{name}: rows and columns are swapped (the port's image axes are (W, H)); transposing the "
-                       f"last two dimensions makes it match {_how(exact)}")
-            return out
+            return out + [f"{name}: rows and columns are swapped (the port's image axes are (W, H)); transposing "
+                          f"the last two dimensions makes it match {_how(exact)}"]
     out.extend(_head_layouts(name, ref, cand, tol))
     if not out and ref.dim() == 4 and ref.shape[1] > 1 and ref.shape[1] == cand.shape[1]:
-        # channel order: a permutation of the channels (e.g. a Concat in the other order)
-        swapped = _concat_order(ref, cand, tol)
+        swapped = _concat_order(ref, cand, tol)  # a permutation of the channels (e.g. a Concat in the other order)
         if swapped:
             out.append(f"{name}: {swapped}")
     return out
@@ -326,12 +325,6 @@ def _summary(ref: torch.Tensor, cand: torch.Tensor, tol) -> str:
     from parity.compare.metrics import compare_tensors
 
     return compare_tensors(ref, cand, tol).summary()
-
-
-def _dt(dtype: torch.dtype) -> str:
-    return {torch.float64: "float64 (F64)", torch.float32: "float32 (F32)", torch.float16: "float16 (F16)",
-            torch.bfloat16: "bfloat16 (BF16)", torch.int64: "int64 (I64)", torch.int32: "int32 (I32)",
-            torch.bool: "bool (BOOL)", torch.uint8: "uint8 (U8)", torch.int8: "int8 (I8)"}.get(dtype, str(dtype))
 
 
 # ============================================================================================== names
@@ -441,10 +434,9 @@ def check_safetensors_file(path: str | Path) -> tuple[dict[str, dict], list[Prob
     """
     path = Path(path)
     problems: list[Problem] = []
-    file = path.name
 
-    def bad(code: str, message: str, tensor: str | None = None, severity: str = "error") -> None:
-        problems.append(Problem(code, f"{path}: {message}", severity=severity, file=file, tensor=tensor))
+    def bad(code: str, message: str, tensor: str | None = None) -> None:
+        problems.append(Problem(code, f"{path}: {message}", file=path.name, tensor=tensor))
 
     if not path.exists():
         bad("missing-file", "no such file")
@@ -452,73 +444,68 @@ def check_safetensors_file(path: str | Path) -> tuple[dict[str, dict], list[Prob
     if path.is_dir():
         bad("not-a-file", "is a directory, not a safetensors file")
         return {}, problems
-    size = path.stat().st_size
-    with open(path, "rb") as handle:
-        head = handle.read(8)
-        if len(head) < 8:
-            bad("truncated", f"truncated: {size} bytes; a safetensors file starts with an 8-byte little-endian "
-                             f"header length")
-            return {}, problems
-        (length,) = struct.unpack("<Q", head)
-        if length > MAX_HEADER_BYTES and struct.unpack(">Q", head)[0] <= size - 8:
-            bad("corrupt-header", f"the header length is written big-endian ({struct.unpack('>Q', head)[0]} bytes "
-                                  f"read as big-endian); safetensors uses a little-endian u64")
-            return {}, problems
-        if length > size - 8:
-            bad("truncated", f"truncated or corrupt: the header claims {length} bytes but only {size - 8} follow the "
-                             f"length prefix" + (" (is this a safetensors file at all?)" if length > MAX_HEADER_BYTES else ""))
-            return {}, problems
-        raw = handle.read(length)
-    try:
-        header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        bad("corrupt-header", f"corrupt: the {length}-byte header is not valid JSON ({error})")
+    read = parse_header(path)
+    if read.fault is not None:
+        bad(*_header_fault(read))
         return {}, problems
-    if not isinstance(header, dict):
-        bad("corrupt-header", f"corrupt: the header is a JSON {type(header).__name__}, not an object")
-        return {}, problems
-    metadata = header.pop("__metadata__", None)
+    metadata = read.metadata
     if metadata is not None and (not isinstance(metadata, dict) or
                                  not all(isinstance(v, str) for v in metadata.values())):
         bad("metadata", "__metadata__ must map strings to strings (safetensors readers reject anything else)")
     entries: dict[str, dict] = {}
-    data_size = size - 8 - length
-    spans = []
-    for name, entry in header.items():
-        if not isinstance(entry, dict) or not {"dtype", "shape", "data_offsets"} <= set(entry):
-            bad("corrupt-header", f"entry {name!r} lacks dtype/shape/data_offsets", tensor=name)
-            continue
-        dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
-        if dtype not in DTYPE_SIZES:
-            bad("dtype", f"tensor {name!r} has dtype {dtype!r}, not a safetensors dtype name "
-                         f"({', '.join(sorted(DTYPE_SIZES))})", tensor=name)
-            continue
-        if not (isinstance(shape, list) and all(isinstance(s, int) and s >= 0 for s in shape)):
-            bad("corrupt-header", f"tensor {name!r} has shape {shape!r}; expected a list of non-negative integers",
-                tensor=name)
-            continue
-        if not (isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) for o in offsets)
-                and 0 <= offsets[0] <= offsets[1]):
-            bad("corrupt-header", f"tensor {name!r} has data_offsets {offsets!r}; expected [begin, end]", tensor=name)
-            continue
-        need = math.prod(shape) * DTYPE_SIZES[dtype]
-        have = offsets[1] - offsets[0]
-        if need != have:
-            bad("corrupt-header", f"tensor {name!r}: {dtype} {shape} needs {need} bytes but its data_offsets span "
-                                  f"{have}", tensor=name)
-            continue
-        if offsets[1] > data_size:
-            bad("truncated", f"truncated: tensor {name!r} ends at byte {offsets[1]} of the data section, which has "
-                             f"only {data_size} bytes (the file was cut short: {size} bytes, "
-                             f"{8 + length + offsets[1]} needed)", tensor=name)
-            continue
-        spans.append((offsets[0], offsets[1], name))
-        entries[name] = {"dtype": dtype, "shape": shape, "data_offsets": offsets}
-    spans.sort()
+    for name, entry in read.header.items():
+        fault = _entry_fault(name, entry, read)
+        if fault is not None:
+            bad(*fault, tensor=name)
+        else:
+            entries[name] = {"dtype": entry["dtype"], "shape": entry["shape"], "data_offsets": entry["data_offsets"]}
+    spans = sorted((e["data_offsets"][0], e["data_offsets"][1], n) for n, e in entries.items())
     for (b0, e0, n0), (b1, e1, n1) in zip(spans, spans[1:]):
         if b1 < e0:
             bad("corrupt-header", f"tensors {n0!r} and {n1!r} overlap in the data section", tensor=n1)
     return entries, problems
+
+
+def _header_fault(read: HeaderRead) -> tuple[str, str]:
+    """(code, words) for a header `parse_header` could not read."""
+    size, length = read.size, read.length
+    if read.fault == "short":
+        return "truncated", (f"truncated: {size} bytes; a safetensors file starts with an 8-byte little-endian "
+                             f"header length")
+    if read.fault == "big-endian":
+        return "corrupt-header", (f"the header length is written big-endian ({read.big_endian_length} bytes read "
+                                  f"as big-endian); safetensors uses a little-endian u64")
+    if read.fault == "past-end":
+        return "truncated", (f"truncated or corrupt: the header claims {length} bytes but only {size - 8} follow "
+                             f"the length prefix"
+                             + (" (is this a safetensors file at all?)" if length > MAX_HEADER_BYTES else ""))
+    if read.fault == "not-json":
+        return "corrupt-header", f"corrupt: the {length}-byte header is not valid JSON ({read.detail})"
+    return "corrupt-header", f"corrupt: the header is a JSON {read.detail}, not an object"
+
+
+def _entry_fault(name: str, entry: object, read: HeaderRead) -> tuple[str, str] | None:
+    """(code, words) for a header entry that does not describe a tensor in the file, None for a good one."""
+    if not isinstance(entry, dict) or not {"dtype", "shape", "data_offsets"} <= set(entry):
+        return "corrupt-header", f"entry {name!r} lacks dtype/shape/data_offsets"
+    dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
+    if dtype not in DTYPE_SIZES:
+        return "dtype", (f"tensor {name!r} has dtype {dtype!r}, not a safetensors dtype name "
+                         f"({', '.join(sorted(DTYPE_SIZES))})")
+    if not (isinstance(shape, list) and all(isinstance(s, int) and s >= 0 for s in shape)):
+        return "corrupt-header", f"tensor {name!r} has shape {shape!r}; expected a list of non-negative integers"
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) for o in offsets)
+            and 0 <= offsets[0] <= offsets[1]):
+        return "corrupt-header", f"tensor {name!r} has data_offsets {offsets!r}; expected [begin, end]"
+    need = math.prod(shape) * DTYPE_SIZES[dtype]
+    have = offsets[1] - offsets[0]
+    if need != have:
+        return "corrupt-header", f"tensor {name!r}: {dtype} {shape} needs {need} bytes but its data_offsets span {have}"
+    if offsets[1] > read.data_size:
+        return "truncated", (f"truncated: tensor {name!r} ends at byte {offsets[1]} of the data section, which has "
+                             f"only {read.data_size} bytes (the file was cut short: {read.size} bytes, "
+                             f"{8 + read.length + offsets[1]} needed)")
+    return None
 
 
 # ============================================================================================== dumps
@@ -582,37 +569,14 @@ def check_candidate_dump(path: str | Path, reference=None) -> list[Problem]:
     protocol's grammar.
     """
     path = Path(path)
-    problems: list[Problem] = []
     if not path.exists():
         return [Problem("missing", f"{path} does not exist")]
     if path.is_file():
-        if path.name == MANIFEST:
-            path = path.parent
-        elif path.suffix == ".safetensors":
-            entries, file_problems = check_safetensors_file(path)
-            problems.extend(file_problems)
-            problems.append(Problem("no-manifest", f"{path} is a single safetensors file; a dump is a directory "
-                                                   f"holding it and a {MANIFEST} (or use `parity check-layer "
-                                                   f"--output {path.name}` for a single layer)", severity="warning"))
-            problems.extend(_name_problems(entries, reference))
-            return problems
-        else:
-            return [Problem("not-a-dump", f"{path} is a file; a dump is a directory holding {MANIFEST} and "
-                                          f".safetensors files")]
+        if path.name != MANIFEST:
+            return _check_single_file(path, reference)
+        path = path.parent
     files = sorted(path.glob("*.safetensors"))
-    manifest_path = path / MANIFEST
-    manifest = None
-    if not manifest_path.exists():
-        problems.append(Problem("no-manifest", f"{path} has no {MANIFEST}; a candidate dump needs one with at least "
-                                               f"{{\"schema\": \"{SCHEMA}\", \"schema_version\": {SCHEMA_VERSION}, "
-                                               f"\"kind\": \"candidate\"}}"))
-    else:
-        try:
-            manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as error:
-            problems.append(Problem("manifest-json", f"{manifest_path} is not valid JSON: {error}", file=MANIFEST))
-        else:
-            problems.extend(check_manifest(manifest, str(manifest_path)))
+    manifest, problems = _read_manifest(path)
     if not files:
         problems.append(Problem("empty", f"{path} holds no .safetensors files"))
     headers: dict[str, dict[str, dict]] = {}
@@ -620,7 +584,46 @@ def check_candidate_dump(path: str | Path, reference=None) -> list[Problem]:
         entries, file_problems = check_safetensors_file(file)
         headers[file.name] = entries
         problems.extend(file_problems)
-    # where each tensor actually is
+    located = _locate(headers, problems)
+    index = manifest.get("tensors") if isinstance(manifest, dict) else None
+    if isinstance(index, dict):
+        _check_index(path, index, headers, located, problems)
+    elif isinstance(manifest, dict) and "tensors" not in manifest and located:
+        problems.append(Problem("no-index", f"{MANIFEST} has no 'tensors' index; the reader scans the "
+                                            f"{len(files)} safetensors file(s) instead", severity="info"))
+    problems.extend(_name_problems({n: headers[f][n] for n, f in located.items()}, reference))
+    return problems
+
+
+def _check_single_file(path: Path, reference) -> list[Problem]:
+    """A lone .safetensors file (or another file, which is not a dump)."""
+    if path.suffix != ".safetensors":
+        return [Problem("not-a-dump", f"{path} is a file; a dump is a directory holding {MANIFEST} and "
+                                      f".safetensors files")]
+    entries, problems = check_safetensors_file(path)
+    problems.append(Problem("no-manifest", f"{path} is a single safetensors file; a dump is a directory "
+                                           f"holding it and a {MANIFEST} (or use `parity check-layer "
+                                           f"--output {path.name}` for a single layer)", severity="warning"))
+    problems.extend(_name_problems(entries, reference))
+    return problems
+
+
+def _read_manifest(path: Path) -> tuple[object, list[Problem]]:
+    """The parsed manifest of dump directory `path` (None when there is none or it is not JSON), and its problems."""
+    manifest_path = path / MANIFEST
+    if not manifest_path.exists():
+        return None, [Problem("no-manifest", f"{path} has no {MANIFEST}; a candidate dump needs one with at least "
+                                             f"{{\"schema\": \"{SCHEMA}\", \"schema_version\": {SCHEMA_VERSION}, "
+                                             f"\"kind\": \"candidate\"}}")]
+    try:
+        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        return None, [Problem("manifest-json", f"{manifest_path} is not valid JSON: {error}", file=MANIFEST)]
+    return manifest, check_manifest(manifest, str(manifest_path))
+
+
+def _locate(headers: dict[str, dict[str, dict]], problems: list[Problem]) -> dict[str, str]:
+    """Where each tensor actually is: {name: file}; a name in two files is a problem (the first file counts)."""
     located: dict[str, str] = {}
     for file, entries in headers.items():
         for name in entries:
@@ -629,44 +632,49 @@ def check_candidate_dump(path: str | Path, reference=None) -> list[Problem]:
                                                           f"names must be unique across a dump", tensor=name, file=file))
             else:
                 located[name] = file
-    index = manifest.get("tensors") if isinstance(manifest, dict) else None
-    if isinstance(index, dict):
-        for name, entry in index.items():
-            if not isinstance(entry, dict) or "file" not in entry:
-                problems.append(Problem("index", f"{MANIFEST}: tensors[{name!r}] lacks 'file'", tensor=name))
-                continue
-            file = entry["file"]
-            if not (path / file).exists():
-                problems.append(Problem("index-file-missing", f"{MANIFEST} puts {name!r} in {file}, which is not in "
-                                                              f"{path}", tensor=name, file=file))
-                continue
-            header = headers.get(file, {})
-            if name not in header:
-                if file in headers and not any(p.file == file and p.severity == "error" and p.code != "dtype"
-                                               for p in problems):
-                    where = f" (it is in {located[name]})" if name in located else ""
-                    problems.append(Problem("index-mismatch", f"{MANIFEST} puts {name!r} in {file}, but {file} has no "
-                                                              f"such tensor{where}", tensor=name, file=file))
-                continue
-            actual = header[name]
-            if "dtype" in entry and entry["dtype"] != actual["dtype"]:
-                problems.append(Problem("index-mismatch", f"{MANIFEST} says {name!r} is {entry['dtype']}, {file} "
-                                                          f"holds {actual['dtype']}", tensor=name, file=file))
-            if "shape" in entry and list(entry["shape"]) != list(actual["shape"]):
-                problems.append(Problem("index-mismatch", f"{MANIFEST} says {name!r} has shape {entry['shape']}, "
-                                                          f"{file} holds {actual['shape']}", tensor=name, file=file))
-        unindexed = [n for n in located if n not in index]
-        if unindexed:
-            problems.append(Problem("unindexed", f"{len(unindexed)} tensor(s) in the files are not in the manifest's "
-                                                 f"index and will be ignored, first {unindexed[0]!r} (in "
-                                                 f"{located[unindexed[0]]})", severity="warning",
-                                    tensor=unindexed[0], file=located[unindexed[0]]))
-    elif isinstance(manifest, dict) and "tensors" not in manifest and located:
-        problems.append(Problem("no-index", f"{MANIFEST} has no 'tensors' index; the reader scans the "
-                                            f"{len(files)} safetensors file(s) instead", severity="info"))
-    all_entries = {n: headers[f][n] for n, f in located.items()}
-    problems.extend(_name_problems(all_entries, reference))
-    return problems
+    return located
+
+
+def _check_index(path: Path, index: dict, headers: dict[str, dict[str, dict]], located: dict[str, str],
+                 problems: list[Problem]) -> None:
+    """The manifest's index against the files, appended to `problems` (an index-mismatch is not reported for a
+    file whose header already has an error problem: the header is not to be trusted then)."""
+    for name, entry in index.items():
+        if not isinstance(entry, dict) or "file" not in entry:
+            problems.append(Problem("index", f"{MANIFEST}: tensors[{name!r}] lacks 'file'", tensor=name))
+            continue
+        file = entry["file"]
+        if not (path / file).exists():
+            problems.append(Problem("index-file-missing", f"{MANIFEST} puts {name!r} in {file}, which is not in "
+                                                          f"{path}", tensor=name, file=file))
+            continue
+        header = headers.get(file, {})
+        if name not in header:
+            if file in headers and not any(p.file == file and p.severity == "error" and p.code != "dtype"
+                                           for p in problems):
+                where = f" (it is in {located[name]})" if name in located else ""
+                problems.append(Problem("index-mismatch", f"{MANIFEST} puts {name!r} in {file}, but {file} has no "
+                                                          f"such tensor{where}", tensor=name, file=file))
+            continue
+        problems.extend(_entry_mismatches(name, entry, header[name], file))
+    unindexed = [n for n in located if n not in index]
+    if unindexed:
+        problems.append(Problem("unindexed", f"{len(unindexed)} tensor(s) in the files are not in the manifest's "
+                                             f"index and will be ignored, first {unindexed[0]!r} (in "
+                                             f"{located[unindexed[0]]})", severity="warning",
+                                tensor=unindexed[0], file=located[unindexed[0]]))
+
+
+def _entry_mismatches(name: str, entry: dict, actual: dict, file: str) -> list[Problem]:
+    """An index entry's dtype and shape against the file's header."""
+    out = []
+    if "dtype" in entry and entry["dtype"] != actual["dtype"]:
+        out.append(Problem("index-mismatch", f"{MANIFEST} says {name!r} is {entry['dtype']}, {file} "
+                                             f"holds {actual['dtype']}", tensor=name, file=file))
+    if "shape" in entry and list(entry["shape"]) != list(actual["shape"]):
+        out.append(Problem("index-mismatch", f"{MANIFEST} says {name!r} has shape {entry['shape']}, "
+                                             f"{file} holds {actual['shape']}", tensor=name, file=file))
+    return out
 
 
 def _name_problems(entries: dict[str, dict], reference) -> list[Problem]:

@@ -13,10 +13,8 @@ import json
 import os
 import re
 import shutil
-import struct
 import sys
 from collections.abc import Callable
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
@@ -25,10 +23,12 @@ import xxhash
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from parity.dump.header import dtype_name, parse_header
+from parity.dump.schema import SCHEMA, SCHEMA_VERSION, check_manifest_schema
 from parity.errors import DumpError, ParityError
+# The read-verification switch lives in the base room, beside the Report that states it; read here as before.
+from parity.findings import read_verification, verify_reads  # noqa: F401
 
-SCHEMA = "yolo-parity-dump"
-SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
 # The per-tensor manifest field every read is checked against when present (docs/dump-format.md).
 FAST_CHECKSUM = "xxh3_128"
@@ -43,17 +43,6 @@ FILE_OF_GROUP = {
     "grad": "grads.safetensors",
     "train": "train.safetensors",
 }
-
-_DTYPE_NAMES = {
-    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
-    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
-    torch.bool: "BOOL",
-}
-
-
-def dtype_name(dtype: torch.dtype) -> str:
-    return _DTYPE_NAMES.get(dtype, str(dtype))
-
 
 def tensor_stats(tensor: torch.Tensor) -> dict:
     """What a statistics-only dump keeps of a tensor (docs/dump-format.md, 'Statistics-only dumps')."""
@@ -91,27 +80,6 @@ def _stored_bytes(tensor: torch.Tensor):
     if data.numel() == 0:
         return b""
     return data.reshape(-1).view(torch.uint8).numpy().data
-
-
-# Whether `Dump` checks each tensor against its manifest checksum as it is read. On unless the person opted out
-# (`--no-verify`); a process-wide choice, because every reader of a command (replay, compare, candidates) opens
-# the dumps itself.
-_READ_VERIFICATION = {"enabled": True}
-
-
-def read_verification() -> bool:
-    return _READ_VERIFICATION["enabled"]
-
-
-@contextmanager
-def verify_reads(enabled: bool):
-    """Dumps opened inside the block check (or, with False, do not check) every tensor they read."""
-    before = _READ_VERIFICATION["enabled"]
-    _READ_VERIFICATION["enabled"] = bool(enabled)
-    try:
-        yield
-    finally:
-        _READ_VERIFICATION["enabled"] = before
 
 
 def current_umask() -> int:
@@ -185,19 +153,10 @@ def check_replaceable_file(out: Path, what: str, is_ours: Callable[[Path], bool]
 
 def read_metadata(file: str | os.PathLike) -> dict[str, str]:
     """The `__metadata__` of a safetensors file's header ({} when it has none)."""
-    with open(file, "rb") as handle:
-        head = handle.read(8)
-        if len(head) < 8:
-            raise DumpError(f"{file} is not a safetensors file")
-        (length,) = struct.unpack("<Q", head)
-        if length > 100_000_000:
-            raise DumpError(f"{file} is not a safetensors file")
-        try:
-            header = json.loads(handle.read(length))
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            raise DumpError(f"{file} is not a safetensors file") from None
-    metadata = header.get("__metadata__") if isinstance(header, dict) else None
-    return metadata if isinstance(metadata, dict) else {}
+    read = parse_header(file)
+    if read.fault in ("short", "big-endian", "past-end", "not-json"):
+        raise DumpError(f"{file} is not a safetensors file")
+    return read.metadata if isinstance(read.metadata, dict) else {}
 
 
 # --------------------------------------------------------------------------------------- writer locking
@@ -443,7 +402,8 @@ class Dump:
         if not manifest_path.exists():
             raise DumpError(f"{self.path} is not a dump: it has no {MANIFEST}")
         try:
-            self.manifest = json.loads(manifest_path.read_text())
+            text = manifest_path.read_text()
+            self.manifest = json.loads(text)
         except (json.JSONDecodeError, UnicodeDecodeError) as error:
             raise DumpError(f"{manifest_path} is not valid JSON: {error}") from None
         if not isinstance(self.manifest, dict):
@@ -456,6 +416,7 @@ class Dump:
             raise DumpError(
                 f"{manifest_path}: schema_version is {version!r}; this yolo-parity reads version {SCHEMA_VERSION}"
             )
+        check_manifest_schema(self.manifest, str(manifest_path), text=text)
         self.index: dict[str, dict] = self.manifest.get("tensors") or self._scan_files()
         self._handles: dict[str, object] = {}
 
@@ -605,21 +566,19 @@ class DumpWithDerived(Dump):
 def read_header(file: str | os.PathLike) -> dict[str, dict]:
     """The JSON header of a safetensors file, checked: a truncated or corrupt file is named as such."""
     file = Path(file)
-    size = file.stat().st_size
-    with open(file, "rb") as handle:
-        head = handle.read(8)
-        if len(head) < 8:
-            raise DumpError(f"{file} is truncated: {size} bytes, a safetensors file starts with an 8-byte length")
-        (length,) = struct.unpack("<Q", head)
-        if length > size - 8:
-            raise DumpError(f"{file} is truncated or corrupt: header says {length} bytes, file has {size - 8}")
-        try:
-            header = json.loads(handle.read(length))
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            raise DumpError(f"{file} is corrupt: its header is not JSON") from None
-    if not isinstance(header, dict):
+    read = parse_header(file)
+    size, length = read.size, read.length
+    if read.fault == "short":
+        raise DumpError(f"{file} is truncated: {size} bytes, a safetensors file starts with an 8-byte length")
+    if read.fault == "big-endian":
+        raise DumpError(f"{file} is corrupt: its header length is written big-endian")
+    if read.fault == "past-end":
+        raise DumpError(f"{file} is truncated or corrupt: header says {length} bytes, file has {size - 8}")
+    if read.fault == "not-json":
+        raise DumpError(f"{file} is corrupt: its header is not JSON")
+    if read.fault == "not-object":
         raise DumpError(f"{file} is corrupt: its header is not a JSON object")
-    header.pop("__metadata__", None)
+    header = read.header
     try:
         end = max((int(entry["data_offsets"][1]) for entry in header.values()), default=0)
     except (KeyError, TypeError, IndexError, ValueError):

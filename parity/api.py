@@ -390,7 +390,7 @@ def explain_version_drift(report: Report, reference, candidate: Any, config: Com
     Rows that fail against the current reference but match the older one pass, with a note naming the
     release; error findings about those tensors become warnings; `version-drift` findings say why.
     """
-    from parity.drift import explain
+    from parity.diagnose.drift import explain
     from parity.dump.files import Dump
     from parity.replay.loss import mark_drifted_stages
 

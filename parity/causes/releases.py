@@ -4,11 +4,17 @@ A port that follows an older release differs from the current reference exactly 
 something. Each such change is a cause whose finding is `version-drift`, naming the release; the explainer
 tries it like any other cause, with no `--old-reference` dump (an old reference then confirms it, see
 docs/drift.md). Entries that cannot be replayed from one dump carry no transform: they are listed, not tried.
+
+Beside the history: what each drift cause is called (`CAUSE_TITLES`), which entries lie between two releases
+(`expected_changes`), and which cause a tensor that differs between two releases' dumps is put under
+(`cause_of`), shared by the drift between two dumps (`parity.compare.drift`) and the diagnosis of a candidate
+that matches an older release (`parity.diagnose.drift`).
 """
 
 from __future__ import annotations
 
 import torch
+from packaging.version import InvalidVersion, Version
 
 from parity.causes import loss_causes
 from parity.causes.registry import Cause, plant, register
@@ -32,8 +38,75 @@ RELEASE_HISTORY: list[tuple[str, str, str]] = [
 ]
 
 
+CAUSE_TITLES = {
+    "versions": "software versions",
+    "config": "capture configuration",
+    "environment": "capture environment (device, threads, TF32, determinism)",
+    "hyperparameters": "loss hyperparameters",
+    "model-structure": "model structure (layer types, parameters)",
+    "box-bias-init": "Detect box-branch bias initialisation",
+    "cls-bias-init": "Detect class-branch bias initialisation",
+    "small-box-floor": "assigner small-box floor",
+    "loss-output-shape": "what model.loss()[0] returns",
+    "head-output-layout": "Detect head train-mode output layout",
+    "weights": "initial weights",
+    "numerics": "arithmetic (no known cause: rounding, torch, or an unlisted change)",
+}
+
+
 def history_of(cause: str) -> list[str]:
     return [f"{v}: {text}" for v, c, text in RELEASE_HISTORY if c == cause]
+
+
+def parse_version(version: str | None) -> Version | None:
+    """An ultralytics version as PEP 440 orders it (local labels such as `+cu128` do not count); None when there
+    is none or it is not a version."""
+    if not version:
+        return None
+    try:
+        return Version(str(version).split("+")[0])
+    except InvalidVersion:
+        return None
+
+
+def expected_changes(version_a: str | None, version_b: str | None) -> list[dict]:
+    """Release-history entries between two versions (those a dump of one should differ from the other by)."""
+    a, b = parse_version(version_a), parse_version(version_b)
+    if a is None or b is None or a == b:
+        return []
+    low, high = min(a, b), max(a, b)
+    return [{"version": v, "cause": c, "change": text} for v, c, text in RELEASE_HISTORY
+            if low < Version(v) <= high]
+
+
+def cause_of(name: str, head: int | None, active: set[str]) -> str:
+    """The cause a differing tensor is put under, given the causes found in the manifests and init tensors."""
+    parts = name.split(".")
+    h = str(head) if head is not None else None
+    is_head_act = parts[0] == "act" and len(parts) > 1 and parts[1] == h
+    if "loss-output-shape" in active and parts[0] == "loss" and parts[2:4] == ["output", "loss"]:
+        return "loss-output-shape"
+    if "small-box-floor" in active and (name.startswith("loss.small_box.") or name.startswith("grad.head.small_box.")):
+        return "small-box-floor"
+    for cause, branch, kind in (("box-bias-init", "cv2", "box_bias"), ("cls-bias-init", "cv3", "cls_bias")):
+        if cause in active and (name.startswith(f"init.{kind}.") or _is_head_bias(parts, h, branch)):
+            return cause
+    if "head-output-layout" in active and (is_head_act and len(parts) == 3 or parts[:2] == ["grad", "head"]):
+        if parts[-1].isdigit() or parts[-1] in ("boxes", "scores"):
+            return "head-output-layout"
+    for cause in ("box-bias-init", "cls-bias-init"):  # downstream of a bias: the head, the loss, gradients
+        if cause in active and (is_head_act or parts[0] in ("loss", "grad")):
+            return cause
+    if "model-structure" in active:
+        return "model-structure"
+    if parts[0] == "model" and "weights" in active:
+        return "weights"
+    return "numerics"
+
+
+def _is_head_bias(parts: list[str], head: str | None, branch: str) -> bool:
+    """`model.{head}.{branch}.….bias`: a Detect branch's bias."""
+    return parts[0] == "model" and len(parts) > 4 and parts[1] == head and parts[2] == branch and parts[-1] == "bias"
 
 
 # Release causes the explainer can replay on one dump. Their signatures are `release-{cause}-{version}`.

@@ -358,3 +358,16 @@ def test_a_real_bug_is_not_excused_by_an_old_reference(tmp_path, fixtures_dir, i
                                  "--old-reference", old)
     assert code == 1 and report["verdict"] == "divergence"
     assert any(f["signature"] == "missing-sigmoid" and f["severity"] == "error" for f in report["findings"])
+
+
+# ------------------------------------------------------------------------------------------ versions
+def test_release_history_between_two_versions():
+    from parity.causes.releases import expected_changes, parse_version
+
+    between = expected_changes("8.3.200", "8.4.190")
+    assert {e["version"] for e in between} == {"8.4.0", "8.4.100", "8.4.137", "8.4.142", "8.4.170"}
+    assert expected_changes("8.4.190", "8.3.200") == between  # either order
+    assert expected_changes("8.4.190+cu128", "8.4.190") == []  # a local label is the same release
+    assert expected_changes("8.3.98", "8.3.99")[0]["cause"] == "loss-output-shape"
+    assert parse_version("8.4.0") == parse_version("8.4") and parse_version("latest") is None
+    assert expected_changes("latest", "8.4.190") == [] and expected_changes(None, "8.4.190") == []

@@ -102,3 +102,23 @@ def test_stats_only_dump_keeps_statistics_not_values(tmp_path):
     assert stats["nan"] == 1 and stats["min"] == 1.0 and stats["max"] == 3.0 and stats["mean"] == 2.0
     with pytest.raises(DumpError, match="statistics-only"):
         dump.get("act.0")
+
+
+def test_one_dtype_table_for_the_writer_and_the_foreign_checks(tmp_path):
+    """Every dtype the writer names is one the safetensors header check knows, with torch's element size."""
+    from parity.compare.foreign import check_safetensors_file
+    from parity.dump.header import DTYPE_SIZES, DTYPES, dtype_label, dtype_name
+
+    for info in DTYPES.values():
+        if info.torch is not None:
+            assert dtype_name(info.torch) == info.name
+            assert torch.empty((), dtype=info.torch).element_size() == DTYPE_SIZES[info.name]
+    assert dtype_label(torch.float32) == "float32 (F32)"
+    out = tmp_path / "d"
+    with DumpWriter(out) as writer:
+        for dtype in (torch.float64, torch.float16, torch.bfloat16, torch.int32, torch.int8, torch.uint8, torch.bool):
+            writer.add(f"act.{len(writer.names())}", torch.zeros(2, 3, dtype=dtype))
+        writer.commit({})
+    entries, problems = check_safetensors_file(out / "activations.safetensors")
+    assert not problems and {e["dtype"] for e in entries.values()} == {"F64", "F16", "BF16", "I32", "I8", "U8", "BOOL"}
+    assert {e["dtype"] for e in Dump(out).index.values()} == {e["dtype"] for e in entries.values()}

@@ -820,7 +820,8 @@ def worker_explain(params: dict) -> dict:
     from parity.dump.files import Dump
     from parity.causes.plant import planted_loss
     from parity.reimpl.loss import build_loss
-    from parity.replay.loss import LossAdapter, compare_loss
+    from parity.diagnose.loss import compare_loss
+    from parity.replay.loss import LossAdapter
     from parity.runtime import PROJECT_ROOT
 
     rows = []

@@ -309,7 +309,7 @@ def _replay(reference, candidate: Any, config: CompareConfig) -> Report:
 
 def _replay_loss(reference, candidate: Any, config: CompareConfig, loss_inject: str | None) -> Report:
     """A candidate dump's own recorded loss, unless a loss is named; otherwise the named loss or the built-in."""
-    from parity.replay.loss import compare_loss as replay_loss
+    from parity.diagnose.loss import compare_loss as replay_loss
 
     if _is_dump_dir(candidate) and config.loss is None:
         return replay_loss(reference, candidate, profile=config.profile, progress=config.progress)
@@ -439,7 +439,7 @@ def _old_release_report(report: Report, old, candidate: Any, config: CompareConf
         old_report = replay_layers(old, candidate, profile=config.profile, modes=config.modes, progress=False,
                                    inject=model_inject, map_file=config.map_file, device=config.device)
     if config.what in ("loss", "all") and old.manifest.get("loss", {}).get("cases"):
-        from parity.replay.loss import compare_loss as replay_loss
+        from parity.diagnose.loss import compare_loss as replay_loss
 
         try:
             loss_report = replay_loss(old, config.loss or "builtin", profile=config.profile, progress=False,

@@ -16,7 +16,8 @@ from parity.diagnose.explain import ExplainConfig, explain_report
 from parity.compare.metrics import compare_tensors
 from parity.compare.tolerances import get_profile, profile_for_environment
 from parity.dump.files import Dump
-from parity.replay.loss import LossAdapter, compare_loss
+from parity.diagnose.loss import compare_loss
+from parity.replay.loss import LossAdapter
 from parity.findings import Report, Row
 
 V8, V11, V26 = "yolov8-narrow-nc12-96", "yolo11-narrow-nc80-96", "yolo26-narrow-nc12-64"

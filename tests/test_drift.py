@@ -323,7 +323,7 @@ def _compare_json(tmp_path, *argv: str) -> tuple[int, dict]:
 def test_the_loss_replay_reads_a_83_dump_with_per_level_head_maps(fixtures_dir, isolated_injections):
     """8.3 stores the head as per-level maps; the loss replay joins them (and their gradients) into boxes/scores."""
     from parity.dump.files import Dump
-    from parity.replay.loss import compare_loss
+    from parity.diagnose.loss import compare_loss
 
     old = fixtures_dir / OLD_FIXTURE
     assert head_layout(Dump(old)) == "list" and head_layout(in_current_layout(Dump(old))) == "dict"

@@ -17,7 +17,8 @@ from parity.dump.files import Dump
 from parity.errors import ParityError
 from parity.reimpl import assigner as assigner_module
 from parity.reimpl.loss import build_loss
-from parity.replay.loss import (LossAdapter, LossSpec, builtin_loss_adapter, compare_assignment, compare_loss)
+from parity.diagnose.loss import compare_loss
+from parity.replay.loss import LossAdapter, LossSpec, builtin_loss_adapter, compare_assignment
 from parity.causes.plant import planted_loss
 
 from test_reimpl_loss import ultralytics_loss_dump
@@ -555,7 +556,7 @@ LOSS_ADAPTER_TYPO = {"target": "xyxy"}
 
 
 def test_an_unknown_module_level_option_is_named(yolo11):
-    from parity.replay.loss import _as_adapter
+    from parity.replay.loss.loading import _as_adapter
 
     with pytest.raises(ParityError, match=r"unknown adapter option\(s\) 'target'"):
         _as_adapter(lambda p, b: None, LOSS_ADAPTER_TYPO, "mine:build")

@@ -17,7 +17,7 @@ from parity.dump import names
 from parity.compare.tolerances import BITWISE, Tolerance
 from parity.diagnose import loss as dl
 from parity.diagnose import structure as ds
-from parity.diagnose.loss import BroadcastEvent, CaseEvidence, LossEvidence, StageEvidence
+from parity.replay.loss.evidence import BroadcastEvent, CaseEvidence, LossEvidence, StageEvidence
 from parity.dump.files import Dump
 from parity.tools.fixtures import fixture_path
 from parity.findings import Report

@@ -6,7 +6,8 @@ from __future__ import annotations
 import pytest
 
 from parity.dump.files import Dump
-from parity.replay.loss import LossSpec, compare_loss
+from parity.diagnose.loss import compare_loss
+from parity.replay.loss import LossSpec
 from parity.report.text import render
 
 YOLOV8 = "yolov8-narrow-nc12-96"

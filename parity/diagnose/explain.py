@@ -531,7 +531,7 @@ class _LossSide:
         return self.clean.branch(branch) if branch else self.clean
 
     def case(self, case: str):
-        from parity.replay.loss import _Case  # the replay's own view of a case's stage inputs
+        from parity.replay.loss import CaseView as _Case  # the replay's own view of a case's stage inputs
 
         return _Case(self.dump, self.spec, case)
 

@@ -1,8 +1,8 @@
 """Why a candidate loss departs from the reference: findings with stable signatures and one-sentence evidence.
 
-The loss replay (`parity.replay.loss`) collects `LossEvidence` (what each candidate stage returned when fed
-the reference's inputs, what the whole candidate loss returned, gradients, exceptions, broadcasting) and
-`diagnose_loss` turns it into `Finding`s, most specific first and in pipeline order:
+`compare_loss` runs the loss replay (`parity.replay.loss`), which collects `LossEvidence` (what each candidate
+stage returned when fed the reference's inputs, what the whole candidate loss returned, gradients, exceptions,
+broadcasting), and `diagnose_loss` turns it into `Finding`s, most specific first and in pipeline order:
 
     missing-sigmoid              the assigner got raw logits: sigmoid(candidate pd_scores) == reference pd_scores,
                                  or probabilities below 0 / NaN inside the assigner            (stage assign)
@@ -20,139 +20,48 @@ the reference's inputs, what the whole candidate loss returned, gradients, excep
                                                                                                the whole run)
     in-place-input               a stage changed its inputs in place (warning)                 (the stage)
 
-The same module holds `BroadcastWatch`, the torch-function mode the replay runs candidate code under to see
-element-wise operations whose operands broadcast against each other.
+The evidence types and `BroadcastWatch` (the torch-function mode the replay runs candidate code under to see
+element-wise operations whose operands broadcast against each other) live in `parity.replay.loss.evidence`.
 """
 
 from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass, field
-from typing import Any
+from pathlib import Path
+from typing import Any, Sequence
 
 import torch
-from torch.overrides import TorchFunctionMode
 
+from parity.compare.tolerances import Profile
+from parity.dump.files import Dump
 from parity.findings import Finding, Report
+from parity.replay.loss import REPLAY_STAGES, TERMS, LossReplay
+from parity.replay.loss.evidence import BROADCAST_ERROR, BroadcastEvent, LossEvidence
+# The watch and its shape test, reached here by tests/test_mutation_diagnose.py (as `dl.BroadcastWatch`).
+from parity.replay.loss.evidence import BroadcastWatch, _self_outer  # noqa: F401
 
-STAGE_ORDER = ("anchors", "preprocess", "decode", "assign", "assigner", "normalize", "classify", "box", "gains",
-               "output")
-TERMS = ("box", "cls", "dfl")
-
-# Element-wise binary operations whose operands broadcast (names as torch reports them to a function mode).
-_ELEMENTWISE = {
-    "mul", "add", "sub", "div", "true_divide", "rsub", "pow", "minimum", "maximum", "where", "atan2",
-    "__mul__", "__rmul__", "__add__", "__radd__", "__sub__", "__rsub__", "__truediv__", "__rtruediv__", "__pow__",
-    "__imul__", "__iadd__", "__isub__", "__itruediv__", "mul_", "add_", "sub_", "div_",
-    "eq", "ne", "gt", "lt", "ge", "le", "__eq__", "__ne__", "__gt__", "__lt__", "__ge__", "__le__",
-    "__and__", "__or__", "__iand__", "__ior__", "logical_and", "logical_or",
-    "binary_cross_entropy_with_logits", "l1_loss", "mse_loss", "smooth_l1_loss",
-}
-_BROADCAST_ERROR = re.compile(r"size of tensor a \((\d+)\) must match the size of tensor b \((\d+)\) "
-                              r"at non-singleton dimension (\d+)")
+# Findings are sorted in the replay's stage order (the pipeline order).
+STAGE_ORDER = REPLAY_STAGES
 
 
-# ------------------------------------------------------------------------------------------ broadcasting
-@dataclass
-class BroadcastEvent:
-    op: str
-    shapes: list[list[int]]
-    result: list[int] | None
-    kind: str  # "outer": a vector broadcast against itself into a square; "error": broadcasting failed
-    message: str = ""
+# ------------------------------------------------------------------------------------------- entry point
+def compare_loss(reference: Dump | str | Path, candidate_loss: Any = "builtin", *,
+                 profile: str | Profile | None = None, cases: Sequence[str] | None = None, progress: bool = True,
+                 inject: str | None = None) -> Report:
+    """Compare a candidate loss with the reference dump's loss: stage cross-replay, end to end, gradients.
 
-    def describe(self) -> str:
-        a, b = (tuple(s) for s in self.shapes[:2])
-        if self.kind == "error":
-            return f"{self.op} of {a} with {b} failed to broadcast"
-        return f"{self.op} of {a} with {b} broadcast to {tuple(self.result or [])}"
-
-
-class BroadcastWatch(TorchFunctionMode):
-    """Records element-wise operations whose two tensor operands broadcast against EACH OTHER along axes of the
-    same size (`(n, 1) * (n,) -> (n, n)`: a per-item vector meeting itself), and those that fail to broadcast.
-
-    Broadcasting different sizes against each other (`(M, 1)` against `(A,)`: all pairs of boxes and anchors)
-    is how pairwise code is written and is not recorded. Values are never changed.
+    candidate_loss: "builtin", "package.module:factory", a LossAdapter, a callable loss, or a candidate dump
+    (directory or Dump) holding the loss tensors a port recorded. Returns a Report: rows per case and stage
+    (`parity.replay.loss`), then the findings `diagnose_loss` draws from what the replay saw.
     """
-
-    def __init__(self):
-        super().__init__()
-        self.events: list[BroadcastEvent] = []
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        name = getattr(func, "__name__", "")
-        operands = [a for a in args if isinstance(a, torch.Tensor)][:2] if name in _ELEMENTWISE else []
-        try:
-            result = func(*args, **kwargs)
-        except RuntimeError as error:
-            if len(operands) == 2 and _BROADCAST_ERROR.search(str(error)):
-                self.events.append(BroadcastEvent(name, [list(o.shape) for o in operands], None, "error", str(error)))
-            raise
-        if len(operands) == 2 and isinstance(result, torch.Tensor) and _self_outer(*operands):
-            self.events.append(BroadcastEvent(name, [list(o.shape) for o in operands], list(result.shape), "outer"))
-        return result
-
-
-def _self_outer(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """True when a and b each stretch over an axis where the other holds the same size n > 1."""
-    rank = max(a.dim(), b.dim())
-    sa = [1] * (rank - a.dim()) + list(a.shape)
-    sb = [1] * (rank - b.dim()) + list(b.shape)
-    stretched_a = {sb[i] for i in range(rank) if sa[i] == 1 and sb[i] > 1}
-    stretched_b = {sa[i] for i in range(rank) if sb[i] == 1 and sa[i] > 1}
-    return bool(stretched_a & stretched_b)
-
-
-# --------------------------------------------------------------------------------------------- evidence
-@dataclass
-class StageEvidence:
-    """One candidate stage fed the reference's inputs (or the whole candidate run, stage "end-to-end")."""
-
-    case: str
-    branch: str | None
-    stage: str
-    reference: dict[str, torch.Tensor] = field(default_factory=dict)
-    outputs: dict[str, torch.Tensor] = field(default_factory=dict)
-    inputs: dict[str, Any] = field(default_factory=dict)
-    failed: list[str] = field(default_factory=list)
-    error: str | None = None
-    broadcasts: list[BroadcastEvent] = field(default_factory=list)
-    carries_grad: list[str] = field(default_factory=list)  # outputs that should be constants but carry grad
-    exception: dict | None = None  # candidate code raised: {"call", "type", "message", "at"} (file:line)
-    mutated: list[str] = field(default_factory=list)  # inputs the candidate changed in place
-
-    @property
-    def label(self) -> str:
-        return f"{self.branch} {self.stage}" if self.branch else self.stage
-
-
-@dataclass
-class CaseEvidence:
-    case: str
-    batch_size: int
-    stages: list[StageEvidence] = field(default_factory=list)  # conditioned stage replays
-    run: dict[str | None, StageEvidence] = field(default_factory=dict)  # end-to-end intermediates per branch
-    run_error: str | None = None
-    run_exception: dict | None = None  # the whole candidate loss raised: {"call", "type", "message", "at"}
-    run_broadcasts: list[BroadcastEvent] = field(default_factory=list)
-    ref_loss: torch.Tensor | None = None
-    cand_loss: torch.Tensor | None = None  # in the reference's convention (x B for a declared per-image mean)
-    values_passed: bool | None = None  # every end-to-end loss value within tolerance
-    grads_passed: bool | None = None  # every end-to-end gradient within tolerance
-    conditioned_grads_passed: bool | None = None
-    grad_failures: list[str] = field(default_factory=list)
-    positive_logits_finite: bool | None = None  # probe: the candidate's non-finite loss turns finite on |logits|
-
-
-@dataclass
-class LossEvidence:
-    cases: list[CaseEvidence] = field(default_factory=list)
-    gains: tuple[float, float, float] = (7.5, 0.5, 1.5)
-    batch_scaled: bool = True
-    tolerance: Any = None  # the loss Tolerance: closeness for "equals" in the checks below
+    replay = LossReplay.open(reference, candidate_loss, profile=profile, cases=cases, inject=inject)
+    report = Report(command="compare --what loss", reference=str(replay.dump.path), candidate=replay.adapter.name,
+                    profile=replay.profile.name)
+    evidence = replay.run(report, progress)
+    diagnose_loss(evidence, report)
+    replay.record_coverage(report)
+    return report
 
 
 # -------------------------------------------------------------------------------------------- diagnosis
@@ -347,7 +256,7 @@ def check_broadcast(evidence: LossEvidence) -> list[Finding]:
     for case in evidence.cases:
         for stage in case.stages:
             events = [e for e in stage.broadcasts if e.kind == "error" or stage.failed]
-            if stage.error and _BROADCAST_ERROR.search(stage.error) and not events:
+            if stage.error and BROADCAST_ERROR.search(stage.error) and not events:
                 events = [BroadcastEvent("?", [], None, "error", stage.error)]
             if events:
                 out.append(_broadcast_finding(events[0], _where(stage.stage, stage.branch), case.case))
@@ -368,7 +277,7 @@ def check_broadcast(evidence: LossEvidence) -> list[Finding]:
 
 def _broadcast_finding(event: BroadcastEvent, where: str, case: str) -> Finding:
     if event.kind == "error":
-        match = _BROADCAST_ERROR.search(event.message)
+        match = BROADCAST_ERROR.search(event.message)
         shapes = f"{tuple(event.shapes[0])} and {tuple(event.shapes[1])}" if len(event.shapes) == 2 else "two tensors"
         detail = (f"size {match.group(1)} met size {match.group(2)} at dimension {match.group(3)}" if match else
                   event.message)
@@ -529,7 +438,7 @@ def check_exceptions(evidence: LossEvidence) -> list[Finding]:
         if case.run_exception:
             raised.append((case.run_exception, None, None))
         for exception, stage, branch in raised:
-            if _BROADCAST_ERROR.search(exception["message"]):
+            if BROADCAST_ERROR.search(exception["message"]):
                 continue
             key = (exception["type"], exception.get("at") or exception["message"])
             entry = seen.setdefault(key, {"exception": exception, "calls": [], "cases": [], "stage": stage,

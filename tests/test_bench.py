@@ -111,6 +111,7 @@ def test_worker_subprocess_round_trip(fixtures_dir):
     assert result["rss_mb"] > 0 and info["maxrss_mb"] >= result["rss_mb"] * 0.5
 
 
+@pytest.mark.slow
 def test_quick_bench_end_to_end(tmp_path):
     """`python -m benchmarks.bench --quick`: every section runs at tiny sizes and is written to md and json."""
     out = tmp_path / "docs"

@@ -31,14 +31,16 @@ CANDIDATE ?= builtin
 export YOLO_OFFLINE := 1
 export YOLO_CONFIG_DIR := $(CURDIR)/runs/ultralytics-config
 
-.PHONY: help install dump-reference compare fixtures test bench inspect clean envelope drift
+.PHONY: help install dump-reference compare fixtures test test-fast bench inspect clean envelope drift
 
 help:
 	@echo "make dump-reference   write a reference dump (MODEL NC IMGSZ BATCH SEED DEVICE IMAGES INIT OUT)"
 	@echo "make compare          compare the built-in re-implementation against the reference (LAYER INJECT WHAT)"
-	@echo "make test             run the test suite"
+	@echo "make test             run the whole test suite (what CI runs)"
+	@echo "make test-fast        the inner loop: every test not marked slow (docs/testing.md), about a minute"
 	@echo "make fixtures         regenerate the small committed dumps in fixtures/"
 	@echo "make bench            write docs/benchmarks.md (not part of make test)"
+	@echo "make gpu-check        the whole CUDA path on the GPU present, appended to docs/cuda-results.md"
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON_BOOT) -m venv $(VENV)
@@ -66,6 +68,10 @@ fixtures: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests
+
+# The inner loop: leaves out the tests marked slow (builds, full-size captures, the bench smoke run).
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -m "not slow" tests
 
 bench: $(STAMP)
 	$(PY) -m benchmarks.bench
@@ -128,7 +134,7 @@ example-jittor: $(STAMP) $(JITTOR_STAMP)
 	PARITY_JITTOR_PYTHON="$(abspath $(JITTOR_VENV))/bin/python" PARITY_JITTOR_HOME="$(JITTOR_HOME)" \
 		$(PY) -m pytest -q tests/test_jittor_example.py
 
-# ---- the whole CUDA path on whatever GPU is present (parity/tools/gpu_check.py): appends to docs/cuda-results.md;
+# ---- the whole CUDA path on whatever GPU is present (benchmarks/gpu_check.py): appends to docs/cuda-results.md;
 # exits 2 without a GPU. `make examples-pytest` runs the user-side pytest example with the plugin.
 GPU_CHECK_ARGS ?=
 .PHONY: gpu-check examples-pytest
@@ -136,4 +142,4 @@ examples-pytest: $(STAMP)
 	$(PY) -m pytest -q -p parity.pytest_plugin examples/pytest
 
 gpu-check: $(STAMP)
-	$(PY) -m parity.tools.gpu_check $(GPU_CHECK_ARGS)
+	$(PY) -m benchmarks.gpu_check $(GPU_CHECK_ARGS)

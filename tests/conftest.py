@@ -24,6 +24,15 @@ def fixtures_dir() -> Path:
     return FIXTURES
 
 
+@pytest.fixture(scope="session")
+def small_capture():
+    """`run_capture` of yolo11-narrow, nc 80, 64 px, every loss case and gradient: the capture the capture tests
+    read, taken once per session. Tests only read it; one that needs a fresh or changed capture takes its own."""
+    from parity.capture import CaptureConfig, run_capture
+
+    return run_capture(CaptureConfig(model="fixtures/models/yolo11-narrow.yaml", nc=80, imgsz=64))
+
+
 def cuda_available() -> bool:
     import torch
 

@@ -1,4 +1,4 @@
-"""Smoke tests of the benchmark code (`benchmarks.bench`, `make bench`) at tiny sizes.
+"""Smoke tests of the benchmark code (`benchmarks/`, `make bench`) at tiny sizes.
 
 No timing is asserted here: timings are claims of docs/benchmarks.md only. These tests check that every code
 path runs, that the statistics helpers are right, and that the report says what it measured and left out.
@@ -12,56 +12,57 @@ import math
 import pytest
 import torch
 
-from benchmarks import bench
+from benchmarks import bench, markdown, runner, stats, system
+from benchmarks.workers.compare import fused_metrics
 
 NARROW = "fixtures/models/yolo11-narrow.yaml"
 
 
 def test_summarize_median_spread_and_flag():
-    s = bench.summarize([1.0, 1.1, 0.95, 1.05, 1.0])
+    s = stats.summarize([1.0, 1.1, 0.95, 1.05, 1.0])
     assert s["median"] == 1.0 and s["min"] == 0.95 and s["max"] == 1.1 and s["n"] == 5
     assert s["spread"] == pytest.approx(0.15) and not s["flag"]
-    assert bench.summarize([1.0, 1.3])["flag"]
-    assert not bench.summarize([1.0])["flag"]
-    assert bench.summarize([])["median"] is None
-    assert bench.summarize([1.0, float("nan")])["n"] == 1
+    assert stats.summarize([1.0, 1.3])["flag"]
+    assert not stats.summarize([1.0])["flag"]
+    assert stats.summarize([])["median"] is None
+    assert stats.summarize([1.0, float("nan")])["n"] == 1
 
 
 def test_ratio_summary_pairs_interleaved_runs_and_else_uses_extreme_pairings():
-    paired = bench.ratio_summary([2.0, 2.2, 1.8], [1.0, 1.1, 0.9])
+    paired = stats.ratio_summary([2.0, 2.2, 1.8], [1.0, 1.1, 0.9])
     assert paired["paired"] and paired["median"] == pytest.approx(2.0) and paired["max"] == pytest.approx(2.0)
     # one stalled denominator spoils one pair only
-    stalled = bench.ratio_summary([2.0, 2.0, 2.0], [1.0, 1.0, 20.0])
+    stalled = stats.ratio_summary([2.0, 2.0, 2.0], [1.0, 1.0, 20.0])
     assert stalled["median"] == pytest.approx(2.0) and stalled["min"] == pytest.approx(0.1)
-    r = bench.ratio_summary([2.0, 2.2, 1.8], [1.0, 1.1, 0.9], paired=False)
+    r = stats.ratio_summary([2.0, 2.2, 1.8], [1.0, 1.1, 0.9], paired=False)
     assert r["median"] == pytest.approx(2.0)
     assert r["min"] == pytest.approx(1.8 / 1.1) and r["max"] == pytest.approx(2.2 / 0.9)
-    assert bench.ratio_summary([], [1.0])["median"] is None
+    assert stats.ratio_summary([], [1.0])["median"] is None
 
 
 def test_memory_fit_recovers_base_and_slope():
     points = [{"compare": {"memory_pread": {"largest_pair_bytes": x * 2 ** 20, "peak_rss_mb": 500 + 1.5 * x}}}
               for x in (10, 40, 100)]
-    fit = bench.memory_fit(points)
+    fit = stats.memory_fit(points)
     assert fit["slope_pairs"] == pytest.approx(1.5) and fit["fixed_mb"] == pytest.approx(500)
 
 
 def test_fit_exponent_recovers_a_power_law():
     xs = [1, 2, 8, 16]
-    fit = bench.fit_exponent(xs, [3.0 * x ** 1.5 for x in xs])
+    fit = stats.fit_exponent(xs, [3.0 * x ** 1.5 for x in xs])
     assert fit["exponent"] == pytest.approx(1.5)
     assert fit["per_doubling"] == pytest.approx(2 ** 1.5)
     assert fit["max_log_residual"] == pytest.approx(0.0, abs=1e-12)
-    assert bench.fit_exponent([1], [1]) is None
-    assert bench.fit_exponent([1, 2], [0, 1]) is None  # a zero cannot be fitted in log space
+    assert stats.fit_exponent([1], [1]) is None
+    assert stats.fit_exponent([1, 2], [0, 1]) is None  # a zero cannot be fitted in log space
 
 
 def test_peak_memory_mark_resets():
     big = torch.ones(64 << 20, dtype=torch.uint8)  # 64 MiB touched
     big.add_(1)
-    before = bench.hwm_mb()
+    before = system.hwm_mb()
     del big
-    with bench.Phase() as phase:
+    with system.Phase() as phase:
         pass
     assert phase.peak_mb is not None
     if phase.reset:
@@ -73,7 +74,7 @@ def test_markdown_states_targets_load_and_left_out():
            "threads": 2, "load_average_start": [3.0, 2.0, 1.0], "load_average_end": [1.0, 1.0, 1.0],
            "skipped": ["growth point m/640/b2: not enough time left"], "wall_seconds": 1.0,
            "cuda": {"skipped": "CUDA is not available"}}
-    text = bench.render_markdown(doc)
+    text = markdown.render_markdown(doc)
     for heading in ("## Machine", "## Headline", "## Capture", "## Replay", "## Compare", "## Growth", "## CUDA",
                     "## Left out of this run"):
         assert heading in text
@@ -83,8 +84,8 @@ def test_markdown_states_targets_load_and_left_out():
 
 
 def test_cell_marks_spread_over_twenty_percent():
-    assert "**±" in bench._cell(bench.summarize([1.0, 2.0]))
-    assert "**±" not in bench._cell(bench.summarize([1.0, 1.1]))
+    assert "**±" in markdown.cell(stats.summarize([1.0, 2.0]))
+    assert "**±" not in markdown.cell(stats.summarize([1.0, 1.1]))
 
 
 def test_fused_metrics_agree_with_compare_tensors():
@@ -94,7 +95,7 @@ def test_fused_metrics_agree_with_compare_tensors():
     r = torch.randn(1000, generator=torch.Generator().manual_seed(0))
     c = r.clone()
     c[::3] = torch.nextafter(c[::3], torch.tensor(math.inf))
-    values = [float(v) for v in bench.fused_metrics(r, c, 1e-5, 1e-5, 4)]
+    values = [float(v) for v in fused_metrics(r, c, 1e-5, 1e-5, 4)]
     metrics = compare_tensors(r, c, Tolerance(1e-5, 1e-5, max_ulp=4))
     assert values[0] == pytest.approx(metrics.max_abs)
     assert int(values[8]) == metrics.max_ulp == 1
@@ -104,12 +105,13 @@ def test_fused_metrics_agree_with_compare_tensors():
 def test_worker_subprocess_round_trip(fixtures_dir):
     """The subprocess runner: a worker's result comes back through stdout, its peak memory through wait4."""
     dump = str(fixtures_dir / "yolo11-narrow-nc80-96")
-    result, info = bench.run_worker("compare-base", {"reference": dump, "candidate": dump, "threads": 1},
+    result, info = runner.run_worker("compare-base", {"reference": dump, "candidate": dump, "threads": 1},
                                     timeout=300)
     assert info.get("error") is None, info
     assert result["rss_mb"] > 0 and info["maxrss_mb"] >= result["rss_mb"] * 0.5
 
 
+@pytest.mark.slow
 def test_quick_bench_end_to_end(tmp_path):
     """`python -m benchmarks.bench --quick`: every section runs at tiny sizes and is written to md and json."""
     out = tmp_path / "docs"
@@ -141,4 +143,4 @@ def test_quick_bench_end_to_end(tmp_path):
         assert "batch" in doc["growth"]["fits"] and doc["growth"]["fits"]["batch"]
     if not torch.cuda.is_available():
         assert "CUDA is not available" in doc["cuda"]["skipped"]
-    assert not bench.INPROCESS
+    assert not runner.INPROCESS

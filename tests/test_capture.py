@@ -49,8 +49,8 @@ def test_two_captures_are_bitwise_equal():
     assert first.manifest["model"] == second.manifest["model"]
 
 
-def test_capture_records_every_contract_stage():
-    captured = run_capture(SMALL)
+def test_capture_records_every_contract_stage(small_capture):
+    captured = small_capture
     for case in names.LOSS_CASES:
         for stage, tensors in names.LOSS_STAGES.items():
             for tensor in tensors:
@@ -69,8 +69,8 @@ def test_capture_records_every_contract_stage():
             assert name in captured.tensors
 
 
-def test_loss_stages_agree_with_what_ultralytics_returns():
-    captured = run_capture(SMALL)
+def test_loss_stages_agree_with_what_ultralytics_returns(small_capture):
+    captured = small_capture
     t = captured.tensors
     for case in names.LOSS_CASES:
         after = t[names.loss(case, "gains", "after")]
@@ -92,6 +92,7 @@ def test_end2end_captures_both_branches():
     assert names.loss_output("default", "loss") in captured.tensors
 
 
+@pytest.mark.slow
 def test_bias_init_is_stored_and_recomputed():
     captured = run_capture(CaptureConfig(model="yolo11n.yaml", nc=80, imgsz=64, gradients=False, cases=("default",)))
     expected = [-11.536642074584961, -10.150347709655762, -8.764053344726562]
@@ -196,6 +197,7 @@ def test_fixture_configs_are_small():
         assert size < 12e6, (name, size)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("model", ["yolov8n.yaml", "yolo11n.yaml", "yolo12n.yaml", "yolo26n.yaml"])
 def test_every_model_family_dumps_and_inspects(model, tmp_path):
     from rich.console import Console

@@ -140,6 +140,7 @@ def measured(tmp_path_factory):
     return out
 
 
+@pytest.mark.slow
 def test_measured_envelope_document(measured):
     document = json.loads(measured.read_text())
     assert document["schema"] == env.SCHEMA and list(document["pairs"]) == ["cpu-cpu/fp32"]
@@ -159,6 +160,7 @@ def test_measured_envelope_document(measured):
     assert measured.stat().st_size < 200_000
 
 
+@pytest.mark.slow
 def test_envelope_judges_its_own_runs_within_and_a_bug_outside(measured):
     """Re-capturing at 1 thread stays within the envelope (factor <= 1); a layer scaled by 1.001 does not."""
     from parity.capture import CaptureConfig
@@ -174,6 +176,7 @@ def test_envelope_judges_its_own_runs_within_and_a_bug_outside(measured):
     assert env.judge(envelope, "act.10", compare_tensors(base["act.10"], base["act.10"] * 1.001)) > 10
 
 
+@pytest.mark.slow
 def test_envelope_show_and_bad_device(measured, capsys):
     assert main(["--no-progress", "envelope", "--show", str(measured)]) == 0
     assert "cpu-cpu/fp32" in capsys.readouterr().out

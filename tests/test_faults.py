@@ -344,6 +344,7 @@ def test_an_internal_error_is_exit_3_one_line_and_a_traceback_file(tmp_path, cap
     assert "Traceback (most recent call last)" in text and "planted bug" in text and "inspect" in text.splitlines()[0]
 
 
+@pytest.mark.slow
 def test_make_passes_paths_with_spaces_and_non_ascii_and_says_which_codes_it_returns(tmp_path):
     folder = tmp_path / "my dumps ü"
     out = folder / "ré f"
@@ -400,6 +401,7 @@ KILL_SCRIPT = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("point", ["capture", "save", "rename", "swap"])
 def test_a_killed_writer_loses_nothing_and_the_next_run_cleans_up(tmp_path, point):
     out = tmp_path / "out"

@@ -1,4 +1,4 @@
-"""`make gpu-check` (parity/tools/gpu_check.py), its CPU-side logic: the plan, judging a step, the results file, and
+"""`make gpu-check` (benchmarks/gpu_check.py), its CPU-side logic: the plan, judging a step, the results file, and
 the exit code 2 without a GPU. The CUDA run itself needs a GPU (none here); it appends to docs/cuda-results.md.
 """
 
@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from parity.tools import gpu_check
-from parity.tools.gpu_check import Step, StepResult, judge, plan, results_section
+from benchmarks import gpu_check
+from benchmarks.gpu_check import Step, StepResult, judge, plan, results_section
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -104,8 +104,8 @@ def test_without_a_gpu_it_exits_2_and_says_why(capsys, monkeypatch, tmp_path):
 
 def test_make_gpu_check_is_the_last_makefile_target():
     makefile = (ROOT / "Makefile").read_text()
-    assert "\ngpu-check:" in makefile and "-m parity.tools.gpu_check" in makefile
-    assert makefile.rstrip().splitlines()[-1].strip().endswith("-m parity.tools.gpu_check $(GPU_CHECK_ARGS)")
+    assert "\ngpu-check:" in makefile and "-m benchmarks.gpu_check" in makefile
+    assert makefile.rstrip().splitlines()[-1].strip().endswith("-m benchmarks.gpu_check $(GPU_CHECK_ARGS)")
 
 
 @pytest.mark.skipif(not Path(gpu_check.RESULTS).exists(), reason="docs/cuda-results.md not written yet")

@@ -60,6 +60,7 @@ def _errors(report: dict) -> list[dict]:
     return [f for f in report["findings"] if f["severity"] == "error"]
 
 
+@pytest.mark.slow
 def test_clean_port_is_parity(reference, tmp_path):
     code, report = _compare(reference, _run_client(reference, tmp_path / "clean"))
     assert code == 0, _errors(report)
@@ -68,6 +69,7 @@ def test_clean_port_is_parity(reference, tmp_path):
     assert len({r["where"] for r in isolated}) >= 23  # every layer judged on the reference's own inputs
 
 
+@pytest.mark.slow
 def test_integer_division_bias_is_named(reference, tmp_path):
     code, report = _compare(reference, _run_client(reference, tmp_path / "intdiv", "--bias", "intdiv"))
     assert code == 1
@@ -75,6 +77,7 @@ def test_integer_division_bias_is_named(reference, tmp_path):
     assert signatures == {"bias-init-nonfinite"}, signatures
 
 
+@pytest.mark.slow
 def test_bn_eps_is_named_at_layer_0_from_outputs_alone(reference, tmp_path):
     code, report = _compare(reference, _run_client(reference, tmp_path / "eps", "--bn-eps", "1e-5"))
     assert code == 1
@@ -83,6 +86,7 @@ def test_bn_eps_is_named_at_layer_0_from_outputs_alone(reference, tmp_path):
     assert eps and "layer 0" in eps[0]["where"] and "eps=1e-05" in eps[0]["message"].replace("1e-5", "1e-05")
 
 
+@pytest.mark.slow
 def test_stock_batchnorm_rounding_is_not_called_an_eps_difference(reference, tmp_path):
     _, report = _compare(reference, _run_client(reference, tmp_path / "stock", "--bn", "stock"))
     assert not [f for f in report["findings"] if f["signature"] == "bn-eps"]

@@ -31,8 +31,10 @@ VARIANTS = ("clean", "double", "intdiv")
 NC = 38
 
 CXX = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++") or shutil.which("clang++")
-pytestmark = pytest.mark.skipif(CXX is None, reason="no C++ compiler (g++, c++ or clang++) on PATH: the LibTorch "
-                                                    "example cannot be built here")
+# the C++ build alone takes minutes the first time: out of `make test-fast`
+pytestmark = [pytest.mark.slow,
+              pytest.mark.skipif(CXX is None, reason="no C++ compiler (g++, c++ or clang++) on PATH: the LibTorch "
+                                                     "example cannot be built here")]
 
 
 def _torch_dir() -> Path:

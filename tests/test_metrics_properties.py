@@ -130,6 +130,7 @@ def pairs(draw, dtype=np.float32, cand_dtype=None):
 
 
 # ---------------------------------------------------------------------------- NaN and Inf by position
+@pytest.mark.slow
 @SETTINGS
 @given(ref=float_arrays(np.float32, special=False, min_size=1), data=st.data())
 def test_nan_only_matches_nan_at_the_same_position(ref, data):
@@ -144,6 +145,7 @@ def test_nan_only_matches_nan_at_the_same_position(ref, data):
     assert not moved.passed and moved.mismatched >= 1 and "non-finite on one side only" in moved.reason
 
 
+@pytest.mark.slow
 @SETTINGS
 @given(ref=float_arrays(np.float32, special=False, min_size=1), data=st.data())
 def test_a_nan_in_the_candidate_never_passes_opposite_a_number(ref, data):
@@ -154,6 +156,7 @@ def test_a_nan_in_the_candidate_never_passes_opposite_a_number(ref, data):
     assert not result.passed and result.nan_cand == 1 and result.nan_ref == 0 and result.max_abs == math.inf
 
 
+@pytest.mark.slow
 @SETTINGS
 @given(ref=float_arrays(np.float32, special=False, min_size=1), data=st.data(),
        sign=st.sampled_from([1.0, -1.0]))
@@ -170,12 +173,14 @@ def test_inf_only_matches_the_same_inf(ref, data, sign):
 
 
 # ------------------------------------------------------------------------------------ numpy as oracle
+@pytest.mark.slow
 @SETTINGS
 @given(pair=pairs(np.float32), tol=tolerances)
 def test_float32_pairs_agree_with_the_oracle(pair, tol):
     check_against_oracle(*pair, tol)
 
 
+@pytest.mark.slow
 @SETTINGS
 @given(pair=pairs(np.float32), tol=tolerances, chunk=st.integers(1, 8))
 def test_the_chunked_pass_agrees_with_the_oracle(pair, tol, chunk):
@@ -183,18 +188,21 @@ def test_the_chunked_pass_agrees_with_the_oracle(pair, tol, chunk):
         check_against_oracle(*pair, tol)
 
 
+@pytest.mark.slow
 @SETTINGS
 @given(pair=pairs(np.float64), tol=tolerances)
 def test_float64_pairs_agree_with_the_oracle(pair, tol):
     check_against_oracle(*pair, tol)
 
 
+@pytest.mark.slow
 @SETTINGS
 @given(pair=pairs(np.float16), tol=tolerances)
 def test_float16_pairs_agree_with_the_oracle(pair, tol):
     check_against_oracle(*pair, tol)
 
 
+@pytest.mark.slow
 @SETTINGS
 @given(pair=pairs(np.float32, cand_dtype=np.float64), tol=tolerances)
 def test_float32_against_float64_agrees_with_the_oracle_and_is_never_exact(pair, tol):
@@ -206,6 +214,7 @@ def test_float32_against_float64_agrees_with_the_oracle_and_is_never_exact(pair,
         assert not result.exact  # different dtypes are never bitwise equal
 
 
+@pytest.mark.slow
 @SETTINGS
 @given(ref=hnp.arrays(st.sampled_from([np.int64, np.int32, np.uint8, np.bool_]), st.integers(0, 30)),
        data=st.data(), tol=tolerances)
@@ -220,6 +229,7 @@ def test_bool_and_integer_tensors_compare_exactly_whatever_the_tolerance(ref, da
 
 
 # ------------------------------------------------------------------------------------- edges, each one
+@pytest.mark.slow
 @SETTINGS
 @given(ref=hnp.arrays(np.float32, st.integers(1, 20), elements=st.integers(-64, 64).map(lambda v: v / 8)),
        atol_steps=st.integers(0, 8), data=st.data())
@@ -237,6 +247,7 @@ def test_the_atol_boundary_is_inclusive(ref, atol_steps, data):
     assert beyond.worst_index == [at] and f"outside atol {atol:.3g}" in beyond.reason
 
 
+@pytest.mark.slow
 @SETTINGS
 @given(ref=hnp.arrays(np.float32, st.integers(1, 20), elements=st.sampled_from([1.0, 2.0, 4.0, -8.0, 0.5])),
        data=st.data())
@@ -249,6 +260,7 @@ def test_the_rtol_boundary_is_inclusive(ref, data):
     assert not compare_tensors(torch.from_numpy(ref), torch.from_numpy(cand), Tolerance(0.0, rtol)).passed
 
 
+@pytest.mark.slow
 @SETTINGS
 @given(ref=float_arrays(np.float32, special=False, min_size=1), steps=st.integers(0, 5), data=st.data())
 def test_the_ulp_boundary_is_inclusive(ref, steps, data):
@@ -267,6 +279,7 @@ def test_the_ulp_boundary_is_inclusive(ref, steps, data):
         assert not result.passed and result.max_ulp == steps and f"over {steps - 1} ulp" in result.reason
 
 
+@pytest.mark.slow
 @SETTINGS
 @given(ref=float_arrays(np.float32, special=False), dtype=st.sampled_from(list(FLOAT_DTYPES)))
 def test_signed_zeros_are_the_same_number(ref, dtype):

@@ -24,6 +24,7 @@ def ranks(tmp_path_factory):
     return run_two_ranks(reference, ["builtin", PLANTED], steps=1, out=root / "ranks", timeout=540)
 
 
+@pytest.mark.slow
 def test_what_data_parallel_changes_in_the_reference(ranks):
     rank0, rank1 = Dump(ranks.reference[0]), Dump(ranks.reference[1])
     assert rank0.manifest["train"]["world_size"] == 2 and rank1.manifest["train"]["rank"] == 1
@@ -46,12 +47,14 @@ def _report(reference, candidate):
                             reference=str(reference), candidate=str(candidate), mode="chained")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("rank", [0, 1])
 def test_builtin_two_rank_step_is_parity(ranks, rank):
     report = _report(ranks.reference[rank], ranks.candidates[0][rank])
     assert report.verdict == "parity", [(r.where, r.name, r.note) for r in report.failed_rows]
 
 
+@pytest.mark.slow
 def test_forgotten_world_size_scaling_is_named(ranks):
     report = _report(ranks.reference[0], ranks.candidates[1][0])
     assert [f.signature for f in report.findings] == ["loss-scale"]

@@ -7,6 +7,8 @@ CUDA and demands that each is named, and times the bench's CUDA section. The res
 docs/cuda-results.md, one section per run (GPU model, date, versions); the reports and dumps stay in
 runs/gpu-check/. Without a GPU it exits 2 and says why. Every step is a subprocess with its own time limit;
 steps the budget no longer allows are listed as not run.
+
+It lives beside the benchmarks, outside the wheel, because its last step runs the bench's CUDA worker.
 """
 
 from __future__ import annotations
@@ -88,7 +90,7 @@ def plan(workdir: Path = WORKDIR, *, model: str = "yolo11n.yaml", imgsz: int = 3
 def run_step(step: Step, timeout: float) -> StepResult:
     started = time.perf_counter()
     if step.argv[0] == "--bench-cuda":
-        command = [sys.executable, "-m", "parity.tools.gpu_check", *step.argv]
+        command = [sys.executable, "-m", "benchmarks.gpu_check", *step.argv]
     else:
         command = [sys.executable, "-m", "parity", "--no-progress", *step.argv]
     env = {**os.environ, "PYTHONPATH": str(PROJECT_ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
@@ -153,16 +155,17 @@ def run_all(steps: list[Step], budget: float = BUDGET_S, log=print) -> list[Step
 
 
 def bench_cuda(model: str, imgsz: int, keep_dump: str) -> int:
-    """The bench's CUDA section (`benchmarks.bench.worker_cuda`), its summary on stdout's last line."""
-    from benchmarks import bench
+    """The bench's CUDA section (`benchmarks.workers.cuda.worker_cuda`), its summary on stdout's last line."""
+    from benchmarks.analysis import analyse_replay, analyse_step
+    from benchmarks.workers.cuda import worker_cuda
 
-    raw = bench.worker_cuda({"template": model, "model": model, "scale": "n", "imgsz": imgsz, "batch": 2,
+    raw = worker_cuda({"template": model, "model": model, "scale": "n", "imgsz": imgsz, "batch": 2,
                              "threads": 2, "workdir": str(Path(keep_dump).parent), "repeats": 3,
                              "keep_dump": keep_dump})
     if "skipped" in raw:
         print(json.dumps(raw))
         return 2
-    raw["summary"] = {"step": bench.analyse_step(raw["step"]), "replay": bench.analyse_replay(raw["replay"])}
+    raw["summary"] = {"step": analyse_step(raw["step"]), "replay": analyse_replay(raw["replay"])}
     print(json.dumps({"summary": raw["summary"], "device_name": raw.get("device_name"), "cuda": raw.get("cuda")},
                      default=str))
     return 0
@@ -198,7 +201,7 @@ def results_section(facts: dict[str, Any], results: list[StepResult], *, model: 
 
 HEADER = """# CUDA results
 
-Written by `make gpu-check` (`parity/tools/gpu_check.py`), one section per run, newest last: what the whole CUDA path
+Written by `make gpu-check` (`benchmarks/gpu_check.py`), one section per run, newest last: what the whole CUDA path
 gave on that GPU. docs/cuda.md says what each step means. Nothing here is measured on a machine without a GPU.
 
 """
@@ -223,7 +226,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["--bench-cuda"]:
         return bench_cuda(argv[1], int(argv[2]), argv[3])
-    parser = argparse.ArgumentParser(prog="python -m parity.tools.gpu_check", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.gpu_check", description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="yolo11n.yaml")
     parser.add_argument("--imgsz", type=int, default=320)
     parser.add_argument("--device", default="cuda")

@@ -1,7 +1,7 @@
 """The public Python API (docs/python-api.md): what `parity compare` does, callable from a user's own code.
 
 `compare` runs the layer replay, the loss replay, or a dump-against-dump comparison, exactly as the CLI does
-(the CLI is a thin layer over this module: `parity.cli.compare.run_compare` turns its flags into a
+(the CLI is a thin layer over this module: `parity.cli.compare.cmd_compare` turns its flags into a
 `CompareConfig` and calls `run`). `assert_parity` is the `torch.testing.assert_close` of this project: one call
 that raises an `AssertionError` saying where a port departs from ultralytics, and by how much.
 """

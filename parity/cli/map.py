@@ -38,21 +38,24 @@ def cmd_map(args: argparse.Namespace) -> int:
         return 0
     inference = getattr(candidate, "inference", None)
     if inference is not None:
-        types = {e["index"]: e.get("type") for e in reference.layers}
-        console.print(f"layers inferred from one traced forward ({len(inference.layers)} of {len(types)}):",
-                      highlight=False)
-        for index, layer in sorted(inference.layers.items()):
-            how = ("module" if layer.kind == "module" else
-                   "one call of a parameterless module" if layer.module_call else "an operation in a parent's forward")
-            call = f", called with {layer.arity} positional tensors" if layer.call == "positional" else ""
-            console.print(f"  {index:>3} {types.get(index, '?'):<9} {layer.describe()} ({how}{call})",
-                          highlight=False)
-        for problem in inference.problems:
-            console.print(f"  [yellow]{problem.index:>3} not inferred[/yellow]: {problem.message}. Fix: {problem.fix}",
-                          highlight=False)
+        _print_inference(console, inference, {e["index"]: e.get("type") for e in reference.layers})
     console.print(mapping.describe(verbose=True), highlight=False)
     for finding in findings:
         style = {"error": "red", "warning": "yellow"}.get(finding.severity, "cyan")
         console.print(f"[{style}]{finding.signature}[/{style}] {finding.where}: {finding.message}", highlight=False)
     console.print(f"mapped in {time.perf_counter() - started:.1f} s", highlight=False)
     return 1 if any(f.severity == "error" for f in findings) else 0
+
+
+def _print_inference(console, inference, types: dict) -> None:
+    """The layers one traced forward found, how each is computed, and the ones it could not place."""
+    console.print(f"layers inferred from one traced forward ({len(inference.layers)} of {len(types)}):",
+                  highlight=False)
+    for index, layer in sorted(inference.layers.items()):
+        how = ("module" if layer.kind == "module" else
+               "one call of a parameterless module" if layer.module_call else "an operation in a parent's forward")
+        call = f", called with {layer.arity} positional tensors" if layer.call == "positional" else ""
+        console.print(f"  {index:>3} {types.get(index, '?'):<9} {layer.describe()} ({how}{call})", highlight=False)
+    for problem in inference.problems:
+        console.print(f"  [yellow]{problem.index:>3} not inferred[/yellow]: {problem.message}. Fix: {problem.fix}",
+                      highlight=False)

@@ -22,11 +22,16 @@ _EXPORTS = {
 __all__ = ["__version__", *_EXPORTS]
 
 
+def public(name: str):
+    """The public object `name` (one of `__all__`), imported from the module that defines it."""
+    import importlib
+
+    return getattr(importlib.import_module(_EXPORTS[name]), name)
+
+
 def __getattr__(name: str):
     if name in _EXPORTS:
-        import importlib
-
-        value = getattr(importlib.import_module(_EXPORTS[name]), name)
+        value = public(name)
         globals()[name] = value
         return value
     raise AttributeError(f"module 'parity' has no attribute {name!r}")

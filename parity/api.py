@@ -1,7 +1,7 @@
 """The public Python API (docs/python-api.md): what `parity compare` does, callable from a user's own code.
 
 `compare` runs the layer replay, the loss replay, or a dump-against-dump comparison, exactly as the CLI does
-(the CLI is a thin layer over this module: `parity.cli.compare.run_compare` turns its flags into a
+(the CLI is a thin layer over this module: `parity.cli.compare.cmd_compare` turns its flags into a
 `CompareConfig` and calls `run`). `assert_parity` is the `torch.testing.assert_close` of this project: one call
 that raises an `AssertionError` saying where a port departs from ultralytics, and by how much.
 """
@@ -11,13 +11,15 @@ from __future__ import annotations
 import os
 import re
 import tempfile
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 from parity.errors import ParityError
 from parity.findings import Finding, Report, Row
+from parity.progress import steps
+from parity.report.summary import headline, row_detail
 
 WHATS = ("layers", "loss", "all")
 MODES = ("both", "isolated", "chained")
@@ -189,47 +191,6 @@ def failure_message(report: Report, files: ReportFiles | None = None, *, finding
     return "\n".join(lines)
 
 
-def headline(report: Report) -> str:
-    """One line: the verdict, how many checks failed, the first divergent layer and the first failed check."""
-    failed, checks = len(report.failed_rows), len(report.rows)
-    if report.verdict == "parity":
-        return f"PARITY: all {checks} checks passed under profile {report.profile}"
-    parts = [f"DIVERGENCE: {failed} of {checks} checks failed, {len(report.errors)} error finding(s)"]
-    first = (report.context or {}).get("first_divergent_layer") or {}
-    layers = ", ".join(f"{mode} layer {index}" for mode, index in first.items() if index is not None)
-    if layers:
-        parts.append(f"first divergent: {layers}")
-    row = report.first_divergence()
-    if row is not None:
-        parts.append(f"first failed check: [{row.section}] {row.where} {row.name}")
-    elif report.errors:
-        parts.append(f"first error: {report.errors[0].signature} @ {report.errors[0].where}")
-    return "; ".join(parts)
-
-
-def row_detail(row: Row) -> str:
-    """What a failed (or passed) row says: its note, or else its numbers."""
-    if str(row.note).strip():
-        return " ".join(str(row.note).split())
-    m = row.metrics or {}
-    if not m:
-        return "passed" if row.passed else "failed"
-    if m.get("ref_shape") != m.get("cand_shape"):
-        return f"shape {m.get('cand_shape')} != reference {m.get('ref_shape')}"
-    parts = [f"max|d| {_g(m.get('max_abs'))}"]
-    if m.get("mismatched"):
-        parts.append(f"{m.get('mismatched')} of {m.get('numel')} elements out of tolerance")
-    if m.get("nan_cand") or m.get("inf_cand"):
-        parts.append(f"candidate NaN {m.get('nan_cand')} Inf {m.get('inf_cand')} (reference NaN {m.get('nan_ref')})")
-    if m.get("worst_index") is not None:
-        parts.append(f"worst at {m.get('worst_index')}: {_g(m.get('ref_at_worst'))} -> {_g(m.get('cand_at_worst'))}")
-    return ", ".join(parts)
-
-
-def _g(value: Any) -> str:
-    return f"{value:.3g}" if isinstance(value, float) else str(value)
-
-
 def _sentence(text: str, width: int = 160) -> str:
     """The first sentence of a message, at most `width` characters."""
     text = " ".join(str(text).split())
@@ -283,10 +244,26 @@ def _is_dump_dir(candidate: Any) -> bool:
     return isinstance(candidate, (str, os.PathLike)) and (Path(candidate) / MANIFEST).exists()
 
 
-def _replay(reference, candidate: Any, config: CompareConfig) -> Report:
-    from parity.cli.compare import _split_injection
+def split_injection(inject: str | None) -> tuple[str | None, str | None]:
+    """(model bug, loss bug): a bug name belongs to the model or to the loss, and each replay gets only its own;
+    a release mode such as `as-of-8.3` has a model half and a loss half (`as-of-8.3-loss`)."""
+    if not inject:
+        return None, None
+    from parity.causes import get
 
-    model_inject, loss_inject = _split_injection(config.inject)
+    try:
+        kind = get(inject).kind
+    except KeyError as error:
+        raise ParityError(str(error.args[0])) from None
+    try:
+        loss_half = inject + "-loss" if get(inject + "-loss").kind == "loss" and kind == "model" else None
+    except KeyError:
+        loss_half = None
+    return (inject, loss_half) if kind == "model" else (None, inject)
+
+
+def _replay(reference, candidate: Any, config: CompareConfig) -> Report:
+    model_inject, loss_inject = split_injection(config.inject)
     report: Report | None = None
     if config.what in ("layers", "all"):
         from parity.replay.layers import compare_layers as replay_layers
@@ -338,25 +315,9 @@ def _dump_against_dump(reference, candidate: Any, config: CompareConfig) -> Repo
         from parity.compare.stream import compare_dumps
 
         shared = len(set(reference.names()) & set(candidate.names()))
-        with _step_bar(config.progress, shared, "comparing dumps") as advance:
+        with steps(config.progress, shared, "comparing dumps") as advance:
             return compare_dumps(reference, candidate, profile=config.profile, progress=advance)
     return None
-
-
-@contextmanager
-def _step_bar(enabled: bool, total: int, title: str) -> Iterator[Callable[[str], None]]:
-    """One step per call of the yielded function, on stderr; silent unless asked for and on a terminal."""
-    import sys
-
-    if not enabled or not sys.stderr.isatty():
-        yield lambda step: None
-        return
-    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
-
-    with Progress(TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.fields[step]}"),
-                  TimeElapsedColumn(), transient=True) as bar:
-        task = bar.add_task(title, total=total, step="")
-        yield lambda step: bar.update(task, advance=1, step=step)
 
 
 def _record_environment(report: Report, reference, config: CompareConfig) -> None:
@@ -429,9 +390,7 @@ def explain_version_drift(report: Report, reference, candidate: Any, config: Com
 
 
 def _old_release_report(report: Report, old, candidate: Any, config: CompareConfig) -> Report | None:
-    from parity.cli.compare import _split_injection
-
-    model_inject, loss_inject = _split_injection(config.inject)
+    model_inject, loss_inject = split_injection(config.inject)
     old_report = None
     if config.what in ("layers", "all"):
         from parity.replay.layers import compare_layers as replay_layers
@@ -455,4 +414,5 @@ def report_versions(dump) -> str:
 
 
 __all__ = ["CompareConfig", "Finding", "Report", "ReportFiles", "Row", "assert_parity", "compare",
-           "compare_layers", "compare_loss", "dump_reference", "failure_message", "run", "write_reports"]
+           "compare_layers", "compare_loss", "dump_reference", "failure_message", "headline", "row_detail", "run",
+           "split_injection", "write_reports"]

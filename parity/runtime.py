@@ -14,6 +14,22 @@ PROJECT_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_THREADS = 2
 
 
+def threads_from_environment() -> int:
+    """$PARITY_THREADS, else DEFAULT_THREADS (docs/python-api.md, 'Threads')."""
+    value = os.environ.get("PARITY_THREADS", "").strip()
+    if not value:
+        return DEFAULT_THREADS
+    try:
+        threads = int(value)
+    except ValueError:
+        threads = 0
+    if threads < 1:
+        from parity.errors import ParityError
+
+        raise ParityError(f"PARITY_THREADS={value!r}: expected a thread count, 1 or more")
+    return threads
+
+
 def prepare(threads: int | None = None) -> int:
     """Keep ultralytics offline and out of the home directory, and pin the torch thread count.
 
@@ -24,7 +40,7 @@ def prepare(threads: int | None = None) -> int:
     config_dir = os.environ.get("YOLO_CONFIG_DIR") or str(PROJECT_ROOT / "runs" / "ultralytics-config")
     os.environ["YOLO_CONFIG_DIR"] = config_dir
     Path(config_dir).mkdir(parents=True, exist_ok=True)
-    threads = threads or int(os.environ.get("PARITY_THREADS", DEFAULT_THREADS))
+    threads = threads or threads_from_environment()
     # ultralytics sets OMP_NUM_THREADS=1 when unset; we decide instead.
     os.environ.setdefault("OMP_NUM_THREADS", str(threads))
     # cuBLAS reads this once, at its first call: deterministic CUDA matmuls need it set before any work.

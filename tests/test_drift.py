@@ -255,7 +255,9 @@ def test_sideenv_version_checks(tmp_path):
     assert sideenv.env_dir("8.3.200").name == "ultralytics-8.3.200"
     assert sideenv.env_dir("8.3.200").parent.parts[-2:] == ("runs", "envs")
     assert any(pin.startswith("torch==") for pin in sideenv.torch_pins())
-    assert sideenv.main(["8.3.x", "--build"]) == 2
+    from parity.cli import sideenv as sideenv_cli
+
+    assert sideenv_cli.main(["8.3.x", "--build"]) == 2
 
 
 SIDE_VERSION = "8.3.200"

@@ -9,6 +9,7 @@ import json
 import pytest
 
 from parity.capture import sideenv
+from parity.cli import sideenv as sideenv_cli
 from parity.errors import ParityError
 
 
@@ -45,7 +46,7 @@ def test_a_run_starts_in_the_callers_directory_with_the_environments_python(tmp_
     work = tmp_path / "my-project"
     work.mkdir()
     monkeypatch.chdir(work)
-    code = sideenv.main(["8.3.200", "--dir", str(tmp_path / "envs"), "--", "dump", "--model", "my.yaml"])
+    code = sideenv_cli.main(["8.3.200", "--dir", str(tmp_path / "envs"), "--", "dump", "--model", "my.yaml"])
     assert code == 0 and seen["cwd"] == str(work)
     assert seen["cmd"] == [str(target / "bin" / "python"), "-m", "parity", "dump", "--model", "my.yaml"]
     assert seen["env"]["YOLO_OFFLINE"] == "1" and "PYTHONPATH" not in seen["env"]
@@ -58,9 +59,9 @@ def test_not_built_says_where_it_looked(tmp_path):
 
 def test_remove_deletes_only_what_it_built(tmp_path, capsys):
     target = _fake_env(tmp_path)
-    assert sideenv.main(["8.3.200", "--dir", str(tmp_path), "--remove"]) == 0
+    assert sideenv_cli.main(["8.3.200", "--dir", str(tmp_path), "--remove"]) == 0
     assert not target.exists() and "removed" in capsys.readouterr().out
-    assert sideenv.main(["8.3.200", "--dir", str(tmp_path), "--remove"]) == 2
+    assert sideenv_cli.main(["8.3.200", "--dir", str(tmp_path), "--remove"]) == 2
     mine = tmp_path / "ultralytics-8.3.201"
     mine.mkdir()
     (mine / "notes.txt").write_text("a user's file")

@@ -7,6 +7,19 @@ from typing import Callable
 
 from parity.capture.reference import CaptureConfig, run_capture
 from parity.dump.files import DumpWriter
+from parity.runtime import PROJECT_ROOT
+
+DUMPS_DIR = PROJECT_ROOT / "reference_dumps"
+
+
+def default_dump_dir(config: CaptureConfig) -> Path:
+    """Where a reference dump of `config` goes when no directory is named: one name per configuration (the Makefile's
+    OUT spells the same), with the steps and optimizer of a training capture."""
+    name = (f"{Path(config.model).stem}-nc{config.nc}-{config.imgsz}-b{config.batch}-s{config.seed}-"
+            f"{Path(config.images).name}-{config.init}-{config.device.replace(':', '')}")
+    if config.steps:
+        name += f"-steps{config.steps}-{config.train.optimizer}"
+    return DUMPS_DIR / name
 
 
 def dump_reference(config: CaptureConfig, out: str | Path, *, force: bool = False, stats_only: bool = False,
@@ -22,4 +35,4 @@ def dump_reference(config: CaptureConfig, out: str | Path, *, force: bool = Fals
         return writer.commit(capture.manifest)
 
 
-__all__ = ["CaptureConfig", "dump_reference", "run_capture"]
+__all__ = ["CaptureConfig", "default_dump_dir", "dump_reference", "run_capture"]

@@ -1,6 +1,6 @@
 """Side environments: a separate virtualenv per ultralytics release, for reference dumps of older versions.
 
-`ULTRALYTICS=8.3.200 make dump-reference` (and `python -m parity.capture.sideenv 8.3.200 -- dump ...`) builds
+`ULTRALYTICS=8.3.200 make dump-reference` (and `python -m parity.cli.sideenv 8.3.200 -- dump ...`) builds
 `ultralytics-8.3.200/` once under the side-environment directory and runs `python -m parity ...` inside it:
 
 * a fresh venv made by the interpreter the project runs on (Python 3.11 here);
@@ -9,10 +9,10 @@
   project's other run-time dependencies (numpy, safetensors, rich, pyyaml);
 * this project in editable mode, without its dependencies (its pyproject pins the current ultralytics).
 
-Where: `--dir DIR`, else `$PARITY_SIDEENV_DIR`, else `runs/envs/` in the project. Any directory works (outside the
-project, on another disk); a `parity` run inside the environment starts in the caller's working directory, so
+Where: the directory given (`root`), else `$PARITY_SIDEENV_DIR`, else `runs/envs/` in the project. Any directory
+works (outside the project, on another disk); a `parity` run inside the environment starts in the caller's working directory, so
 a user's own model yaml and output paths resolve as they typed them. One environment takes several GB (torch
-is most of it); `python -m parity.capture.sideenv 8.3.200 --remove` deletes it (only a directory this module built:
+is most of it); `python -m parity.cli.sideenv 8.3.200 --remove` deletes it (only a directory this module built:
 one that holds its `parity-env.json`).
 
 The environment is described in `<dir>/ultralytics-X.Y.Z/parity-env.json` (versions, build time); a
@@ -24,7 +24,6 @@ Needs the package registry (PyPI) on the first build of a version; later runs ar
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import re
@@ -37,7 +36,7 @@ from pathlib import Path
 from parity.errors import ParityError
 from parity.runtime import PROJECT_ROOT
 
-ENVS_DIR = PROJECT_ROOT / "runs" / "envs"  # the default; `--dir` or $PARITY_SIDEENV_DIR choose another
+ENVS_DIR = PROJECT_ROOT / "runs" / "envs"  # the default; a directory given, or $PARITY_SIDEENV_DIR, chooses another
 ENV_VAR = "PARITY_SIDEENV_DIR"
 STAMP = "parity-env.json"
 VERSION_RE = re.compile(r"^\d+\.\d+\.\d+$")
@@ -188,52 +187,11 @@ def run_parity(version: str, argv: list[str], *, build_if_missing: bool = True,
     if build_if_missing:
         python = build(version, root=root)
     elif not is_ready(version, root):
-        raise ParityError(f"no side environment for ultralytics {version} in {envs_root(root)}; build it with "
-                          f"`python -m parity.capture.sideenv {version} --build`")
+        raise ParityError(f"no side environment for ultralytics {version} in {envs_root(root)}; build it first "
+                          f"(`build`)")
     else:
         python = env_python(version, root)
     env = {**os.environ, "YOLO_OFFLINE": "1",
            "YOLO_CONFIG_DIR": os.environ.get("YOLO_CONFIG_DIR", str(PROJECT_ROOT / "runs" / "ultralytics-config"))}
     env.pop("PYTHONPATH", None)
     return subprocess.call([str(python), "-m", "parity", *argv], cwd=str(cwd or PROJECT_ROOT), env=env)
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m parity.capture.sideenv",
-        description="Build a side environment for an ultralytics release and run `parity` in it.",
-        epilog="example: python -m parity.capture.sideenv 8.3.200 -- dump --out reference_dumps/yolo11n-u8.3.200",
-    )
-    parser.add_argument("version", help="exact ultralytics release, e.g. 8.3.200")
-    parser.add_argument("--build", action="store_true", help="only build (or check) the environment")
-    parser.add_argument("--rebuild", action="store_true", help="remove and rebuild the environment")
-    parser.add_argument("--print-python", action="store_true", help="print the environment's python and exit")
-    parser.add_argument("--dir", dest="root", help=f"where side environments live (default ${ENV_VAR}, else "
-                                                   f"runs/envs in the project); one takes several GB")
-    parser.add_argument("--remove", action="store_true", help="delete this version's environment and exit")
-    argv = list(sys.argv[1:] if argv is None else argv)
-    rest: list[str] = []
-    if "--" in argv:  # everything after `--` belongs to parity
-        at = argv.index("--")
-        argv, rest = argv[:at], argv[at + 1:]
-    args = parser.parse_args(argv)
-    try:
-        if args.remove:
-            print(f"removed {remove(args.version, args.root)}")
-            return 0
-        python = build(args.version, rebuild=args.rebuild, root=args.root)
-        if args.print_python:
-            print(python)
-            return 0
-        if args.build or not rest:
-            print(json.dumps(read_stamp(args.version, args.root), indent=1))
-            return 0
-        # in the caller's directory: a user's own model yaml and --out paths mean what they typed
-        return run_parity(args.version, rest, build_if_missing=False, root=args.root, cwd=os.getcwd())
-    except ParityError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return error.exit_code
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -1,23 +1,155 @@
-"""`parity compare` and `parity map`: resolve the reference and candidate, run the replays, report."""
+"""`parity compare`: the flags become a `parity.api.CompareConfig` and `ReportFiles`; the public API does the work.
+
+`--what train` is the training-step comparison (parity/cli/train.py).
+"""
 
 from __future__ import annotations
 
+import argparse
+import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
+from parity.cli import train
+from parity.cli.options import CaptureOptions, GlobalOptions
 from parity.errors import ParityError
 
+if TYPE_CHECKING:
+    from parity.api import CompareConfig, ReportFiles
+    from parity.capture import CaptureConfig
 
-def resolve_reference(args):
-    """The reference dump: `--reference`, or the default dump directory for the capture options given."""
-    from parity.cli.main import default_dump_dir
-    from parity.dump.files import Dump
+GITHUB_SUMMARY_FROM_ENV = "$GITHUB_STEP_SUMMARY"
 
-    path = Path(args.reference) if args.reference else default_dump_dir(args)
-    if not (path / "manifest.json").exists():
-        hint = "run `make dump-reference` (or `parity dump`) with the same options first" if not args.reference else \
+
+# ------------------------------------------------------------------------------------------- options
+class CompareOptions:
+    """What is compared and how: everything a `CompareConfig` holds."""
+
+    @staticmethod
+    def add(parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("--reference", help="reference dump (default: the default dump for the options below)")
+        parser.add_argument("--candidate", default="builtin",
+                            help="builtin, package.module:factory (a PyTorch port: docs/model-adapter.md), or a "
+                                 "candidate dump directory")
+        parser.add_argument("--what", default="all", choices=("layers", "loss", "all", "train"))
+        parser.add_argument("--layer", type=int, help="drill into one layer's sub-blocks (e.g. 23, the Detect head)")
+        parser.add_argument("--inject", help="plant a known bug in the built-in candidate (see --list-injections)")
+        parser.add_argument("--list-injections", action="store_true", help="list the known bugs and exit")
+        parser.add_argument("--map", dest="map_file", help="YAML/JSON key map for a user candidate")
+        parser.add_argument("--loss", dest="loss_candidate", help="candidate loss: builtin or package.module:factory")
+        parser.add_argument("--profile", help="tolerance profile (default: from device and precision)")
+        parser.add_argument("--mode", choices=("isolated", "chained", "both"), default="both")
+        parser.add_argument("--json", dest="json_out", help="also write the report as JSON here")
+        parser.add_argument("--streamed", action="store_true",
+                            help="with a candidate dump: judge every tensor the two dumps share, one pair in memory "
+                                 "at a time (memory stays about one tensor pair, whatever the dump size; no replay)")
+        parser.add_argument("--stats-only", action="store_true",
+                            help="with a candidate dump: judge per-tensor statistics and checksums only (automatic "
+                                 "when either dump was written with --stats-only); the report lists what this "
+                                 "cannot show")
+        parser.add_argument("--old-reference", help="a reference dump from an older ultralytics release: what the "
+                                                    "candidate matches there is reported as version drift, not a bug")
+
+    @staticmethod
+    def config(args: argparse.Namespace) -> "CompareConfig":
+        from parity.api import CompareConfig
+
+        return CompareConfig(what=args.what, profile=args.profile, layer=args.layer, mode=args.mode,
+                             inject=args.inject, map_file=args.map_file, loss=args.loss_candidate,
+                             device=args.device, streamed=args.streamed, stats_only=args.stats_only,
+                             old_reference=args.old_reference, progress=GlobalOptions.progress(args),
+                             histograms=getattr(args, "html", None) is not None)
+
+
+class ReportOutputOptions:
+    """`--html`, `--junit`, `--github-summary` (`--json` is defined beside the other compare options)."""
+
+    @staticmethod
+    def add(parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("--html", metavar="FILE",
+                            help="also write the report as one self-contained HTML file (charts, drill-down; no "
+                                 "network)")
+        parser.add_argument("--junit", metavar="FILE",
+                            help="also write JUnit XML: one test case per check section, failing rows as failures")
+        parser.add_argument("--github-summary", nargs="?", const=GITHUB_SUMMARY_FROM_ENV, metavar="FILE",
+                            help="append a markdown summary for a GitHub Actions job summary (without FILE: the "
+                                 "file $GITHUB_STEP_SUMMARY names)")
+
+    @staticmethod
+    def files(args: argparse.Namespace) -> "ReportFiles":
+        """The files the flags ask for, checked before any work is done."""
+        from parity.api import ReportFiles
+
+        summary = getattr(args, "github_summary", None)
+        if summary == GITHUB_SUMMARY_FROM_ENV:
+            summary = os.environ.get("GITHUB_STEP_SUMMARY")
+            if not summary:
+                raise ParityError("--github-summary without FILE writes to $GITHUB_STEP_SUMMARY, which is not set "
+                                  "(GitHub Actions sets it inside a job): give a FILE")
+        return ReportFiles(json=args.json_out, html=getattr(args, "html", None), junit=getattr(args, "junit", None),
+                           github_summary=summary)
+
+
+def compare_config(args: argparse.Namespace) -> "CompareConfig":
+    """The typed configuration `parity compare`'s flags stand for."""
+    return CompareOptions.config(args)
+
+
+def report_files(args: argparse.Namespace) -> "ReportFiles":
+    """The report files `parity compare`'s flags ask for."""
+    return ReportOutputOptions.files(args)
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser("compare", help="compare a candidate against a reference dump")
+    CompareOptions.add(parser)
+    ReportOutputOptions.add(parser)
+    CaptureOptions.add(parser)
+    train.TrainOptions.add_candidate(parser)
+    parser.set_defaults(func=cmd_compare)
+
+
+# ------------------------------------------------------------------------------------------- command
+def cmd_compare(args: argparse.Namespace) -> int:
+    if args.what == "train":
+        return train.run_train_compare(args)
+    if args.list_injections:
+        return list_injections()
+    from parity.api import run, write_reports
+    from parity.report.text import render
+    from parity.runtime import check_device
+
+    check_device(args.device)
+    reference = resolve_reference(args.reference, CaptureOptions.config(args))
+    _check_two_dumps(args)
+    files = ReportOutputOptions.files(args)
+    report = run(reference, args.candidate, CompareOptions.config(args))
+    render(report, verbose=args.layer is not None and report.command.startswith("compare --what"))
+    write_reports(report, files)
+    return report.exit_code
+
+
+def resolve_reference(reference: str | None, capture: "CaptureConfig"):
+    """The reference dump: the one named, or the default dump directory of the capture configuration."""
+    from parity.capture import default_dump_dir
+    from parity.dump.files import MANIFEST, Dump
+
+    path = Path(reference) if reference else default_dump_dir(capture)
+    if not (path / MANIFEST).exists():
+        hint = "run `make dump-reference` (or `parity dump`) with the same options first" if not reference else \
             "a reference dump is a directory holding manifest.json"
         raise ParityError(f"no reference dump at {path}: {hint}")
     return Dump(path)
+
+
+def _check_two_dumps(args: argparse.Namespace) -> None:
+    """The library says the same, in its own words; the CLI names its flags."""
+    from parity.dump.files import MANIFEST
+
+    if (args.streamed or args.stats_only) and not (Path(str(args.candidate)) / MANIFEST).exists():
+        flag = "--stats-only" if args.stats_only else "--streamed"
+        raise ParityError(f"{flag} compares two dumps: --candidate must be a dump directory (holding {MANIFEST}), "
+                          f"not {args.candidate!r}")
 
 
 def list_injections() -> int:
@@ -35,130 +167,3 @@ def list_injections() -> int:
         table.add_row(injection.name, injection.kind, injection.description + named)
     Console().print(table)
     return 0
-
-
-def run_compare(args) -> int:
-    """`parity compare`: the flags become a `parity.api.CompareConfig`; the public API does the work."""
-    from parity.api import run, write_reports
-    from parity.report.text import render
-
-    if args.list_injections:
-        return list_injections()
-    from parity.runtime import check_device
-
-    check_device(args.device)
-    reference = resolve_reference(args)
-    _check_two_dumps(args)
-    files = report_files(args)
-    report = run(reference, args.candidate, compare_config(args))
-    render(report, verbose=args.layer is not None and report.command.startswith("compare --what"))
-    write_reports(report, files)
-    return report.exit_code
-
-
-def compare_config(args):
-    """The typed configuration `parity compare`'s flags stand for."""
-    from parity.api import CompareConfig
-
-    return CompareConfig(what=args.what, profile=args.profile, layer=args.layer, mode=args.mode, inject=args.inject,
-                         map_file=args.map_file, loss=args.loss_candidate, device=args.device,
-                         streamed=args.streamed, stats_only=args.stats_only, old_reference=args.old_reference,
-                         progress=not args.no_progress, histograms=getattr(args, "html", None) is not None)
-
-
-def _check_two_dumps(args) -> None:
-    """The library says the same, in its own words; the CLI names its flags."""
-    from parity.dump.files import MANIFEST
-
-    if (args.streamed or args.stats_only) and not (Path(str(args.candidate)) / MANIFEST).exists():
-        flag = "--stats-only" if args.stats_only else "--streamed"
-        raise ParityError(f"{flag} compares two dumps: --candidate must be a dump directory (holding {MANIFEST}), "
-                          f"not {args.candidate!r}")
-
-
-# ------------------------------------------------------------------------------------ report outputs
-GITHUB_SUMMARY_FROM_ENV = "$GITHUB_STEP_SUMMARY"
-
-
-def add_report_output_options(parser) -> None:
-    """`--html`, `--junit`, `--github-summary` on `parity compare` (`--json` is defined beside the others)."""
-    parser.add_argument("--html", metavar="FILE",
-                        help="also write the report as one self-contained HTML file (charts, drill-down; no network)")
-    parser.add_argument("--junit", metavar="FILE",
-                        help="also write JUnit XML: one test case per check section, failing rows as failures")
-    parser.add_argument("--github-summary", nargs="?", const=GITHUB_SUMMARY_FROM_ENV, metavar="FILE",
-                        help="append a markdown summary for a GitHub Actions job summary (without FILE: the file "
-                             "$GITHUB_STEP_SUMMARY names)")
-
-
-def report_files(args):
-    """The files the flags ask for, checked before any work is done."""
-    import os
-
-    from parity.api import ReportFiles
-
-    summary = getattr(args, "github_summary", None)
-    if summary == GITHUB_SUMMARY_FROM_ENV:
-        summary = os.environ.get("GITHUB_STEP_SUMMARY")
-        if not summary:
-            raise ParityError("--github-summary without FILE writes to $GITHUB_STEP_SUMMARY, which is not set "
-                              "(GitHub Actions sets it inside a job): give a FILE")
-    return ReportFiles(json=args.json_out, html=getattr(args, "html", None), junit=getattr(args, "junit", None),
-                       github_summary=summary)
-
-
-def _split_injection(inject: str | None) -> tuple[str | None, str | None]:
-    """A bug name belongs to the model or to the loss; each replay gets only its own."""
-    if not inject:
-        return None, None
-    from parity.causes import get
-
-    try:
-        kind = get(inject).kind
-    except KeyError as error:
-        raise ParityError(str(error.args[0])) from None
-    try:  # a release mode such as `as-of-8.3` has a model half and a loss half (`as-of-8.3-loss`)
-        loss_half = inject + "-loss" if get(inject + "-loss").kind == "loss" and kind == "model" else None
-    except KeyError:
-        loss_half = None
-    return (inject, loss_half) if kind == "model" else (None, inject)
-
-
-def run_map(args) -> int:
-    import time
-
-    from rich.console import Console
-
-    from parity.replay.candidates import load_candidate
-    from parity.runtime import check_device
-
-    check_device(args.device)
-    reference = resolve_reference(args)
-    started = time.perf_counter()
-    candidate = load_candidate(args.candidate, reference, map_file=args.map_file)
-    findings = candidate.prepare(reference)
-    mapping = getattr(candidate, "mapping", None)
-    console = Console()
-    if mapping is None:
-        console.print(f"candidate {candidate.label} has no parameters to map (a dump candidate is compared by name)")
-        return 0
-    inference = getattr(candidate, "inference", None)
-    if inference is not None:
-        types = {e["index"]: e.get("type") for e in reference.layers}
-        console.print(f"layers inferred from one traced forward ({len(inference.layers)} of {len(types)}):",
-                      highlight=False)
-        for index, layer in sorted(inference.layers.items()):
-            how = ("module" if layer.kind == "module" else
-                   "one call of a parameterless module" if layer.module_call else "an operation in a parent's forward")
-            call = f", called with {layer.arity} positional tensors" if layer.call == "positional" else ""
-            console.print(f"  {index:>3} {types.get(index, '?'):<9} {layer.describe()} ({how}{call})",
-                          highlight=False)
-        for problem in inference.problems:
-            console.print(f"  [yellow]{problem.index:>3} not inferred[/yellow]: {problem.message}. Fix: {problem.fix}",
-                          highlight=False)
-    console.print(mapping.describe(verbose=True), highlight=False)
-    for finding in findings:
-        style = {"error": "red", "warning": "yellow"}.get(finding.severity, "cyan")
-        console.print(f"[{style}]{finding.signature}[/{style}] {finding.where}: {finding.message}", highlight=False)
-    console.print(f"mapped in {time.perf_counter() - started:.1f} s", highlight=False)
-    return 1 if any(f.severity == "error" for f in findings) else 0

@@ -1,7 +1,7 @@
 """CLI glue for training-step parity: `parity dump --steps N`, `parity compare --what train`, `parity overfit`.
 
-`add_train_options(sub, dump=..., compare=...)` is the one call parity/cli/main.py makes; everything the options
-mean lives here and in parity/capture/train.py, parity/replay/train.py, parity/diagnose/train.py.
+`TrainOptions` are the options parity/cli/dump.py and parity/cli/compare.py add; `register` adds `overfit`.
+What the options mean lives in parity/capture/train.py, parity/replay/train.py and parity/diagnose/train.py.
 """
 
 from __future__ import annotations
@@ -16,44 +16,45 @@ WIDTH = 80
 
 
 # ------------------------------------------------------------------------------------------- options
-def add_train_options(sub, *, dump: argparse.ArgumentParser, compare: argparse.ArgumentParser) -> None:
-    _add_dump_options(dump)
-    _add_compare_options(compare)
-    _add_overfit_command(sub)
+class TrainOptions:
+    """The training-step options: the trainer's arguments on `parity dump`, the candidate's on `parity compare`."""
+
+    @staticmethod
+    def add_steps(parser: argparse.ArgumentParser) -> None:
+        from parity.capture.train import TrainArgs
+
+        d = TrainArgs()
+        group = parser.add_argument_group("training steps (docs/training.md)")
+        group.add_argument("--steps", type=int, default=0,
+                           help="also capture this many steps of ultralytics' trainer (default 0: no training)")
+        group.add_argument("--optimizer", default=d.optimizer,
+                           help="trainer optimizer: auto, SGD, AdamW, … (default auto)")
+        group.add_argument("--epochs", type=int, default=d.epochs, help=f"planned epochs (default {d.epochs})")
+        group.add_argument("--batches-per-epoch", type=int, default=d.batches_per_epoch,
+                           help=f"batches in an epoch of the one-batch dataset (default {d.batches_per_epoch})")
+        group.add_argument("--nbs", type=int, default=d.nbs, help=f"nominal batch size (default {d.nbs})")
+        group.add_argument("--cos-lr", action="store_true", help="cosine lr schedule instead of linear")
+
+    @staticmethod
+    def train_args(args: argparse.Namespace):
+        """The `parity.capture.train.TrainArgs` the trainer options stand for."""
+        from parity.capture.train import TrainArgs
+
+        return TrainArgs(optimizer=args.optimizer, epochs=args.epochs, batches_per_epoch=args.batches_per_epoch,
+                         nbs=args.nbs, cos_lr=args.cos_lr)
+
+    @staticmethod
+    def add_candidate(parser: argparse.ArgumentParser) -> None:
+        """`--train` and `--train-steps`, read by `parity compare --what train`."""
+        parser.add_argument("--train", dest="train_candidate", default="builtin",
+                            help="with --what train: builtin, package.module:factory, or a candidate dump of N steps")
+        parser.add_argument("--train-steps", type=int, help="with --what train: compare only the first N steps")
 
 
-def _add_trainer_arguments(parser: argparse.ArgumentParser) -> None:
-    from parity.capture.train import TrainArgs
-
-    d = TrainArgs()
-    group = parser.add_argument_group("training steps (docs/training.md)")
-    group.add_argument("--steps", type=int, default=0,
-                       help="also capture this many steps of ultralytics' trainer (default 0: no training)")
-    group.add_argument("--optimizer", default=d.optimizer, help="trainer optimizer: auto, SGD, AdamW, … (default auto)")
-    group.add_argument("--epochs", type=int, default=d.epochs, help=f"planned epochs (default {d.epochs})")
-    group.add_argument("--batches-per-epoch", type=int, default=d.batches_per_epoch,
-                       help=f"batches in an epoch of the one-batch dataset (default {d.batches_per_epoch})")
-    group.add_argument("--nbs", type=int, default=d.nbs, help=f"nominal batch size (default {d.nbs})")
-    group.add_argument("--cos-lr", action="store_true", help="cosine lr schedule instead of linear")
-
-
-def _add_dump_options(dump: argparse.ArgumentParser) -> None:
-    _add_trainer_arguments(dump)
-    dump.set_defaults(func=_dump_with_steps(dump.get_default("func")))
-
-
-def _add_compare_options(compare: argparse.ArgumentParser) -> None:
-    for action in compare._actions:  # argparse has no public way to extend a choice list
-        if action.dest == "what" and action.choices is not None:
-            action.choices = (*action.choices, "train")
-    compare.add_argument("--train", dest="train_candidate", default="builtin",
-                         help="with --what train: builtin, package.module:factory, or a candidate dump of N steps")
-    compare.add_argument("--train-steps", type=int, help="with --what train: compare only the first N steps")
-    compare.set_defaults(func=_compare_with_train(compare.get_default("func")))
-
-
-def _add_overfit_command(sub) -> None:
-    overfit = sub.add_parser("overfit", help="train the candidate like the reference dump's steps, compare loss curves")
+def register(subparsers) -> None:
+    """`parity overfit` (`dump --steps` and `compare --what train` are options of those commands)."""
+    overfit = subparsers.add_parser("overfit",
+                                    help="train the candidate like the reference dump's steps, compare loss curves")
     overfit.add_argument("--reference", required=True, help="a dump written with --steps N (e.g. --batch 1)")
     overfit.add_argument("--train", dest="train_candidate", default="builtin",
                          help="builtin or package.module:factory")
@@ -63,59 +64,12 @@ def _add_overfit_command(sub) -> None:
     overfit.set_defaults(func=cmd_overfit)
 
 
-# ---------------------------------------------------------------------------------------------- dump
-def train_args_from(args):
-    from parity.capture.train import TrainArgs
-
-    return TrainArgs(optimizer=args.optimizer, epochs=args.epochs, batches_per_epoch=args.batches_per_epoch,
-                     nbs=args.nbs, cos_lr=args.cos_lr)
-
-
-def train_dump_dir(args) -> Path:
-    from parity.cli.main import default_dump_dir
-
-    base = default_dump_dir(args)
-    return base.with_name(f"{base.name}-steps{args.steps}-{args.optimizer}")
-
-
-def _dump_with_steps(plain_dump):
-    def cmd(args) -> int:
-        if not args.steps:
-            return plain_dump(args)
-        from rich.console import Console
-
-        from parity.capture import CaptureConfig, dump_reference
-        from parity.cli.main import progress_enabled, step_progress
-        from parity.runtime import check_device
-
-        check_device(args.device)
-        out = Path(args.out) if args.out else train_dump_dir(args)
-        config = CaptureConfig(model=args.model, nc=args.nc, imgsz=args.imgsz, batch=args.batch, seed=args.seed,
-                               device=args.device, images=args.images, init=args.init, precision=args.precision,
-                               steps=args.steps, train=train_args_from(args))
-        with step_progress(progress_enabled(args), 4 + len(config.cases) + args.steps,
-                           f"dumping {config.model}, {args.steps} steps") as advance:
-            path = dump_reference(config, out, force=args.force, stats_only=args.stats_only, progress=advance)
-        Console().print(f"[green]reference dump with {args.steps} training steps written[/green] to {path}")
-        return 0
-
-    return cmd
-
-
 # ------------------------------------------------------------------------------------------- compare
-def _compare_with_train(plain_compare):
-    def cmd(args) -> int:
-        if args.what != "train":
-            return plain_compare(args)
-        return run_train_compare(args)
-
-    return cmd
-
-
-def resolve_train_reference(args):
+def resolve_train_reference(reference: str | None):
+    """The reference dump of a training comparison: it must hold training steps, with values."""
     from parity.dump.files import Dump
 
-    path = Path(args.reference) if args.reference else None
+    path = Path(reference) if reference else None
     if path is None:
         raise ParityError("--what train needs --reference: a dump written with `parity dump --steps N`")
     if not (path / "manifest.json").exists():
@@ -135,7 +89,7 @@ def run_train_compare(args) -> int:
     from parity.report.text import to_json
     from parity.replay.train import DumpSteps, candidate_steps
 
-    reference = resolve_train_reference(args)
+    reference = resolve_train_reference(args.reference)
     mode = "chained" if args.mode == "chained" else "isolated"
     profile = get_profile(args.profile or profile_for_environment(reference.manifest.get("environment"),
                                                                    reference.config.get("precision")))
@@ -221,7 +175,7 @@ def cmd_overfit(args) -> int:
 
     from parity.replay.train import DumpSteps, candidate_steps
 
-    reference = resolve_train_reference(args)
+    reference = resolve_train_reference(args.reference)
     ref_steps = DumpSteps(reference)
     cand = candidate_steps(args.train_candidate, reference, mode="chained")
     curves = overfit_curves(ref_steps, cand, args.part)

@@ -32,9 +32,9 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import TYPE_CHECKING, Any, Iterable, Mapping
 
-from parity.errors import ParityError
+from parity.errors import OutputExists, ParityError
 from parity.runtime import PROJECT_ROOT
 
 SCHEMA = "yolo-parity-envelope"
@@ -47,6 +47,9 @@ RTOLS = (0.0, 1e-6, 1e-5, 1e-4)
 TINY = 1e-3
 DEVICE_PAIRS = ("cpu-cpu", "cpu-cuda", "cuda-cuda")
 PRECISIONS = ("fp32", "tf32", "fp16", "bf16")
+
+if TYPE_CHECKING:
+    from parity.capture import CaptureConfig
 
 
 # ------------------------------------------------------------------------------------------------ naming
@@ -157,7 +160,7 @@ def make_plan(threads: Iterable[int] = (1, 2, 4), *, float64: bool = True, cuda:
     `cuda_reason` says why they are left out, and the plan records it)."""
     threads = sorted(set(int(t) for t in threads))
     if any(t < 1 for t in threads):
-        raise ParityError(f"--threads-list {threads}: thread counts must be at least 1")
+        raise ParityError(f"thread counts {threads}: each must be at least 1")
     base = RunSpec(f"cpu-fp32-t{BASELINE_THREADS}", threads=BASELINE_THREADS)
     runs = {base.id: base}
     comparisons = []
@@ -343,75 +346,91 @@ def _scaled_groups(tensors: dict[str, dict], key_of) -> dict[str, float]:
     return scaled
 
 
+class _Captures:
+    """The captures of a plan, each made on first use and dropped once no comparison still needs it (at 640x640
+    a capture is ~0.5 GB: only what is still needed is kept)."""
+
+    def __init__(self, plan: Plan, base_config, log):
+        self.plan, self.base_config, self.log = plan, base_config, log
+        self.held: dict[str, Any] = {}
+        self.records: dict[str, dict] = {}
+        self.uses_left = {rid: sum(1 for c in plan.comparisons if rid in (c.base, c.variant)) for rid in plan.runs}
+
+    def get(self, run_id: str):
+        if run_id not in self.held:
+            spec = self.plan.runs[run_id]
+            self.log(f"capturing {run_id} ({', '.join(f'{k}={v}' for k, v in spec.describe().items() if k != 'id')})")
+            start = time.perf_counter()
+            capture = capture_run(spec, self.base_config)
+            manifest = capture.manifest
+            self.records[run_id] = {**spec.describe(), "seconds": round(time.perf_counter() - start, 2),
+                                    "versions": manifest.get("versions"), "environment": manifest.get("environment"),
+                                    "config": manifest.get("config")}
+            self.held[run_id] = capture
+        return self.held[run_id]
+
+    def done_with(self, comparison: Comparison) -> None:
+        for rid in (comparison.base, comparison.variant):
+            self.uses_left[rid] -= 1
+            if self.uses_left[rid] <= 0:
+                self.held.pop(rid, None)
+
+
+def _compare_runs(entry: dict, comparison: Comparison, base, variant) -> None:
+    """Fold every tensor the two captures share into the pair's entry: per tensor, and per kind for this change."""
+    entry["comparisons"].append({"base": comparison.base, "variant": comparison.variant,
+                                 "change": comparison.change})
+    label = f"{comparison.base}~{comparison.variant}"
+    by_change = entry.setdefault("by_change", {}).setdefault(label, {"change": comparison.change, "kinds": {}})
+    for name, ref in base.tensors.items():
+        cand = variant.tensors.get(name)
+        if cand is None:
+            continue
+        level = tensor_level(ref, cand)
+        if level is None:
+            entry.setdefault("shape_mismatch", []).append(name)
+            continue
+        worst = entry["tensors"].setdefault(name, {})
+        _merge(worst, level, label, name)
+        _merge(by_change["kinds"].setdefault(kind_of(name), {}), level, label, name)
+        if "scaled" in level:
+            worst["scaled"] = max(worst.get("scaled", 0.0), level["scaled"])
+
+
+def _summarise_pair(entry: dict) -> None:
+    """The pair's group and kind levels, from its per-tensor worsts."""
+    tensors = entry["tensors"]
+    groups: dict[str, dict] = {}
+    kinds: dict[str, dict] = {}
+    for name, level in tensors.items():
+        flat = {k: v for k, v in level.items()
+                if k not in ("runs", "tensors", "exact", "worst", "worst_run", "worst_mismatch")}
+        flat["exact"] = level.get("exact", 0) == level.get("tensors", 0)  # bitwise in every comparison
+        run = level.get("worst_run") or level["runs"][0]
+        _merge(groups.setdefault(group_of(name), {}), flat, run, name)
+        _merge(kinds.setdefault(kind_of(name), {}), flat, run, name)
+    for key, value in _scaled_groups(tensors, group_of).items():
+        groups[key]["scaled"] = value
+    for key, value in _scaled_groups(tensors, kind_of).items():
+        kinds[key]["scaled"] = value
+    entry["groups"] = groups
+    entry["kinds"] = kinds
+
+
 def measure(base_config, plan: Plan, *, log=lambda line: None) -> dict:
     """Run the plan and return the envelope document (not yet rounded)."""
-    captures: dict[str, Any] = {}
-    needed_as_base = {c.base for c in plan.comparisons}
-    remaining_uses = {rid: sum(1 for c in plan.comparisons if rid in (c.base, c.variant)) for rid in plan.runs}
-    records: dict[str, dict] = {}
+    captures = _Captures(plan, base_config, log)
     pairs: dict[str, dict] = {}
-    order = list(plan.runs)  # baseline first, then variants as listed
-
-    def get(run_id: str):
-        if run_id not in captures:
-            spec = plan.runs[run_id]
-            log(f"capturing {run_id} ({', '.join(f'{k}={v}' for k, v in spec.describe().items() if k != 'id')})")
-            start = time.perf_counter()
-            capture = capture_run(spec, base_config)
-            seconds = time.perf_counter() - start
-            manifest = capture.manifest
-            records[run_id] = {**spec.describe(), "seconds": round(seconds, 2),
-                               "versions": manifest.get("versions"), "environment": manifest.get("environment"),
-                               "config": manifest.get("config")}
-            captures[run_id] = capture
-        return captures[run_id]
-
-    for run_id in order:
+    for run_id in plan.runs:  # baseline first, then variants as listed
         for comparison in [c for c in plan.comparisons if c.variant == run_id]:
-            base, variant = get(comparison.base), get(comparison.variant)
+            base, variant = captures.get(comparison.base), captures.get(comparison.variant)
             log(f"comparing {comparison.variant} with {comparison.base} -> {comparison.pair}")
-            entry = pairs.setdefault(comparison.pair, {"comparisons": [], "tensors": {}})
-            entry["comparisons"].append({"base": comparison.base, "variant": comparison.variant,
-                                         "change": comparison.change})
-            label = f"{comparison.base}~{comparison.variant}"
-            by_change = entry.setdefault("by_change", {}).setdefault(label, {"change": comparison.change, "kinds": {}})
-            for name, ref in base.tensors.items():
-                cand = variant.tensors.get(name)
-                if cand is None:
-                    continue
-                level = tensor_level(ref, cand)
-                if level is None:
-                    entry.setdefault("shape_mismatch", []).append(name)
-                    continue
-                worst = entry["tensors"].setdefault(name, {})
-                _merge(worst, level, label, name)
-                _merge(by_change["kinds"].setdefault(kind_of(name), {}), level, label, name)
-                if "scaled" in level:
-                    worst["scaled"] = max(worst.get("scaled", 0.0), level["scaled"])
-            for rid in (comparison.base, comparison.variant):
-                remaining_uses[rid] -= 1
-                if remaining_uses[rid] <= 0 and rid in captures:
-                    del captures[rid]  # at 640x640 a capture is ~0.5 GB: keep only what is still needed
-    del needed_as_base
-
+            _compare_runs(pairs.setdefault(comparison.pair, {"comparisons": [], "tensors": {}}), comparison, base,
+                          variant)
+            captures.done_with(comparison)
     for entry in pairs.values():
-        tensors = entry["tensors"]
-        groups: dict[str, dict] = {}
-        kinds: dict[str, dict] = {}
-        for name, level in tensors.items():
-            flat = {k: v for k, v in level.items()
-                    if k not in ("runs", "tensors", "exact", "worst", "worst_run", "worst_mismatch")}
-            flat["exact"] = level.get("exact", 0) == level.get("tensors", 0)  # bitwise in every comparison
-            run = level.get("worst_run") or level["runs"][0]
-            _merge(groups.setdefault(group_of(name), {}), flat, run, name)
-            _merge(kinds.setdefault(kind_of(name), {}), flat, run, name)
-        for key, value in _scaled_groups(tensors, group_of).items():
-            groups[key]["scaled"] = value
-        for key, value in _scaled_groups(tensors, kind_of).items():
-            kinds[key]["scaled"] = value
-        entry["groups"] = groups
-        entry["kinds"] = kinds
-    return {"runs": records, "pairs": pairs, "skipped": plan.skipped}
+        _summarise_pair(entry)
+    return {"runs": captures.records, "pairs": pairs, "skipped": plan.skipped}
 
 
 def _compact_tensor(level: dict) -> list:
@@ -694,68 +713,70 @@ def check_profile(profile, envelope: Envelope, *, mode: str = "chained") -> list
     return [line for _, line in sorted(worst.values(), key=lambda item: -item[0])]
 
 
-# ------------------------------------------------------------------------------------------- command
+# ------------------------------------------------------------------------------------------- writing
+@dataclass(frozen=True)
+class EnvelopeConfig:
+    """What `parity envelope` measures and where it writes it (docs/cuda.md)."""
+
+    capture: "CaptureConfig"  # model, weights and batch; each run sets its own device, precision and threads
+    device: str = "auto"  # "auto" (CUDA runs where CUDA exists), "cpu", "cuda" or "cuda:N"
+    threads: tuple[int, ...] = (1, 2, 4)  # CPU thread counts to compare (BASELINE_THREADS is the baseline)
+    float64: bool = True  # the float64 shadow run
+    name: str | None = None  # stored in the file; None: the file's name
+    out: str | Path | None = None  # None: envelopes/{cpu|cuda}-{model}-{imgsz}.json
+    force: bool = False  # replace an existing envelope file
+
+
 def default_out(config, plan: Plan) -> Path:
     pairs = sorted({c.pair.split("/")[0] for c in plan.comparisons})
     tag = "cuda" if any("cuda" in p for p in pairs) else "cpu"
     return ENVELOPES_DIR / f"{tag}-{Path(config.model).stem}-{config.imgsz}.json"
 
 
-def cmd_envelope(args) -> int:
-    from rich.console import Console
-
-    from parity.capture import CaptureConfig
-    from parity.runtime import check_device
-
-    console = Console(stderr=True)
-    device = args.device
-    cuda = None
-    reason = ""
+def cuda_for(device: str) -> tuple[str | None, str]:
+    """(the CUDA device to add runs for, or None; why there are none)."""
     if device == "auto":
         usable, reason = cuda_status("cuda")
-        cuda = "cuda" if usable else None
-    elif device == "cpu":
-        reason = "CPU only (--device cpu)"
-    else:
-        check_device(device)  # ParityError (exit 2) when the device does not exist
-        if not device.startswith("cuda"):
-            raise ParityError(f"--device {device!r}: expected cpu, auto, cuda or cuda:N")
-        cuda = device
-    plan = make_plan(args.threads_list, float64=not args.no_float64, cuda=cuda, cuda_reason=reason)
+        return ("cuda" if usable else None), reason
+    if device == "cpu":
+        return None, "CPU only (device 'cpu' asked for)"
+    from parity.runtime import check_device
+
+    check_device(device)  # ParityError (exit 2) when the device does not exist
+    if not device.startswith("cuda"):
+        raise ParityError(f"device {device!r}: expected cpu, auto, cuda or cuda:N")
+    return device, ""
+
+
+def plan_envelope(config: EnvelopeConfig) -> tuple[Plan, Path]:
+    """The runs to make and the file to write, checked before any capture runs."""
+    cuda, reason = cuda_for(config.device)
+    plan = make_plan(config.threads, float64=config.float64, cuda=cuda, cuda_reason=reason)
     if not plan.comparisons:
         raise ParityError("nothing to measure: give more than one thread count, or leave the float64 shadow on")
-    config = CaptureConfig(model=args.model, nc=args.nc, imgsz=args.imgsz, batch=args.batch, seed=args.seed,
-                           images=args.images, init=args.init)
-    out = Path(args.out) if args.out else default_out(config, plan)
+    out = Path(config.out) if config.out else default_out(config.capture, plan)
     if out.exists() or out.is_symlink():
-        if not args.force:
-            raise ParityError(f"{out} exists; pass --force to replace it")
+        if not config.force:
+            raise OutputExists(out, "noise envelope")
         from parity.dump.files import check_replaceable_file
 
         check_replaceable_file(out, "a noise envelope file", lambda path: read_envelope_file(path) is not None)
-    for skip in plan.skipped:
-        console.print(f"[yellow]skipped[/yellow] {skip['run']}: {skip['reason']}", highlight=False)
+    return plan, out
+
+
+def write_envelope(config: EnvelopeConfig, plan: Plan, out: Path, *, command: str = "",
+                   log=lambda line: None) -> dict:
+    """Measure `plan` and write the envelope document to `out` atomically; returns the document.
+    `command`: how the measurement was asked for, stored in the file."""
     start = time.perf_counter()
-    quiet = getattr(args, "no_progress", False)
-    measured = measure(config, plan, log=(lambda line: None) if quiet else (lambda line: console.print(line, highlight=False)))
-    document = envelope_document(config, measured, name=args.name or out.stem, command=_command_line(args),
+    measured = measure(config.capture, plan, log=log)
+    document = envelope_document(config.capture, measured, name=config.name or out.stem, command=command,
                                  seconds=time.perf_counter() - start)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.partial")
     tmp.write_text(json.dumps(document, indent=None, separators=(",", ":")) + "\n")
     tmp.replace(out)
-    Console().print(f"[green]envelope written[/green] to {out} ({out.stat().st_size / 1e3:.0f} kB)")
-    Console().print(summary_table(document))
-    return 0
-
-
-def _command_line(args) -> str:
-    parts = ["parity envelope", f"--model {args.model}", f"--nc {args.nc}", f"--imgsz {args.imgsz}",
-             f"--batch {args.batch}", f"--seed {args.seed}", f"--images {args.images}", f"--init {args.init}",
-             f"--device {args.device}", "--threads-list " + " ".join(map(str, args.threads_list))]
-    if args.no_float64:
-        parts.append("--no-float64")
-    return " ".join(parts)
+    return document
 
 
 def summary_table(document: dict):
@@ -774,61 +795,3 @@ def summary_table(document: dict):
             table.add_row(key, kind, str(level.get("tensors", 0)), str(level.get("exact", 0)), *cells,
                           str(level.get("worst", "")))
     return table
-
-
-def cmd_envelope_show(args) -> int:
-    from rich.console import Console
-
-    document = read_envelope_file(args.file)
-    console = Console()
-    console.print(summary_table(document))
-    for key in document["pairs"]:
-        console.print(f"{key}: {Envelope(document, key, Path(args.file).resolve()).citation()}", highlight=False)
-    for skip in document.get("skipped", []):
-        console.print(f"skipped {skip['run']}: {skip['reason']}", highlight=False)
-    return 0
-
-
-def register(subparsers) -> None:
-    parser = subparsers.add_parser(
-        "envelope", help="measure the reference's noise envelope (itself under harmless changes)",
-        description="Capture the reference several times under harmless changes (threads, float64 shadow, and "
-                    "where CUDA exists CPU/CUDA, TF32, deterministic) and store the error levels per tensor, "
-                    "layer, loss stage and gradient group.")
-    parser.add_argument("--model", default="yolo11n.yaml")
-    parser.add_argument("--nc", type=int, default=80)
-    parser.add_argument("--imgsz", type=int, default=640)
-    parser.add_argument("--batch", type=int, default=2)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--images", default="assets")
-    parser.add_argument("--init", default="perturbed", choices=("perturbed", "pristine"))
-    parser.add_argument("--device", default="auto",
-                        help="auto (CUDA runs where CUDA exists, recorded as skipped otherwise), cpu, cuda, cuda:N "
-                             "(cuda without a CUDA device is an error)")
-    parser.add_argument("--threads-list", type=int, nargs="+", default=[1, 2, 4],
-                        help="CPU thread counts to compare (2 is the baseline)")
-    parser.add_argument("--no-float64", action="store_true", help="leave out the float64 shadow run")
-    parser.add_argument("--name", help="name stored in the file (default: the file name)")
-    parser.add_argument("--out", help="output JSON (default envelopes/{cpu|cuda}-{model}-{imgsz}.json)")
-    parser.add_argument("--force", action="store_true", help="replace an existing file")
-    parser.add_argument("--show", metavar="FILE", help="print the summary of an existing envelope file and exit")
-    parser.set_defaults(func=_dispatch)
-
-
-def _dispatch(args) -> int:
-    if args.show:
-        args.file = args.show
-        return cmd_envelope_show(args)
-    return cmd_envelope(args)
-
-
-def main(argv: list[str] | None = None) -> int:  # python -m parity.compare.envelope (same as `parity envelope`)
-    from parity.cli.main import main as cli_main
-
-    return cli_main(["envelope", *(argv or [])])
-
-
-if __name__ == "__main__":
-    import sys
-
-    raise SystemExit(main(sys.argv[1:]))

@@ -13,7 +13,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from parity.errors import ParityError
+from parity.errors import OutputExists, ParityError
 
 
 @dataclass
@@ -25,8 +25,9 @@ class ScaffoldConfig:
 
 
 def scaffold_text(spec: str, reference_path: str) -> str:
-    from parity.replay.candidates import load_candidate
+    """The adapter file for candidate `spec` against the reference dump at `reference_path`."""
     from parity.dump.files import Dump
+    from parity.replay.candidates import load_candidate
 
     reference = Dump(reference_path)
     candidate = load_candidate(spec, reference)
@@ -34,24 +35,37 @@ def scaffold_text(spec: str, reference_path: str) -> str:
         raise ParityError(f"candidate {spec}: it brings its own adapter (run_layer / forward_layers / ultralytics "
                           f"classes) or is a dump; there is nothing to scaffold")
     findings = candidate.prepare(reference)
-    inference, mapping = candidate.inference, candidate.mapping
-    module_name, _, factory = spec.partition(":")
     types = {e["index"]: e.get("type") for e in reference.layers}
-    lines = [f'"""Adapter for {spec}, written by `parity scaffold` against {reference.path}.',
-             "",
-             "Everything below was inferred from one traced forward of the candidate; edit what is wrong and run",
-             f"    parity compare --reference {reference.path} --candidate {{this module}}:build --what layers",
-             'See docs/model-adapter.md for the contract."""',
-             "",
-             f"from {module_name} import {factory.split('.')[0]} as _factory",
-             "",
-             "",
-             "def build(nc=None):",
-             "    return _factory() if nc is None else _factory(nc=nc)",
-             "",
-             "",
-             "# Candidate module -> ultralytics layer index, in the order the modules ran.",
-             "layer_map = {"]
+    lines = _header(spec, reference.path)
+    lines += _layer_map(candidate.inference, types)
+    lines += _key_map(candidate.mapping)
+    unmapped = [f for f in findings if f.signature in ("weight-unmapped", "module-not-run")]
+    if unmapped:
+        lines += ["", "# Weights that did not map (compare reports them):"]
+        lines += [f"#   {f.where}: {f.message}" for f in unmapped]
+    return "\n".join(lines) + "\n"
+
+
+def _header(spec: str, reference_path) -> list[str]:
+    """The docstring, the import of the candidate's factory, and `build`."""
+    module_name, _, factory = spec.partition(":")
+    return [f'"""Adapter for {spec}, written by `parity scaffold` against {reference_path}.',
+            "",
+            "Everything below was inferred from one traced forward of the candidate; edit what is wrong and run",
+            f"    parity compare --reference {reference_path} --candidate {{this module}}:build --what layers",
+            'See docs/model-adapter.md for the contract."""',
+            "",
+            f"from {module_name} import {factory.split('.')[0]} as _factory",
+            "",
+            "",
+            "def build(nc=None):",
+            "    return _factory() if nc is None else _factory(nc=nc)",
+            ""]
+
+
+def _layer_map(inference, types: dict) -> list[str]:
+    """`layer_map`, then comments on the layers computed inside a parent's forward and on what was not inferred."""
+    lines = ["", "# Candidate module -> ultralytics layer index, in the order the modules ran.", "layer_map = {"]
     for index, layer in sorted(inference.layers.items()):
         if layer.kind == "module":
             note = f"  # {types.get(index)}" + ("; its structure differs (see parity compare)"
@@ -68,10 +82,14 @@ def scaffold_text(spec: str, reference_path: str) -> str:
         for problem in inference.problems:
             lines.append(f"#   {problem.message}")
             lines.append(f"#     fix: {problem.fix}")
-    lines += ["", "# Tensors whose shapes alone do not say which is which. The harness matched them in the order the",
-              "# modules run and checked the result by replaying the layer alone; entries here pin the match.",
-              "key_map = {"]
-    pinned = 0
+    return lines
+
+
+def _key_map(mapping) -> list[str]:
+    """`key_map`: a rule for each tensor the shapes and the call order could not place, and the others as comments."""
+    lines = ["", "# Tensors whose shapes alone do not say which is which. The harness matched them in the order the",
+             "# modules run and checked the result by replaying the layer alone; entries here pin the match.",
+             "key_map = {"]
     for index in sorted(mapping.ambiguous):
         resolved = mapping.resolved.get(index, "not checked")
         needed = "none of the" in resolved
@@ -89,13 +107,8 @@ def scaffold_text(spec: str, reference_path: str) -> str:
                 continue
             rule = f"    {'^' + re.escape(entry.cand_keys[0]) + '$'!r}: {ref_key!r},"
             lines.append(rule if needed else "    # " + rule.strip())
-            pinned += needed
     lines.append("}")
-    unmapped = [f for f in findings if f.signature in ("weight-unmapped", "module-not-run")]
-    if unmapped:
-        lines += ["", "# Weights that did not map (compare reports them):"]
-        lines += [f"#   {f.where}: {f.message}" for f in unmapped]
-    return "\n".join(lines) + "\n"
+    return lines
 
 
 def _in_ambiguous_group(mapping, index: int, ref_key: str) -> bool:
@@ -111,30 +124,8 @@ def write_scaffold(config: ScaffoldConfig) -> Path:
     module_name = config.candidate.partition(":")[0].rsplit(".", 1)[-1]
     out = Path(config.out or f"{module_name}_adapter.py")
     if out.exists() and not config.force:
-        raise ParityError(f"{out} exists: pass --force to replace it, or --out another path")
+        raise OutputExists(out, "adapter file")
     tmp = out.with_name(out.name + ".tmp")
     tmp.write_text(text)
     tmp.replace(out)
     return out
-
-
-def add_scaffold_options(parser) -> None:
-    parser.add_argument("--candidate", required=True, help="package.module:factory returning an nn.Module")
-    parser.add_argument("--reference", required=True, help="reference dump directory")
-    parser.add_argument("--out", help="adapter file to write (default <module>_adapter.py)")
-    parser.add_argument("--force", action="store_true", help="replace an existing file")
-
-
-def cmd_scaffold(args) -> int:
-    from rich.console import Console
-
-    path = write_scaffold(ScaffoldConfig(args.candidate, args.reference, args.out, args.force))
-    Console().print(f"adapter written to {path} (docs/model-adapter.md explains each part)", highlight=False)
-    return 0
-
-
-def register(sub) -> None:
-    parser = sub.add_parser("scaffold", help="write a starter adapter file for a PyTorch port "
-                                             "(docs/model-adapter.md)")
-    add_scaffold_options(parser)
-    parser.set_defaults(func=cmd_scaffold)

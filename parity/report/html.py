@@ -37,7 +37,7 @@ def write_html(report: Report, path: str | os.PathLike) -> Path:
 def render_html(report: Report) -> str:
     from plotly.offline import get_plotlyjs
 
-    from parity.api import headline
+    from parity.report.summary import headline
 
     rows = report.rows
     verdict = report.verdict
@@ -178,7 +178,7 @@ def _result(row: Row) -> str:
         if m.get("exact"):
             return "bitwise equal"
         return f"ok, max|d| {_num(m.get('max_abs'))}" if m.get("max_abs") is not None else "ok"
-    from parity.api import row_detail
+    from parity.report.summary import row_detail
 
     return f"FAIL: {row_detail(row)}"
 

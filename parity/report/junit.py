@@ -87,7 +87,7 @@ def write_junit(report: Report, path: str | os.PathLike) -> Path:
 
 
 def _row_line(row: Row) -> str:
-    from parity.api import row_detail
+    from parity.report.summary import row_detail
 
     return f"[{row.section}] {row.where} {row.name}: {row_detail(row)[:300]}"
 
@@ -99,7 +99,7 @@ def _identifier(text: str) -> str:
 # ---------------------------------------------------------------------------------------- job summary
 def github_summary(report: Report) -> str:
     """Markdown for a GitHub Actions job summary: the verdict, the checks per case, the findings."""
-    from parity.api import headline
+    from parity.report.summary import headline
 
     mark = ":white_check_mark:" if report.verdict == "parity" else ":x:"
     lines = [f"### {mark} yolo-parity: {report.verdict.upper()}", "", f"**{_md(headline(report))}**", "",

@@ -16,10 +16,12 @@ def steps(enabled: bool, total: int, title: str) -> Iterator[Callable[[str], Non
     if not enabled or not sys.stderr.isatty():
         yield lambda step="": None
         return
+    from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                  TextColumn("{task.fields[step]}"), TimeElapsedColumn(), transient=True) as bar:
+                  TextColumn("{task.fields[step]}"), TimeElapsedColumn(), transient=True,
+                  console=Console(stderr=True)) as bar:
         task = bar.add_task(title, total=total, step="")
         started = [False]
 

@@ -40,8 +40,16 @@ ENVS_DIR = PROJECT_ROOT / "runs" / "envs"  # the default; a directory given, or 
 ENV_VAR = "PARITY_SIDEENV_DIR"
 STAMP = "parity-env.json"
 VERSION_RE = re.compile(r"^\d+\.\d+\.\d+$")
-# The project's run-time dependencies other than ultralytics and torch (pyproject.toml `dependencies`).
-EXTRA_REQUIREMENTS = ("numpy", "safetensors", "rich", "pyyaml")
+def extra_requirements() -> list[str]:
+    """The project's own dependencies from pyproject.toml, without torch, torchvision and ultralytics (pinned
+    apart): a side environment must import every parity module the old release's dump goes through (xxhash for
+    the checksums, jsonschema for the manifest check, ...), and a hand-kept list went stale."""
+    import tomllib
+
+    from packaging.requirements import Requirement
+
+    declared = tomllib.loads((PROJECT_ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    return [spec for spec in declared if Requirement(spec).name not in ("torch", "torchvision", "ultralytics")]
 
 
 def check_version(version: str) -> str:
@@ -152,7 +160,7 @@ def build(version: str, *, rebuild: bool = False, log=lambda line: print(line, f
         _run([base_python(), "-m", "venv", str(final)], log)
         py = str(final / "bin" / "python")
         env = {**os.environ, "PIP_DISABLE_PIP_VERSION_CHECK": "1"}
-        _run([py, "-m", "pip", "install", "-q", f"ultralytics=={version}", *torch_pins(), *EXTRA_REQUIREMENTS],
+        _run([py, "-m", "pip", "install", "-q", f"ultralytics=={version}", *torch_pins(), *extra_requirements()],
              log, env=env)
         _run([py, "-m", "pip", "install", "-q", "--no-deps", "-e", str(PROJECT_ROOT)], log, env=env)
         probe = subprocess.run(

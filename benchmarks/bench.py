@@ -473,8 +473,8 @@ def worker_replay(params: dict) -> dict:
 
 
 def _replay_loop(reference, forward, sync, spent: dict, repeats: int, device: str, params: dict) -> dict:
+    from parity.diagnose import layers as replay_layers
     from parity.replay import candidates
-    from parity.replay import layers as replay_layers
 
     series: dict[str, list] = {"forward_grad": [], "forward_nograd": [], "isolated": [], "chained": []}
     verdicts = {}
@@ -904,7 +904,7 @@ def worker_verify(params: dict) -> dict:
     del tensors
     kinds = {"streamed": lambda verify: compare_dumps(Dump(ref_path, verify=verify), Dump(cand_path, verify=verify))}
     if params.get("replay", True):
-        from parity.replay.layers import compare_layers
+        from parity.diagnose.layers import compare_layers
 
         kinds["replay"] = lambda verify: compare_layers(Dump(ref_path, verify=verify), "builtin", progress=False)
     for kind, run in kinds.items():

@@ -202,7 +202,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _add_optional_commands(sub) -> None:
     """Commands whose modules register their own arguments (porting harness, envelopes, drift)."""
-    for module_name in ("parity.porting", "parity.compare.envelope", "parity.drift", "parity.replay.scaffold"):
+    for module_name in ("parity.cli.porting", "parity.compare.envelope", "parity.drift", "parity.replay.scaffold"):
         try:
             module = __import__(module_name, fromlist=["register"])
         except ImportError:

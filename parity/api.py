@@ -266,7 +266,7 @@ def _replay(reference, candidate: Any, config: CompareConfig) -> Report:
     model_inject, loss_inject = split_injection(config.inject)
     report: Report | None = None
     if config.what in ("layers", "all"):
-        from parity.replay.layers import compare_layers as replay_layers
+        from parity.diagnose.layers import compare_layers as replay_layers
 
         report = replay_layers(reference, candidate, profile=config.profile, layer=config.layer,
                                modes=config.modes, progress=config.progress, inject=model_inject,
@@ -393,7 +393,7 @@ def _old_release_report(report: Report, old, candidate: Any, config: CompareConf
     model_inject, loss_inject = split_injection(config.inject)
     old_report = None
     if config.what in ("layers", "all"):
-        from parity.replay.layers import compare_layers as replay_layers
+        from parity.diagnose.layers import compare_layers as replay_layers
 
         old_report = replay_layers(old, candidate, profile=config.profile, modes=config.modes, progress=False,
                                    inject=model_inject, map_file=config.map_file, device=config.device)

@@ -6,7 +6,7 @@ import torch
 from parity.replay.candidates import DumpCandidate
 from parity.diagnose.batchnorm import diagnose_layer, fit_conv_batchnorm
 from parity.dump.files import Dump
-from parity.porting import write_candidate_dump
+from parity.replay.export import write_candidate_dump
 
 
 @pytest.fixture(scope="module")

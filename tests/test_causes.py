@@ -166,7 +166,7 @@ def test_wiring_names_the_layer_read_instead(dumps, tmp_path):
     ("as-of-8.3.0-head", V8, "version-drift", "release-model-structure-8.3.0"),
 ])
 def test_a_planted_structure_cause_is_named(dumps, plant, fixture, cause, words):
-    from parity.replay.layers import compare_layers
+    from parity.diagnose.layers import compare_layers
 
     dump = dumps[fixture]
     candidate = load_candidate("builtin", dump, inject=plant)

@@ -2,8 +2,8 @@
 
 import pytest
 
-from parity.porting import export_layers, write_candidate_dump
-from parity.replay.layers import compare_layers
+from parity.replay.export import export_layers, write_candidate_dump
+from parity.diagnose.layers import compare_layers
 
 
 @pytest.fixture(scope="module")

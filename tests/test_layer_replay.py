@@ -19,7 +19,7 @@ from parity.replay.candidates import load_candidate
 from parity.dump.files import Dump, DumpWriter
 from parity.errors import ParityError
 from parity.report.text import exit_code, render, to_json
-from parity.replay.layers import compare_layers
+from parity.diagnose.layers import compare_layers
 from parity.runtime import PROJECT_ROOT
 
 FIXTURES = PROJECT_ROOT / "fixtures"

@@ -152,7 +152,7 @@ def test_integer_division_is_named_nonfinite(binaries, layer_file, tmp_path, cap
 def test_candidate_dump_from_cpp_compares_dump_vs_dump(binaries, layer_file, reference_nc38, tmp_path):
     """--dump writes the same tensors as a candidate dump; `compare` reads it like any foreign port's."""
     from parity.compare.foreign import check_candidate_dump
-    from parity.replay.layers import compare_layers
+    from parity.diagnose.layers import compare_layers
 
     dump = tmp_path / "cpp_dump"
     _run(binaries["double"], layer_file, tmp_path / "o.safetensors", dump)

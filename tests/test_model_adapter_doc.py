@@ -11,7 +11,7 @@ import pytest
 
 from parity.cli.main import main
 from parity.dump.files import Dump
-from parity.replay.layers import compare_layers
+from parity.diagnose.layers import compare_layers
 from parity.runtime import PROJECT_ROOT
 from parity.replay.scaffold import scaffold_text
 

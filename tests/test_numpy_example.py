@@ -107,7 +107,7 @@ def test_numpy_port_is_at_parity(layer, exported, outputs, capsys):
 
 def test_numpy_dump_is_accepted_by_compare(outputs):
     from parity.compare.foreign import check_candidate_dump
-    from parity.replay.layers import compare_layers
+    from parity.diagnose.layers import compare_layers
 
     _, dump = outputs
     reference = Dump(FIXTURE)

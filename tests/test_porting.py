@@ -19,7 +19,9 @@ from parity.cli.main import main
 from parity.compare.foreign import (check_candidate_dump, check_safetensors_file, diagnose_foreign_tensor,
                                     name_problem, nearest_names)
 from parity.dump.files import Dump, DumpWriter
-from parity.porting import LayerFile, check_layer, export_layer, write_candidate_dump
+from parity.diagnose.layer_check import check_layer
+from parity.dump.layer_file import LayerFile
+from parity.replay.export import export_layer, write_candidate_dump
 from parity.runtime import PROJECT_ROOT
 
 FIXTURES = PROJECT_ROOT / "fixtures"
@@ -458,7 +460,7 @@ def test_candidate_dump_gives_the_live_verdicts(inject, tmp_path):
     """The built-in candidate written as a candidate DUMP and compared dump-vs-dump gives the live replay's
     verdict, the same chained rows (bitwise the same metrics) and the same findings, except those only a live
     module can produce (its BatchNorm settings, parameters its mapping could not place)."""
-    from parity.replay.layers import compare_layers
+    from parity.diagnose.layers import compare_layers
 
     ref = Dump(Y8)
     # seeded: with concat-channels the candidate holds weights no reference tensor maps onto, which keep their
@@ -504,7 +506,7 @@ def test_problems_become_report_findings(tmp_path):
 def test_dump_compare_names_an_nhwc_tensor_first(tmp_path, fixtures_dir):
     """Through the real compare path: one activation written NHWC is called a layout slip, not a bad layer."""
     from parity.dump.files import Dump, DumpWriter
-    from parity.replay.layers import compare_layers
+    from parity.diagnose.layers import compare_layers
 
     reference = Dump(fixtures_dir / "yolo11-narrow-nc80-96")
     with DumpWriter(tmp_path / "port", kind="candidate") as writer:

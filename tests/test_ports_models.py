@@ -15,7 +15,7 @@ from parity.replay.candidates import load_candidate
 from parity.dump.files import Dump
 from parity.errors import ParityError
 from parity.replay.mapping import KeyMapping
-from parity.replay.layers import compare_layers
+from parity.diagnose.layers import compare_layers
 from parity.runtime import PROJECT_ROOT
 
 V8 = PROJECT_ROOT / "fixtures" / "yolov8-narrow-nc12-96"

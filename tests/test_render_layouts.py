@@ -39,7 +39,7 @@ def capture(report: Report, width: int) -> str:
 def regenerate():
     if not REGENERATE:
         return
-    from parity.replay.layers import compare_layers
+    from parity.diagnose.layers import compare_layers
 
     for port in REPORTS:
         report = compare_layers(PROJECT_ROOT / "fixtures" / "yolov8-narrow-nc12-96", f"tests.ports.models.{port}:build",

@@ -64,15 +64,15 @@ def _time_spent_in(spent: dict):
 
 
 def _replay_loop(reference, forward, sync, spent: dict, repeats: int, device: str, params: dict) -> dict:
+    from parity.diagnose.layers import compare_layers
     from parity.replay import candidates
-    from parity.replay import layers as replay_layers
 
     series: dict[str, list] = {"forward_grad": [], "forward_nograd": [], "isolated": [], "chained": []}
     verdicts = {}
     if params.get("warmup", True):
         log("warm-up replay (excluded)")
-        replay_layers.compare_layers(reference, candidates.load_candidate("builtin", reference, device=device),
-                                     modes=("isolated",), progress=False, device=device)
+        compare_layers(reference, candidates.load_candidate("builtin", reference, device=device),
+                       modes=("isolated",), progress=False, device=device)
     rounds = Repeats(params)
     for rep in rounds:
         series["forward_grad"].append(forward(True))
@@ -86,8 +86,8 @@ def _replay_loop(reference, forward, sync, spent: dict, repeats: int, device: st
 
 
 def _one_replay(reference, mode: str, sync, spent: dict, device: str) -> tuple[dict, dict]:
+    from parity.diagnose.layers import compare_layers
     from parity.replay import candidates
-    from parity.replay import layers as replay_layers
 
     sync()
     t0 = time.perf_counter()
@@ -95,7 +95,7 @@ def _one_replay(reference, mode: str, sync, spent: dict, device: str) -> tuple[d
     t_load = time.perf_counter() - t0
     for key in spent:
         spent[key] = 0.0
-    report = replay_layers.compare_layers(reference, candidate, modes=(mode,), progress=False, device=device)
+    report = compare_layers(reference, candidate, modes=(mode,), progress=False, device=device)
     sync()
     total = time.perf_counter() - t0
     other = total - t_load - sum(spent.values())

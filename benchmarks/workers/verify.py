@@ -36,7 +36,7 @@ def worker_verify(params: dict) -> dict:
     out = _hash_throughput(Dump(ref_path, verify=False))
     kinds = {"streamed": lambda verify: compare_dumps(Dump(ref_path, verify=verify), Dump(cand_path, verify=verify))}
     if params.get("replay", True):
-        from parity.replay.layers import compare_layers
+        from parity.diagnose.layers import compare_layers
 
         kinds["replay"] = lambda verify: compare_layers(Dump(ref_path, verify=verify), "builtin", progress=False)
     for kind, run in kinds.items():

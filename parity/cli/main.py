@@ -16,8 +16,7 @@ import sys
 import traceback
 from pathlib import Path
 
-from parity import porting  # its commands move to parity/cli/porting.py
-from parity.cli import compare, drift, dump, envelope, inspect, scaffold, train
+from parity.cli import compare, drift, dump, envelope, inspect, porting, scaffold, train
 from parity.cli import map as mapping
 from parity.cli.options import GlobalOptions, UsageError, validate_numbers
 from parity.errors import ParityError

@@ -23,7 +23,9 @@ import torch
 import torch.nn.functional as F
 
 from parity.dump import names
-from parity.replay.candidates import REFERENCE_BN_EPS, REFERENCE_BN_MOMENTUM, Candidate, default_conv_bias_bound, final_conv_bias_key
+from parity.replay.candidates import (REFERENCE_BN_EPS, REFERENCE_BN_MOMENTUM, Candidate, default_conv_bias_bound,
+                                      final_conv_bias_key)
+from parity.replay.layers import layer_where
 from parity.compare.metrics import compare_tensors, shape_difference
 from parity.compare.tolerances import BITWISE, Tolerance
 from parity.dump.files import Dump
@@ -31,10 +33,6 @@ from parity.findings import Finding, Report, Row
 
 SECTION = "structure"
 BIAS_SECTION = "bias init"
-
-
-def layer_where(index: int) -> str:
-    return f"layer {index}"
 
 
 def _ref_type(reference: Dump, index: int) -> str:
@@ -86,44 +84,52 @@ def check_param_counts(reference: Dump, candidate: Candidate, report: Report) ->
         return []
     ref = {e["index"]: int(e.get("parameters", 0)) for e in reference.layers if "index" in e}
     allowed = _allowed_missing_by_layer(reference, candidate)
-    differing = []
-    for index in sorted(set(ref) | set(cand)):
-        r, c = ref.get(index), cand.get(index)
-        left_out = sum(n for _, n in allowed.get(index, []))
-        if r == 0 and c is None:
-            report.add(Row(SECTION, layer_where(index), "parameters", True,
-                           note="reference 0, none in the candidate (no parameters)"))
-            continue
-        passed = r == c or (r is not None and c is not None and left_out and r - left_out == c)
-        note = f"reference {r:,}" if r is not None else "not in the reference"
-        note += f", candidate {c:,}" if c is not None else ", not in the candidate"
-        if r is not None and c is not None and r != c:
-            note += f" ({c - r:+,})"
-            if passed:
-                keys = ", ".join(k.split(".", 2)[2] for k, _ in allowed[index])
-                note += f": {left_out:,} in {keys}, not trainable, which the candidate may leave out"
-        report.add(Row(SECTION, layer_where(index), "parameters", bool(passed), note=note))
-        if not passed:
-            differing.append(index)
-    total_r, total_c = sum(ref.values()), sum(cand.values())
-    report.context["parameters"] = {"reference": total_r, "candidate": total_c}
+    differing = [index for index in sorted(set(ref) | set(cand))
+                 if not _param_count_row(report, index, ref.get(index), cand.get(index), allowed.get(index, []))]
+    totals = (sum(ref.values()), sum(cand.values()))
+    report.context["parameters"] = {"reference": totals[0], "candidate": totals[1]}
     for index in differing:
-        r, c = ref.get(index), cand.get(index)
-        if r is None or c is None:
-            message = (f"layer {index} exists only in the {'candidate' if r is None else 'reference'} "
-                       f"({(c if r is None else r):,} parameters)")
-        else:
-            more = "more" if c > r else "fewer"
-            message = (f"layer {index} ({_ref_type(reference, index)}) has {abs(c - r):,} {more} parameters than "
-                       f"ultralytics' ({c:,} vs {r:,}); whole model {total_c:,} vs {total_r:,} ({total_c - total_r:+,})")
-            detail = structure_difference(reference, candidate, index)
-            if detail:
-                message += f". {detail}"
-        report.find(Finding("param-count-mismatch", layer_where(index), message,
-                            evidence={"layer": index, "reference": r, "candidate": c,
-                                      "difference": None if r is None or c is None else c - r,
-                                      "model_reference": total_r, "model_candidate": total_c}))
+        report.find(_param_count_finding(reference, candidate, index, ref.get(index), cand.get(index), totals))
     return differing
+
+
+def _param_count_row(report: Report, index: int, r: int | None, c: int | None,
+                     allowed: list[tuple[str, int]]) -> bool:
+    """The layer's row; whether its counts agree (up to the tensors the candidate may leave out)."""
+    left_out = sum(n for _, n in allowed)
+    if r == 0 and c is None:
+        report.add(Row(SECTION, layer_where(index), "parameters", True,
+                       note="reference 0, none in the candidate (no parameters)"))
+        return True
+    passed = r == c or (r is not None and c is not None and left_out and r - left_out == c)
+    note = f"reference {r:,}" if r is not None else "not in the reference"
+    note += f", candidate {c:,}" if c is not None else ", not in the candidate"
+    if r is not None and c is not None and r != c:
+        note += f" ({c - r:+,})"
+        if passed:
+            keys = ", ".join(k.split(".", 2)[2] for k, _ in allowed)
+            note += f": {left_out:,} in {keys}, not trainable, which the candidate may leave out"
+    report.add(Row(SECTION, layer_where(index), "parameters", bool(passed), note=note))
+    return bool(passed)
+
+
+def _param_count_finding(reference: Dump, candidate: Candidate, index: int, r: int | None, c: int | None,
+                         totals: tuple[int, int]) -> Finding:
+    total_r, total_c = totals
+    if r is None or c is None:
+        message = (f"layer {index} exists only in the {'candidate' if r is None else 'reference'} "
+                   f"({(c if r is None else r):,} parameters)")
+    else:
+        more = "more" if c > r else "fewer"
+        message = (f"layer {index} ({_ref_type(reference, index)}) has {abs(c - r):,} {more} parameters than "
+                   f"ultralytics' ({c:,} vs {r:,}); whole model {total_c:,} vs {total_r:,} ({total_c - total_r:+,})")
+        detail = structure_difference(reference, candidate, index)
+        if detail:
+            message += f". {detail}"
+    return Finding("param-count-mismatch", layer_where(index), message,
+                   evidence={"layer": index, "reference": r, "candidate": c,
+                             "difference": None if r is None or c is None else c - r,
+                             "model_reference": total_r, "model_candidate": total_c})
 
 
 def structure_difference(reference: Dump, candidate: Candidate, index: int) -> str:
@@ -227,17 +233,8 @@ def _bitwise(a: torch.Tensor, b: torch.Tensor) -> bool:
 def diagnose_bias_init(reference: Dump, candidate: Candidate, report: Report) -> None:
     """Compare the candidate's OWN fresh Detect bias init with the reference's, bit for bit, per stride."""
     strides = reference.model.get("strides") or []
-    head = reference.model.get("head_index")
-    nc = reference.model.get("nc")
-    if not strides or not any(names.init_bias("cls_bias", l, "stored") in reference for l in range(len(strides))):
-        report.coverage.setdefault("not_checked", []).append("Detect bias init (the reference has no init.* tensors)")
-        return
-    fresh = candidate.fresh_head_biases(reference)
+    fresh = _fresh_biases(reference, candidate, report)
     if not fresh:
-        report.coverage.setdefault("not_checked", []).append(
-            "Detect bias init: the candidate cannot be rebuilt without weights (a module instance, not a factory) "
-            "and wrote no init.cls_bias.{level}.stored" if candidate.live else
-            "Detect bias init: the candidate dump has no init.cls_bias.{level}.stored")
         return
     all_same = True
     results = []
@@ -248,53 +245,91 @@ def diagnose_bias_init(reference: Dump, candidate: Candidate, report: Report) ->
         f32 = reference.get(names.init_bias("cls_bias", level, "float32"))
         f64 = reference.get(names.init_bias("cls_bias", level, "float64"))
         all_same &= _bitwise(stored, f32) and _bitwise(stored, f64)
-        cand = fresh[level]["cls"].detach().cpu()
-        where = f"layer {head}, cls bias init, stride {stride:g}"
-        label = names.init_bias("cls_bias", level, "stored")
-        verdict, signature, message, evidence = _classify_cls_bias(reference, head, level, stride, nc, cand, stored,
-                                                                   f32, f64, fresh)
-        signatures = signature if isinstance(signature, list) else ([signature] if signature else [])
-        messages = message if isinstance(message, list) else [message]
+        signatures = _judge_cls_level(reference, report, level, stride, fresh, (stored, f32, f64))
         results.append(signatures[0] if signatures else None)
-        passed = not signatures
-        tol = BITWISE
-        row_metrics = compare_tensors(stored, cand.to(stored.dtype) if cand.dtype != stored.dtype and
-                                      cand.is_floating_point() else cand, tol).as_dict()
-        report.add(Row(BIAS_SECTION, where, label, passed, metrics=row_metrics, tolerance=tol.as_dict(), note=verdict))
-        for sig, text in zip(signatures, messages):
-            report.find(Finding(sig, where, text, evidence=evidence))
-        # box branch: ultralytics 8.4 sets 2.0 (1.0 before)
-        box_stored = reference.get_optional(names.init_bias("box_bias", level, "stored"))
-        if box_stored is not None and "box" in fresh[level] and "bias-init-skipped" not in signatures:
-            cbox = fresh[level]["box"].detach().cpu().float()
-            bwhere = f"layer {head}, box bias init, stride {stride:g}"
-            ok = cbox.shape == box_stored.shape and _bitwise(box_stored, cbox)
-            note = "as ultralytics (2.0)" if ok else _describe_values(cbox)
-            report.add(Row(BIAS_SECTION, bwhere, names.init_bias("box_bias", level, "stored"), ok,
-                           metrics=compare_tensors(box_stored, cbox, BITWISE).as_dict(), tolerance=BITWISE.as_dict(),
-                           note=note))
-            if not ok:
-                reg_max = reference.model.get("reg_max", 16)
-                cancels = reg_max and reg_max > 1 and cbox.numel() and bool((cbox == cbox.flatten()[0]).all())
-                report.find(Finding(
-                    "bias-init-box", bwhere,
-                    f"box-branch bias is {_describe_values(cbox)}, ultralytics {float(box_stored.flatten()[0]):g} "
-                    f"(1.0 before 8.4.0). "
-                    + ("With reg_max > 1 a constant bias cancels in the DFL softmax, so the loss barely moves."
-                       if cancels else "With reg_max = 1 (or a non-constant bias) it shifts the predicted distances."),
-                    severity="warning" if cancels else "error",
-                    evidence={"candidate": cbox[:8].tolist(), "reference": float(box_stored.flatten()[0])}))
-    if all_same and results and all(s is None for s in results):
-        report.find(Finding(
-            "bias-init-indistinguishable", f"layer {head}, cls bias init",
-            f"at nc={nc} ultralytics' mixed arithmetic, pure float32 and pure float64 give the same float32 class "
-            f"bias at every stride, so this check cannot tell them apart (it can at e.g. nc=12 or nc=8; and one ULP "
-            f"of a bias cannot move a loss anyway). The causes that do move a loss were ruled out: a bias not "
-            f"applied (default conv init), a non-finite bias (log of 0 from integer division) or another formula "
-            f"than log(5 / nc / (640 / stride) ** 2).", severity="info", evidence={"nc": nc}))
-    elif all_same and results:
+        if "bias-init-skipped" not in signatures:
+            _judge_box_level(reference, report, level, stride, fresh[level])
+    if all_same and results:
+        _say_indistinguishable(reference, report, all(s is None for s in results))
+
+
+def _fresh_biases(reference: Dump, candidate: Candidate, report: Report) -> dict | None:
+    """The candidate's fresh biases per level, or None (said in the coverage) when there is nothing to judge."""
+    strides = reference.model.get("strides") or []
+    if not strides or not any(names.init_bias("cls_bias", l, "stored") in reference for l in range(len(strides))):
+        report.coverage.setdefault("not_checked", []).append("Detect bias init (the reference has no init.* tensors)")
+        return None
+    fresh = candidate.fresh_head_biases(reference)
+    if not fresh:
+        report.coverage.setdefault("not_checked", []).append(
+            "Detect bias init: the candidate cannot be rebuilt without weights (a module instance, not a factory) "
+            "and wrote no init.cls_bias.{level}.stored" if candidate.live else
+            "Detect bias init: the candidate dump has no init.cls_bias.{level}.stored")
+        return None
+    return fresh
+
+
+def _judge_cls_level(reference: Dump, report: Report, level: int, stride: float, fresh: dict,
+                     stored_f32_f64: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> list[str]:
+    """The class bias of one level: a row and its findings. Returns the findings' signatures."""
+    head = reference.model.get("head_index")
+    stored = stored_f32_f64[0]
+    cand = fresh[level]["cls"].detach().cpu()
+    where = f"layer {head}, cls bias init, stride {stride:g}"
+    verdict, signature, message, evidence = _classify_cls_bias(reference, level, stride, cand, stored_f32_f64)
+    signatures = signature if isinstance(signature, list) else ([signature] if signature else [])
+    messages = message if isinstance(message, list) else [message]
+    comparable = cand.to(stored.dtype) if cand.dtype != stored.dtype and cand.is_floating_point() else cand
+    report.add(Row(BIAS_SECTION, where, names.init_bias("cls_bias", level, "stored"), not signatures,
+                   metrics=compare_tensors(stored, comparable, BITWISE).as_dict(), tolerance=BITWISE.as_dict(),
+                   note=verdict))
+    for sig, text in zip(signatures, messages):
+        report.find(Finding(sig, where, text, evidence=evidence))
+    return signatures
+
+
+def _judge_box_level(reference: Dump, report: Report, level: int, stride: float, fresh_level: dict) -> None:
+    """The box-branch bias of one level: ultralytics 8.4 sets 2.0 (1.0 before)."""
+    box_stored = reference.get_optional(names.init_bias("box_bias", level, "stored"))
+    if box_stored is None or "box" not in fresh_level:
+        return
+    head = reference.model.get("head_index")
+    cbox = fresh_level["box"].detach().cpu().float()
+    bwhere = f"layer {head}, box bias init, stride {stride:g}"
+    ok = cbox.shape == box_stored.shape and _bitwise(box_stored, cbox)
+    note = "as ultralytics (2.0)" if ok else _describe_values(cbox)
+    report.add(Row(BIAS_SECTION, bwhere, names.init_bias("box_bias", level, "stored"), ok,
+                   metrics=compare_tensors(box_stored, cbox, BITWISE).as_dict(), tolerance=BITWISE.as_dict(),
+                   note=note))
+    if ok:
+        return
+    reg_max = reference.model.get("reg_max", 16)
+    cancels = reg_max and reg_max > 1 and cbox.numel() and bool((cbox == cbox.flatten()[0]).all())
+    report.find(Finding(
+        "bias-init-box", bwhere,
+        f"box-branch bias is {_describe_values(cbox)}, ultralytics {float(box_stored.flatten()[0]):g} "
+        f"(1.0 before 8.4.0). "
+        + ("With reg_max > 1 a constant bias cancels in the DFL softmax, so the loss barely moves."
+           if cancels else "With reg_max = 1 (or a non-constant bias) it shifts the predicted distances."),
+        severity="warning" if cancels else "error",
+        evidence={"candidate": cbox[:8].tolist(), "reference": float(box_stored.flatten()[0])}))
+
+
+def _say_indistinguishable(reference: Dump, report: Report, every_level_passed: bool) -> None:
+    """At this nc the three arithmetics give the same float32 bias: the check cannot tell them apart."""
+    nc = reference.model.get("nc")
+    head = reference.model.get("head_index")
+    if not every_level_passed:
         report.context["bias_init_note"] = (f"at nc={nc} the three arithmetics agree, so float32/float64 cannot be "
                                             f"told apart here")
+        return
+    report.find(Finding(
+        "bias-init-indistinguishable", f"layer {head}, cls bias init",
+        f"at nc={nc} ultralytics' mixed arithmetic, pure float32 and pure float64 give the same float32 class "
+        f"bias at every stride, so this check cannot tell them apart (it can at e.g. nc=12 or nc=8; and one ULP "
+        f"of a bias cannot move a loss anyway). The causes that do move a loss were ruled out: a bias not "
+        f"applied (default conv init), a non-finite bias (log of 0 from integer division) or another formula "
+        f"than log(5 / nc / (640 / stride) ** 2).", severity="info", evidence={"nc": nc}))
 
 
 def _describe_values(t: torch.Tensor) -> str:
@@ -306,9 +341,15 @@ def _describe_values(t: torch.Tensor) -> str:
     return f"values from {float(flat.min()):.6g} to {float(flat.max()):.6g}"
 
 
-def _classify_cls_bias(reference: Dump, head, level: int, stride: float, nc, cand: torch.Tensor,
-                       stored: torch.Tensor, f32: torch.Tensor, f64: torch.Tensor, fresh: dict):
-    """(verdict text, signature or None, message, evidence)."""
+# (verdict text, signature(s) or None, message(s), evidence)
+Verdict = tuple[str, Any, Any, dict]
+
+
+def _classify_cls_bias(reference: Dump, level: int, stride: float, cand: torch.Tensor,
+                       stored_f32_f64: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> Verdict:
+    """What the candidate's class bias of one level is: ultralytics', another arithmetic's, not applied, ..."""
+    stored, f32, f64 = stored_f32_f64
+    nc = reference.model.get("nc")
     ev: dict[str, Any] = {"level": level, "stride": stride, "nc": nc,
                           "reference": float(stored.flatten()[0]) if stored.numel() else None,
                           "float32": float(f32.flatten()[0]) if f32.numel() else None,
@@ -320,37 +361,50 @@ def _classify_cls_bias(reference: Dump, head, level: int, stride: float, nc, can
                 f"(nc={nc})", ev)
     cand = cand.float()
     ev["candidate"] = _describe_values(cand)
-    nonfinite = ~torch.isfinite(cand)
-    if bool(nonfinite.any()):
-        neg_inf = bool(torch.isneginf(cand).any())
-        hint = (" -inf is log(0): with C/C++ integer division 5 / nc is 0 for nc > 5; divide in floating point"
-                if neg_inf else "")
-        return ("non-finite", "bias-init-nonfinite",
-                f"stride {stride:g}: the class bias is {_describe_values(cand)} ({int(nonfinite.sum())} of "
-                f"{cand.numel()} non-finite); ultralytics {ev['reference']:.9g}.{hint} A non-finite logit makes the "
-                f"class loss infinite or NaN from the first step.", ev)
+    if bool((~torch.isfinite(cand)).any()):
+        return _nonfinite_verdict(cand, stride, ev)
     if _bitwise(cand, stored):
         same = _bitwise(stored, f32) and _bitwise(stored, f64)
         return ("bitwise equal" + (" (float32/float64 indistinguishable at this nc)" if same else ""), None, "", ev)
-    ulp = _ulps(stored, cand)
-    ev["ulp_from_reference"] = ulp
+    ev["ulp_from_reference"] = _ulps(stored, cand)
+    return (_arithmetic_verdict(cand, f32, f64, stride, nc, ev) or _default_init_verdict(reference, level, stride, cand, ev)
+            or _other_level_verdict(reference, level, stride, cand, ev) or _formula_verdict(cand, stride, ev))
+
+
+def _nonfinite_verdict(cand: torch.Tensor, stride: float, ev: dict) -> Verdict:
+    nonfinite = ~torch.isfinite(cand)
+    neg_inf = bool(torch.isneginf(cand).any())
+    hint = (" -inf is log(0): with C/C++ integer division 5 / nc is 0 for nc > 5; divide in floating point"
+            if neg_inf else "")
+    return ("non-finite", "bias-init-nonfinite",
+            f"stride {stride:g}: the class bias is {_describe_values(cand)} ({int(nonfinite.sum())} of "
+            f"{cand.numel()} non-finite); ultralytics {ev['reference']:.9g}.{hint} A non-finite logit makes the "
+            f"class loss infinite or NaN from the first step.", ev)
+
+
+def _arithmetic_verdict(cand: torch.Tensor, f32: torch.Tensor, f64: torch.Tensor, stride: float, nc,
+                        ev: dict) -> Verdict | None:
+    """Pure float32 or pure float64 arithmetic: one ULP from ultralytics' mixed one."""
     is32, is64 = _bitwise(cand, f32), _bitwise(cand, f64)
-    if is32 or is64:
-        both = is32 and is64
-        ev["matches"] = [v for v, hit in (("float32", is32), ("float64", is64)) if hit]
-        tail = (f"ultralytics stores {ev['reference']:.9g} ({ulp} ULP apart): it divides and squares in float32 (the "
-                f"stride is a float32 tensor element) but takes the log in float64 (math.log)."
-                + (f" At nc={nc} and stride {stride:g} pure float32 and pure float64 give the same value, so either "
-                   f"arithmetic explains it." if both else "")
-                + " One ULP of a bias cannot move a loss visibly.")
-        found = []
-        for variant, hit in (("float32", is32), ("float64", is64)):
-            if hit:
-                found.append((f"bias-init-{variant}",
-                              f"stride {stride:g}: bias init matches {variant} arithmetic ({ev[variant]:.9g}); {tail}"))
-        verdict = "matches " + " and ".join(f"{v} arithmetic" for v in ev["matches"])
-        return (verdict, [f[0] for f in found], [f[1] for f in found], ev)
-    # not applied: PyTorch's default conv bias init (uniform within 1/sqrt(fan_in)) or zeros
+    if not (is32 or is64):
+        return None
+    ulp = ev["ulp_from_reference"]
+    ev["matches"] = [v for v, hit in (("float32", is32), ("float64", is64)) if hit]
+    tail = (f"ultralytics stores {ev['reference']:.9g} ({ulp} ULP apart): it divides and squares in float32 (the "
+            f"stride is a float32 tensor element) but takes the log in float64 (math.log)."
+            + (f" At nc={nc} and stride {stride:g} pure float32 and pure float64 give the same value, so either "
+               f"arithmetic explains it." if is32 and is64 else "")
+            + " One ULP of a bias cannot move a loss visibly.")
+    found = [(f"bias-init-{variant}",
+              f"stride {stride:g}: bias init matches {variant} arithmetic ({ev[variant]:.9g}); {tail}")
+             for variant in ev["matches"]]
+    verdict = "matches " + " and ".join(f"{v} arithmetic" for v in ev["matches"])
+    return (verdict, [f[0] for f in found], [f[1] for f in found], ev)
+
+
+def _default_init_verdict(reference: Dump, level: int, stride: float, cand: torch.Tensor, ev: dict) -> Verdict | None:
+    """Not applied: PyTorch's default conv bias init (uniform within 1/sqrt(fan_in)) or zeros."""
+    head = reference.model.get("head_index")
     weight_key = (final_conv_bias_key(reference, head, "cv3", level) or "")[: -len("bias")] + "weight"
     fan_in = None
     if weight_key in reference:
@@ -359,13 +413,18 @@ def _classify_cls_bias(reference: Dump, head, level: int, stride: float, nc, can
     bound = default_conv_bias_bound(fan_in) if fan_in else None
     ev["default_init_bound"] = bound
     constant = bool((cand == cand.flatten()[0]).all())
-    if bool((cand == 0).all()) or (bound is not None and not constant and float(cand.abs().max()) <= bound * (1 + 1e-6)):
-        what = "zeros" if bool((cand == 0).all()) else f"uniform within +-1/sqrt(fan_in) = +-{bound:.4g}"
-        return ("not applied (default conv init)", "bias-init-skipped",
-                f"stride {stride:g}: bias init not applied (default conv init: {what}, {_describe_values(cand)}); "
-                f"ultralytics sets {ev['reference']:.9g} = log(5 / nc / (640 / stride) ** 2). The class loss at the "
-                f"first step is then orders of magnitude larger than ultralytics'.", ev)
-    # another level's value: levels or strides swapped
+    zeros = bool((cand == 0).all())
+    if not (zeros or (bound is not None and not constant and float(cand.abs().max()) <= bound * (1 + 1e-6))):
+        return None
+    what = "zeros" if zeros else f"uniform within +-1/sqrt(fan_in) = +-{bound:.4g}"
+    return ("not applied (default conv init)", "bias-init-skipped",
+            f"stride {stride:g}: bias init not applied (default conv init: {what}, {_describe_values(cand)}); "
+            f"ultralytics sets {ev['reference']:.9g} = log(5 / nc / (640 / stride) ** 2). The class loss at the "
+            f"first step is then orders of magnitude larger than ultralytics'.", ev)
+
+
+def _other_level_verdict(reference: Dump, level: int, stride: float, cand: torch.Tensor, ev: dict) -> Verdict | None:
+    """Another level's value: levels or strides swapped."""
     for other, other_stride in enumerate(reference.model.get("strides") or []):
         if other == level:
             continue
@@ -375,13 +434,18 @@ def _classify_cls_bias(reference: Dump, head, level: int, stride: float, nc, can
             return (f"stride {other_stride:g}'s value", "bias-init-formula",
                     f"stride {stride:g}: the class bias equals ultralytics' value for stride {other_stride:g} "
                     f"({float(o.flatten()[0]):.9g}): levels or strides are in another order", ev)
-    if constant:
+    return None
+
+
+def _formula_verdict(cand: torch.Tensor, stride: float, ev: dict) -> Verdict:
+    if bool((cand == cand.flatten()[0]).all()):
         value = float(cand.flatten()[0])
         prior = math.exp(value) if value < 50 else math.inf
         ev["implied_prior"] = prior
         return ("different formula", "bias-init-formula",
                 f"stride {stride:g}: bias init follows a different formula: {value:.9g} everywhere (exp = {prior:.4g}), "
-                f"ultralytics {ev['reference']:.9g} = log(5 / nc / (640 / stride) ** 2) ({ulp} ULP apart)", ev)
+                f"ultralytics {ev['reference']:.9g} = log(5 / nc / (640 / stride) ** 2) ({ev['ulp_from_reference']} "
+                f"ULP apart)", ev)
     return ("different formula", "bias-init-formula",
             f"stride {stride:g}: bias init follows a different formula ({_describe_values(cand)}); ultralytics sets "
             f"{ev['reference']:.9g} for every class", ev)

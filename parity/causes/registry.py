@@ -97,31 +97,25 @@ def plant(name: str, cause_signature: str, description: str, apply: Callable, *,
     return entry
 
 
-def _load() -> None:
-    # The entries live beside their transforms; importing the modules registers them (once).
-    from parity.causes import loss_causes, model_causes, releases  # noqa: F401
-
-
+# The entries live beside their transforms (model_causes, loss_causes, releases), which import this module to
+# register them; the package `parity.causes` imports all three, and Python runs it before any of its modules,
+# so by the time anything can call the functions below every entry is registered.
 def all_causes() -> dict[str, Cause]:
-    _load()
     return dict(CAUSES)
 
 
 def cause(signature: str) -> Cause:
-    _load()
     if signature not in CAUSES:
         raise KeyError(f"unknown cause {signature!r}; known: {', '.join(sorted(CAUSES))}")
     return CAUSES[signature]
 
 
 def all_injections() -> dict[str, Plant]:
-    _load()
     return dict(REGISTRY)
 
 
 def get(name: str) -> Plant:
     """The plant named `name` (KeyError naming the known ones otherwise)."""
-    _load()
     if name not in REGISTRY:
         raise KeyError(f"unknown injection {name!r}; known: {', '.join(sorted(REGISTRY))}")
     return REGISTRY[name]

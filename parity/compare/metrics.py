@@ -182,36 +182,48 @@ def compare_tensors(ref: torch.Tensor, cand: torch.Tensor, tol: Tolerance | None
         passed=False, numel=ref.numel(), tolerance=tol.as_dict(),
     )
     if list(ref.shape) != list(cand.shape):
-        out.shape_note, out.permutation = shape_difference(list(ref.shape), list(cand.shape))
-        out.reason = f"shape mismatch: {out.shape_note}"
-        if out.permutation is not None:
-            inner = compare_tensors(ref, cand.permute(*out.permutation), tol)
-            out.permuted_passed = inner.passed
-            out.reason += (
-                "; after that permutation the values pass" if inner.passed
-                else f"; after that permutation the values still differ ({inner.summary()})"
-            )
-        return out
-
-    n = ref.numel()
+        return _shape_mismatch(ref, cand, tol, out)
     exact_compare = _is_exact_dtype(ref.dtype) or _is_exact_dtype(cand.dtype)
     out.exact_compare = exact_compare
-    if n == 0:
-        out.passed = out.exact = True
-        out.max_abs = out.max_rel = out.mean_abs = out.rmse = 0.0
-        out.min_atol = None if exact_compare else 0.0
-        return out
+    if ref.numel() == 0:
+        return _empty(out, exact_compare)
     rflat = ref.reshape(-1)
     cflat = cand.reshape(-1)
     if exact_compare:
         return _compare_exact(rflat, cflat, list(ref.shape), out)
+    return _compare_floats(rflat, cflat, list(ref.shape), tol, out)
 
-    ulp_ok = ref.dtype == torch.float32 and cand.dtype == torch.float32
-    rtol = float(tol.rtol)
+
+def _shape_mismatch(ref: torch.Tensor, cand: torch.Tensor, tol: Tolerance, out: TensorMetrics) -> TensorMetrics:
+    """Name the differing dimensions and, when a permutation of the candidate fits, say whether it would pass."""
+    out.shape_note, out.permutation = shape_difference(list(ref.shape), list(cand.shape))
+    out.reason = f"shape mismatch: {out.shape_note}"
+    if out.permutation is not None:
+        inner = compare_tensors(ref, cand.permute(*out.permutation), tol)
+        out.permuted_passed = inner.passed
+        out.reason += (
+            "; after that permutation the values pass" if inner.passed
+            else f"; after that permutation the values still differ ({inner.summary()})"
+        )
+    return out
+
+
+def _empty(out: TensorMetrics, exact_compare: bool) -> TensorMetrics:
+    out.passed = out.exact = True
+    out.max_abs = out.max_rel = out.mean_abs = out.rmse = 0.0
+    out.min_atol = None if exact_compare else 0.0
+    return out
+
+
+def _compare_floats(rflat: torch.Tensor, cflat: torch.Tensor, shape: list[int], tol: Tolerance,
+                    out: TensorMetrics) -> TensorMetrics:
+    """Floating-point pairs: the equal fast paths first, else the chunked statistics."""
+    same_dtype = rflat.dtype == cflat.dtype
+    ulp_ok = rflat.dtype == torch.float32 and cflat.dtype == torch.float32
     # fast path: the same dtype and every element equal. torch.equal and one aminmax are each a single
     # vectorised pass, several times quicker than the chunked statistics (docs/benchmarks.md); a NaN makes
     # torch.equal false, so NaN pairs take the chunked route.
-    if ref.dtype == cand.dtype and torch.equal(rflat, cflat):
+    if same_dtype and torch.equal(rflat, cflat):
         lo, hi = (float(v) for v in torch.aminmax(rflat))
         if math.isfinite(lo) and math.isfinite(hi):
             return _exactly_equal(out, tol, max(-lo, hi), nan=0, inf=0, ulp_ok=ulp_ok)
@@ -220,29 +232,70 @@ def compare_tensors(ref: torch.Tensor, cand: torch.Tensor, tol: Tolerance | None
     atol = float(tol.atol) + float(tol.atol_absmax) * absmax
     out.effective_atol = atol
     # torch.equal said no above: float32 pairs can still be equal as numbers (-0 vs +0, NaN opposite NaN)
-    if ref.dtype == cand.dtype and ulp_ok and _equal_as_float32_numbers(rflat, cflat):
-        nan = inf = 0
-        for start in range(0, n, CHUNK):
-            r = rflat[start:start + CHUNK]
-            nan += int(torch.isnan(r).sum())
-            inf += int(torch.isinf(r).sum())
+    if same_dtype and ulp_ok and _equal_as_float32_numbers(rflat, cflat):
+        nan, inf = _nonfinite_counts(rflat)
         return _exactly_equal(out, tol, absmax, nan=nan, inf=inf, ulp_ok=ulp_ok)
 
-    max_abs, max_abs_at, max_rel = 0.0, 0, 0.0
-    sum_abs = sum_sq = dot = ref_sq = cand_sq = 0.0
-    mismatched = nonfinite_mismatch = 0
-    min_atol = 0.0
-    max_ulp = 0
-    bit_equal = ref.dtype == cand.dtype
-    nan_ref = nan_cand = inf_ref = inf_cand = 0
-    finite_count = 0
-    zero = torch.zeros((), dtype=torch.float64)
-
+    stats = _ChunkAccumulator(rtol=float(tol.rtol), atol=atol, ulp_ok=ulp_ok, ulp_limit=tol.max_ulp,
+                              bit_equal=same_dtype)
+    n = rflat.numel()
     for start in range(0, n, CHUNK):
-        r = rflat[start:start + CHUNK]
-        c = cflat[start:start + CHUNK]
-        if bit_equal:
-            bit_equal = _all_equal(r, c, ulp_ok)
+        stats.add(start, rflat[start:start + CHUNK], cflat[start:start + CHUNK])
+    stats.fill(out, n)
+    if not out.passed:
+        out.reason = _mismatch_reason(stats, n, tol, absmax)
+    if not out.exact:
+        out.worst_index = _unravel(stats.max_abs_at, shape)
+        out.ref_at_worst = float(rflat[stats.max_abs_at])
+        out.cand_at_worst = float(cflat[stats.max_abs_at])
+    return out
+
+
+def _nonfinite_counts(flat: torch.Tensor) -> tuple[int, int]:
+    """(NaN count, Inf count), in chunks."""
+    nan = inf = 0
+    for start in range(0, flat.numel(), CHUNK):
+        r = flat[start:start + CHUNK]
+        nan += int(torch.isnan(r).sum())
+        inf += int(torch.isinf(r).sum())
+    return nan, inf
+
+
+_ZERO_F64 = torch.zeros((), dtype=torch.float64)
+_ZERO_I64 = torch.zeros((), dtype=torch.int64)
+
+
+@dataclass
+class _ChunkAccumulator:
+    """Running float64 statistics of one float pair, fed chunk by chunk in order (the sums depend on it)."""
+
+    rtol: float
+    atol: float  # the absolute part actually applied (atol + atol_absmax * max|ref|)
+    ulp_ok: bool  # both sides float32: ULP distances are measured
+    ulp_limit: int | None  # the tolerance's max_ulp
+    bit_equal: bool  # every chunk so far identical (starts False when the dtypes differ)
+    max_abs: float = 0.0
+    max_abs_at: int = 0
+    max_rel: float = 0.0
+    sum_abs: float = 0.0
+    sum_sq: float = 0.0
+    dot: float = 0.0
+    ref_sq: float = 0.0
+    cand_sq: float = 0.0
+    mismatched: int = 0
+    nonfinite_mismatch: int = 0
+    min_atol: float = 0.0
+    max_ulp: int = 0
+    nan_ref: int = 0
+    nan_cand: int = 0
+    inf_ref: int = 0
+    inf_cand: int = 0
+    finite_count: int = 0
+
+    def add(self, start: int, r: torch.Tensor, c: torch.Tensor) -> None:
+        """Fold the chunk `r`/`c` (flat offset `start`) into the statistics."""
+        if self.bit_equal:
+            self.bit_equal = _all_equal(r, c, self.ulp_ok)
         # float64 working copies (never views of the caller's tensors: they are modified in place below)
         rd = r.to(torch.float64, copy=True)
         cd = c.to(torch.float64, copy=True)
@@ -251,88 +304,97 @@ def compare_tensors(ref: torch.Tensor, cand: torch.Tensor, tol: Tolerance | None
         all_finite = math.isfinite(float(rd.sum())) and math.isfinite(float(cd.sum()))
         if all_finite:
             both_fin = None
-            finite_count += r.numel()
+            self.finite_count += r.numel()
         else:
-            r_fin, c_fin = torch.isfinite(r), torch.isfinite(c)
-            r_nan, c_nan = torch.isnan(r), torch.isnan(c)
-            r_inf, c_inf = torch.isinf(r), torch.isinf(c)
-            nan_ref += int(r_nan.sum())
-            nan_cand += int(c_nan.sum())
-            inf_ref += int(r_inf.sum())
-            inf_cand += int(c_inf.sum())
-            both_fin = r_fin & c_fin
-            agree = (r_nan & c_nan) | (r_inf & c_inf & (rd == cd))
-            bad = ~both_fin & ~agree
-            k_bad = int(bad.sum())
-            nonfinite_mismatch += k_bad
-            mismatched += k_bad
-            finite_count += int(both_fin.sum())
-            rd = torch.where(both_fin, rd, zero)
-            cd = torch.where(both_fin, cd, zero)
+            both_fin = self._count_nonfinite(r, c, rd, cd)
+            rd = torch.where(both_fin, rd, _ZERO_F64)
+            cd = torch.where(both_fin, cd, _ZERO_F64)
         d = (cd - rd).abs_()
         local = float(d.max())
-        if local > max_abs:
-            max_abs = local
-            max_abs_at = start + int(d.argmax())
-        sum_abs += float(d.sum())
-        sum_sq += float(torch.dot(d, d))
-        dot += float(torch.dot(rd, cd))
-        ref_sq += float(torch.dot(rd, rd))
-        cand_sq += float(torch.dot(cd, cd))
+        if local > self.max_abs:
+            self.max_abs = local
+            self.max_abs_at = start + int(d.argmax())
+        self.sum_abs += float(d.sum())
+        self.sum_sq += float(torch.dot(d, d))
+        self.dot += float(torch.dot(rd, cd))
+        self.ref_sq += float(torch.dot(rd, rd))
+        self.cand_sq += float(torch.dot(cd, cd))
         ra = rd.abs_()
         rel = torch.nan_to_num(d / ra, nan=0.0, posinf=math.inf)  # 0/0 -> 0; x/0 -> inf (not the largest float)
-        max_rel = max(max_rel, float(rel.max()))
-        excess = d.sub_(ra.mul_(rtol))
-        min_atol = max(min_atol, float(excess.max()))
-        over = excess > atol
-        if ulp_ok:
+        self.max_rel = max(self.max_rel, float(rel.max()))
+        excess = d.sub_(ra.mul_(self.rtol))
+        self.min_atol = max(self.min_atol, float(excess.max()))
+        over = excess > self.atol
+        if self.ulp_ok:
             ulp = (_ordered_int(r) - _ordered_int(c)).abs_()
             if both_fin is not None:
-                ulp = torch.where(both_fin, ulp, torch.zeros((), dtype=torch.int64))
-            max_ulp = max(max_ulp, int(ulp.max()))
-            if tol.max_ulp is not None:
-                over |= ulp > tol.max_ulp
-        mismatched += int(over.sum())  # non-finite positions were zeroed on both sides: never "over"
+                ulp = torch.where(both_fin, ulp, _ZERO_I64)
+            self.max_ulp = max(self.max_ulp, int(ulp.max()))
+            if self.ulp_limit is not None:
+                over |= ulp > self.ulp_limit
+        self.mismatched += int(over.sum())  # non-finite positions were zeroed on both sides: never "over"
 
-    out.exact = bit_equal
-    out.mismatched = mismatched
-    out.mismatched_fraction = mismatched / n
-    out.max_abs = math.inf if nonfinite_mismatch else max_abs
-    out.mean_abs = sum_abs / n
-    out.rmse = math.sqrt(sum_sq / n)
-    out.max_rel = max_rel
-    out.nan_ref, out.nan_cand, out.inf_ref, out.inf_cand = nan_ref, nan_cand, inf_ref, inf_cand
-    norm = math.sqrt(ref_sq) * math.sqrt(cand_sq)
-    if finite_count == 0:
-        out.cosine = None
-    elif norm > 0:
-        out.cosine = max(-1.0, min(1.0, dot / norm))
-    else:
-        out.cosine = 1.0 if ref_sq == cand_sq == 0 else 0.0
-    out.max_ulp = max_ulp if ulp_ok else None
-    out.min_atol = math.inf if nonfinite_mismatch else max(0.0, min_atol)
-    out.passed = mismatched == 0
-    if not out.passed:
-        reasons = []
-        if nonfinite_mismatch:
-            reasons.append(
-                f"{nonfinite_mismatch} elements non-finite on one side only "
-                f"(NaN ref/cand {nan_ref}/{nan_cand}, Inf ref/cand {inf_ref}/{inf_cand})"
-            )
-        numeric = mismatched - nonfinite_mismatch
-        if numeric:
-            reasons.append(
-                f"{numeric} of {n} elements ({numeric / n:.3%}) outside atol {atol:.3g}"
-                + (f" (= {tol.atol:g} + {tol.atol_absmax:g}*max|ref| {absmax:.3g})" if tol.atol_absmax else "")
-                + f" + rtol {tol.rtol:g}*|ref|"
-                + (f" or over {tol.max_ulp} ulp" if tol.max_ulp is not None and ulp_ok else "")
-            )
-        out.reason = "; ".join(reasons)
-    if not out.exact:
-        out.worst_index = _unravel(max_abs_at, list(ref.shape))
-        out.ref_at_worst = float(rflat[max_abs_at])
-        out.cand_at_worst = float(cflat[max_abs_at])
-    return out
+    def _count_nonfinite(self, r: torch.Tensor, c: torch.Tensor, rd: torch.Tensor, cd: torch.Tensor) -> torch.Tensor:
+        """Count NaN/Inf per side and the positions where only one side is non-finite (or the Infs differ);
+        return the mask of positions finite on both sides."""
+        r_fin, c_fin = torch.isfinite(r), torch.isfinite(c)
+        r_nan, c_nan = torch.isnan(r), torch.isnan(c)
+        r_inf, c_inf = torch.isinf(r), torch.isinf(c)
+        self.nan_ref += int(r_nan.sum())
+        self.nan_cand += int(c_nan.sum())
+        self.inf_ref += int(r_inf.sum())
+        self.inf_cand += int(c_inf.sum())
+        both_fin = r_fin & c_fin
+        agree = (r_nan & c_nan) | (r_inf & c_inf & (rd == cd))
+        bad = ~both_fin & ~agree
+        k_bad = int(bad.sum())
+        self.nonfinite_mismatch += k_bad
+        self.mismatched += k_bad
+        self.finite_count += int(both_fin.sum())
+        return both_fin
+
+    def fill(self, out: TensorMetrics, n: int) -> None:
+        """Write the finished statistics of `n` elements and the verdict into `out`."""
+        out.exact = self.bit_equal
+        out.mismatched = self.mismatched
+        out.mismatched_fraction = self.mismatched / n
+        out.max_abs = math.inf if self.nonfinite_mismatch else self.max_abs
+        out.mean_abs = self.sum_abs / n
+        out.rmse = math.sqrt(self.sum_sq / n)
+        out.max_rel = self.max_rel
+        out.nan_ref, out.nan_cand = self.nan_ref, self.nan_cand
+        out.inf_ref, out.inf_cand = self.inf_ref, self.inf_cand
+        out.cosine = self._cosine()
+        out.max_ulp = self.max_ulp if self.ulp_ok else None
+        out.min_atol = math.inf if self.nonfinite_mismatch else max(0.0, self.min_atol)
+        out.passed = self.mismatched == 0
+
+    def _cosine(self) -> float | None:
+        norm = math.sqrt(self.ref_sq) * math.sqrt(self.cand_sq)
+        if self.finite_count == 0:
+            return None
+        if norm > 0:
+            return max(-1.0, min(1.0, self.dot / norm))
+        return 1.0 if self.ref_sq == self.cand_sq == 0 else 0.0
+
+
+def _mismatch_reason(stats: _ChunkAccumulator, n: int, tol: Tolerance, absmax: float) -> str:
+    """Why a float pair failed, in words: the one-sided non-finite elements, then the ones out of tolerance."""
+    reasons = []
+    if stats.nonfinite_mismatch:
+        reasons.append(
+            f"{stats.nonfinite_mismatch} elements non-finite on one side only "
+            f"(NaN ref/cand {stats.nan_ref}/{stats.nan_cand}, Inf ref/cand {stats.inf_ref}/{stats.inf_cand})"
+        )
+    numeric = stats.mismatched - stats.nonfinite_mismatch
+    if numeric:
+        reasons.append(
+            f"{numeric} of {n} elements ({numeric / n:.3%}) outside atol {stats.atol:.3g}"
+            + (f" (= {tol.atol:g} + {tol.atol_absmax:g}*max|ref| {absmax:.3g})" if tol.atol_absmax else "")
+            + f" + rtol {tol.rtol:g}*|ref|"
+            + (f" or over {tol.max_ulp} ulp" if tol.max_ulp is not None and stats.ulp_ok else "")
+        )
+    return "; ".join(reasons)
 
 
 def _finite_absmax(flat: torch.Tensor) -> float:

@@ -117,26 +117,49 @@ def judge(name: str, ref_entry: dict, cand_entry: dict, ref_stats: dict | None, 
     dtype_note = "" if same_dtype else f" (dtype {cand_entry.get('dtype')} vs reference {ref_entry.get('dtype')})"
     exact_kind = tol.bitwise or ref_entry.get("dtype") in _EXACT_DTYPES or cand_entry.get("dtype") in _EXACT_DTYPES
     if exact_kind and checksum_equal is False:
-        if names.foreground_mask_for(name):
-            metrics["inconclusive"] = True
-            return True, ("inconclusive: checksums differ, but background rows are filler and cannot be masked "
-                          "without the values" + dtype_note), metrics
-        why = "bitwise tolerance" if tol.bitwise else "compared exactly (bool/integer)"
-        return False, f"checksum differs ({why}): the tensor is not identical{dtype_note}", metrics
+        passed, note = _checksum_verdict(name, tol, dtype_note, metrics)
+        return passed, note, metrics
     if ref_stats is None or cand_stats is None:
         return False, "no statistics to compare", metrics
     metrics["stats_ref"] = dict(ref_stats)
     metrics["stats_cand"] = dict(cand_stats)
-    for key in ("nan", "inf"):
-        r, c = int(ref_stats.get(key) or 0), int(cand_stats.get(key) or 0)
-        metrics[f"{key}_ref"], metrics[f"{key}_cand"] = r, c
-        if r != c:
-            return False, f"{key.upper()} count {c} != reference {r}", metrics
+    count_mismatch = _nonfinite_count_mismatch(ref_stats, cand_stats, metrics)
+    if count_mismatch:
+        return False, count_mismatch, metrics
     if ref_stats.get("min") is None or cand_stats.get("min") is None:
         both_empty = ref_stats.get("min") is None and cand_stats.get("min") is None
         return both_empty, ("no finite elements on either side" if both_empty
                             else "no finite elements on one side only"), metrics
     ref_n = dict(ref_stats, n=_finite_count(ref_entry, ref_stats))
+    _record_stat_deltas(ref_n, cand_stats, tol, exact_kind, metrics)
+    passed, note = _statistics_verdict(metrics, checksum_equal)
+    return passed, note + dtype_note, metrics
+
+
+def _checksum_verdict(name: str, tol: Tolerance, dtype_note: str, metrics: dict[str, Any]) -> tuple[bool, str]:
+    """A tensor judged by its checksum alone, whose checksums differ: it fails, unless its filler rows (which
+    only the values could mask) make the verdict inconclusive."""
+    if names.foreground_mask_for(name):
+        metrics["inconclusive"] = True
+        return True, ("inconclusive: checksums differ, but background rows are filler and cannot be masked "
+                      "without the values" + dtype_note)
+    why = "bitwise tolerance" if tol.bitwise else "compared exactly (bool/integer)"
+    return False, f"checksum differs ({why}): the tensor is not identical{dtype_note}"
+
+
+def _nonfinite_count_mismatch(ref_stats: dict, cand_stats: dict, metrics: dict[str, Any]) -> str:
+    """Record the NaN and Inf counts; words for the first that differs ("" when both agree)."""
+    for key in ("nan", "inf"):
+        r, c = int(ref_stats.get(key) or 0), int(cand_stats.get(key) or 0)
+        metrics[f"{key}_ref"], metrics[f"{key}_cand"] = r, c
+        if r != c:
+            return f"{key.upper()} count {c} != reference {r}"
+    return ""
+
+
+def _record_stat_deltas(ref_n: dict, cand_stats: dict, tol: Tolerance, exact_kind: bool,
+                        metrics: dict[str, Any]) -> None:
+    """Each statistic's difference against what the tolerance allows, and the worst of them, into `metrics`."""
     if exact_kind:  # no checksum on one side: statistics must then be identical
         bounds = {k: 0.0 for k in STATS}
     else:
@@ -144,7 +167,7 @@ def judge(name: str, ref_entry: dict, cand_entry: dict, ref_stats: dict | None, 
     deltas = {}
     worst, worst_ratio = None, 0.0
     for key in STATS:
-        r, c = float(ref_stats[key]), float(cand_stats[key])
+        r, c = float(ref_n[key]), float(cand_stats[key])
         diff = abs(c - r)
         allowed = bounds[key] + STAT_SLACK * max(abs(r), abs(c)) if not exact_kind else 0.0
         ratio = diff / allowed if allowed > 0 else (0.0 if diff == 0 else math.inf)
@@ -154,14 +177,19 @@ def judge(name: str, ref_entry: dict, cand_entry: dict, ref_stats: dict | None, 
     metrics["stat_deltas"] = deltas
     metrics["worst_stat"] = worst
     metrics["worst_ratio"] = worst_ratio
+
+
+def _statistics_verdict(metrics: dict[str, Any], checksum_equal: bool | None) -> tuple[bool, str]:
+    """Pass when every statistic is within what the tolerance allows; the note names those that are not."""
+    deltas = metrics["stat_deltas"]
     over = [k for k, d in deltas.items() if d["ratio"] > 1.0]
     if over:
         parts = [f"{k} {deltas[k]['candidate']:.6g} vs {deltas[k]['reference']:.6g} "
                  f"(|d| {deltas[k]['diff']:.3g} > allowed {deltas[k]['allowed']:.3g})" for k in over]
-        return False, "statistics outside tolerance: " + "; ".join(parts) + dtype_note, metrics
+        return False, "statistics outside tolerance: " + "; ".join(parts)
     basis = "no checksum on one side; " if checksum_equal is None else "not bitwise equal; "
-    return True, (basis + f"statistics within tolerance (worst {worst} at {worst_ratio:.2g} of allowed)"
-                  + dtype_note), metrics
+    return True, (basis + f"statistics within tolerance (worst {metrics['worst_stat']} at "
+                  f"{metrics['worst_ratio']:.2g} of allowed)")
 
 
 def compare_stats(reference: Dump | str, candidate: Dump | str, *, profile: str | Profile | None = None,
@@ -171,6 +199,41 @@ def compare_stats(reference: Dump | str, candidate: Dump | str, *, profile: str 
     candidate = candidate if isinstance(candidate, Dump) else Dump(candidate)
     profile = get_profile(profile or profile_for_environment(reference.manifest.get("environment"),
                                                             reference.config.get("precision")))
+    report = _stats_report(reference, candidate, profile)
+    ref_names = reference.names(prefix)
+    if not ref_names:
+        raise ParityError(f"{reference.path}: no tensors" + (f" under {prefix!r}" if prefix else ""))
+    cand_names = set(candidate.names(prefix))
+    left_out, inconclusive = [], []
+    first_failure: Row | None = None
+    for name in ref_names:
+        if name not in cand_names:
+            left_out.append(name)
+            continue
+        tol = profile.for_name(name)
+        passed, note, metrics = _judge_pair(reference, candidate, name, tol)
+        row = report.add(Row(SECTION, names.place_of(name), name, passed, metrics=metrics, tolerance=tol.as_dict(),
+                             note=note))
+        if metrics.get("inconclusive"):
+            inconclusive.append(name)
+        if not passed and first_failure is None:
+            first_failure = row
+    compared = len(report.rows)
+    report.coverage.update({
+        "mode": "statistics-only",
+        "compared": compared,
+        "bitwise_equal": sum(1 for r in report.rows if (r.metrics or {}).get("exact")),
+        "left_out": left_out,
+        "extra_in_candidate": sorted(cand_names.difference(ref_names)),
+        "inconclusive": inconclusive,
+        "not_checked": list(LIMITATIONS),
+    })
+    _add_findings(report, first_failure, compared)
+    return report
+
+
+def _stats_report(reference: Dump, candidate: Dump, profile: Profile) -> Report:
+    """An empty statistics-only report whose context states the mode, the bounds and the limitations."""
     report = Report(command="compare --stats-only", reference=str(reference.path), candidate=str(candidate.path),
                     profile=profile.name)
     report.context.update({
@@ -183,45 +246,26 @@ def compare_stats(reference: Dump | str, candidate: Dump | str, *, profile: str 
         "bounds": "statistic differences allowed by the element-wise tolerance: min/max atol_eff + rtol*max|r|; "
                   "mean/std atol_eff + rtol*rms(r); l2 sqrt(n)*atol_eff + rtol*l2(r) (necessary conditions)",
     })
-    ref_names = reference.names(prefix)
-    if not ref_names:
-        raise ParityError(f"{reference.path}: no tensors" + (f" under {prefix!r}" if prefix else ""))
-    cand_names = set(candidate.names(prefix))
-    left_out, inconclusive = [], []
-    first_failure: Row | None = None
-    for name in ref_names:
-        if name not in cand_names:
-            left_out.append(name)
-            continue
-        tol = profile.for_name(name)
-        ref_entry, cand_entry = reference.index[name], candidate.index[name]
-        ref_sha, cand_sha = _sha(reference, name), _sha(candidate, name)
-        ref_stats = cand_stats = None
-        # equal checksums settle it (judge stops there): statistics are computed only when they are needed
-        if ref_sha is None or ref_sha != cand_sha or ref_entry.get("dtype") != cand_entry.get("dtype"):
-            try:
-                ref_stats = reference.stats(name)
-                cand_stats = candidate.stats(name)
-            except (KeyError, ParityError):
-                ref_stats = cand_stats = None
-        passed, note, metrics = judge(name, ref_entry, cand_entry, ref_stats, cand_stats, ref_sha, cand_sha, tol)
-        row = report.add(Row(SECTION, names.place_of(name), name, passed, metrics=metrics, tolerance=tol.as_dict(),
-                             note=note))
-        if metrics.get("inconclusive"):
-            inconclusive.append(name)
-        if not passed and first_failure is None:
-            first_failure = row
-    extra = sorted(cand_names.difference(ref_names))
-    compared = len(report.rows)
-    report.coverage.update({
-        "mode": "statistics-only",
-        "compared": compared,
-        "bitwise_equal": sum(1 for r in report.rows if (r.metrics or {}).get("exact")),
-        "left_out": left_out,
-        "extra_in_candidate": extra,
-        "inconclusive": inconclusive,
-        "not_checked": list(LIMITATIONS),
-    })
+    return report
+
+
+def _judge_pair(reference: Dump, candidate: Dump, name: str, tol: Tolerance) -> tuple[bool, str, dict[str, Any]]:
+    """`judge` one tensor both dumps hold, reading its statistics only when the checksums do not settle it."""
+    ref_entry, cand_entry = reference.index[name], candidate.index[name]
+    ref_sha, cand_sha = _sha(reference, name), _sha(candidate, name)
+    ref_stats = cand_stats = None
+    # equal checksums settle it (judge stops there): statistics are computed only when they are needed
+    if ref_sha is None or ref_sha != cand_sha or ref_entry.get("dtype") != cand_entry.get("dtype"):
+        try:
+            ref_stats = reference.stats(name)
+            cand_stats = candidate.stats(name)
+        except (KeyError, ParityError):
+            ref_stats = cand_stats = None
+    return judge(name, ref_entry, cand_entry, ref_stats, cand_stats, ref_sha, cand_sha, tol)
+
+
+def _add_findings(report: Report, first_failure: Row | None, compared: int) -> None:
+    """The first tensor that rules parity out (if any), and what a statistics-only comparison cannot tell."""
     if first_failure is not None:
         failed = len(report.failed_rows)
         report.find(Finding(
@@ -235,7 +279,6 @@ def compare_stats(reference: Dump | str, candidate: Dump | str, *, profile: str 
         "statistics-only comparison: " + "; ".join(LIMITATIONS), severity="info"))
     report.find(Finding("checksum-source", "statistics-only comparison",
                         "checksums: " + report.context["checksums"], severity="info"))
-    return report
 
 
 __all__ = ["LIMITATIONS", "compare_stats", "judge", "stat_bounds"]

@@ -127,22 +127,7 @@ def compare_dumps(reference: Dump | str, candidate: Dump | str, *, profile: str 
         pair_bytes = ref.numel() * ref.element_size() + cand.numel() * cand.element_size()
         judged_bytes += pair_bytes
         largest_pair = max(largest_pair, pair_bytes)
-        tol = profile.for_name(name)
-        note_prefix = ""
-        mask_name = names.foreground_mask_for(name)
-        if mask_name and mask_name in reference and ref.shape == cand.shape:
-            if mask_name not in masks:
-                masks = {mask_name: reference.get(mask_name).bool()}
-            fg = masks[mask_name]
-            if fg.shape == ref.shape[: fg.dim()]:
-                ref, cand = ref[fg], cand[fg]
-                note_prefix = "foreground anchors only: "
-        t0 = time.perf_counter()
-        metrics = compare_tensors(ref, cand, tol)
-        timing["metrics_s"] += time.perf_counter() - t0
-        note = note_prefix + (metrics.summary() if metrics.passed else (metrics.reason or metrics.summary()))
-        report.add(Row(_section(name), names.place_of(name), name, metrics.passed, metrics=metrics.as_dict(),
-                       tolerance=tol.as_dict(), note=note))
+        report.add(_judge_pair(name, ref, cand, profile, reference, masks, timing))
         del ref, cand
     seconds = time.perf_counter() - started
     report.coverage.update({
@@ -160,13 +145,46 @@ def compare_dumps(reference: Dump | str, candidate: Dump | str, *, profile: str 
         "read_seconds": round(timing["read_s"], 4),
         "metrics_seconds": round(timing["metrics_s"], 4),
     })
+    _add_first_divergence(report, len(common))
+    return report
+
+
+def _judge_pair(name: str, ref: torch.Tensor, cand: torch.Tensor, profile: Profile, reference: Dump,
+                masks: dict[str, torch.Tensor], timing: dict) -> Row:
+    """The report row of one tensor pair under the profile's tolerance for its name (compare time into
+    `timing["metrics_s"]`)."""
+    tol = profile.for_name(name)
+    ref, cand, note_prefix = _foreground_only(name, ref, cand, reference, masks)
+    t0 = time.perf_counter()
+    metrics = compare_tensors(ref, cand, tol)
+    timing["metrics_s"] += time.perf_counter() - t0
+    note = note_prefix + (metrics.summary() if metrics.passed else (metrics.reason or metrics.summary()))
+    return Row(_section(name), names.place_of(name), name, metrics.passed, metrics=metrics.as_dict(),
+               tolerance=tol.as_dict(), note=note)
+
+
+def _foreground_only(name: str, ref: torch.Tensor, cand: torch.Tensor, reference: Dump,
+                     masks: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, str]:
+    """A tensor whose background rows are filler is judged on the reference's foreground anchors only.
+    `masks` caches the last mask read (consecutive tensors share one)."""
+    mask_name = names.foreground_mask_for(name)
+    if mask_name and mask_name in reference and ref.shape == cand.shape:
+        if mask_name not in masks:
+            masks.clear()
+            masks[mask_name] = reference.get(mask_name).bool()
+        fg = masks[mask_name]
+        if fg.shape == ref.shape[: fg.dim()]:
+            return ref[fg], cand[fg], "foreground anchors only: "
+    return ref, cand, ""
+
+
+def _add_first_divergence(report: Report, compared: int) -> None:
     first = report.first_divergence()
     if first is not None:
         report.find(Finding("tensor-divergence", first.where,
                             f"first tensor outside tolerance, in dump order: {first.name}: {first.note} "
-                            f"({len(report.failed_rows)} of {len(common)} tensors fail)",
+                            f"({len(report.failed_rows)} of {compared} tensors fail)",
                             evidence={"tensor": first.name, "failed": len(report.failed_rows)}))
-    return report
 
 
 __all__ = ["BACKENDS", "TensorReader", "compare_dumps", "iter_pairs"]

@@ -553,28 +553,16 @@ class _LossSide:
         reference = {n: t for n, t in reference.items() if t is not None}
 
         def feed() -> dict:
-            fed = dict(inputs)
-            if stage == "assign":
-                for key in ("scores", "pred_bboxes"):
-                    if fed[key].is_floating_point():
-                        fed[key] = fed[key].detach().clone().requires_grad_(True)
-            return fed
+            return _stage_feed(stage, inputs)
 
         def grads(outputs: dict) -> dict:
-            if stage != "assign":
-                return {}
-            carrying = sorted(k for k, v in outputs.items() if isinstance(v, torch.Tensor) and v.requires_grad
-                              and k not in ASSIGNER_INPUT_NAMES)
-            return {"carries-grad": ",".join(carrying)}
+            return _grad_carriers(stage, outputs, ASSIGNER_INPUT_NAMES)
 
-        started = time.perf_counter()
-        try:
+        def candidate_outputs() -> dict:
             produced = fn(**feed())
-            candidate = {n: produced[n] for n in reference if n in produced}
-            candidate.update(grads(produced))
-        except Exception as error:  # noqa: BLE001
-            candidate = {"error": _error_text(error)}
-        one_run = time.perf_counter() - started
+            return {**{n: produced[n] for n in reference if n in produced}, **grads(produced)}
+
+        candidate, one_run = _timed(candidate_outputs)
         base = self.branch_loss(branch)
         reference_view = dict(reference)
         if stage == "assign":
@@ -587,15 +575,13 @@ class _LossSide:
             return {**{n: outputs[n] for n in reference if n in outputs}, **grads(outputs)}
 
         where = f"loss {case} {branch + ' ' if branch else ''}{stage}"
-        place = Place(where, stage, reference_view, candidate, run,
-                      lambda n: BITWISE if n in ("mask_in_gts", "mask_pos", "fg_mask", "target_gt_idx",
-                                                 "target_labels") else profile.for_name(full.get(n, n)),
-                      inputs=inputs, config=base.config, batch_size=self.spec.batch_size, budget=budget,
-                      one_run_seconds=one_run, names_shown=full)
-        return place
+        return Place(where, stage, reference_view, candidate, run,
+                     lambda n: BITWISE if n in _EXACT_STAGE_OUTPUTS else profile.for_name(full.get(n, n)),
+                     inputs=inputs, config=base.config, batch_size=self.spec.batch_size, budget=budget,
+                     one_run_seconds=one_run, names_shown=full)
 
     def black_box_place(self, case: str, profile: Profile, budget: int) -> Place | None:
-        from parity.reimpl.loss import STAGES, build_loss
+        from parity.reimpl.loss import build_loss
 
         view = self.case(case)
         ref_loss = view.ref("output", "loss")
@@ -606,15 +592,14 @@ class _LossSide:
         heads = {b: view.head(b) for b in branches}
         head = heads if spec.end2end else heads[None]
         batch = view.batch()
-        started = time.perf_counter()
-        try:
+
+        def candidate_terms() -> dict:
             result = self.adapter.call(self.adapter.convert_preds(head, spec), self.adapter.convert_batch(batch, spec))
             scale = 1 if self.adapter.batch_scaled else spec.batch_size
             cand = result.terms if result.terms is not None else result.total
-            candidate = {"terms": cand.detach() * scale}
-        except Exception as error:  # noqa: BLE001
-            candidate = {"error": _error_text(error)}
-        one_run = time.perf_counter() - started
+            return {"terms": cand.detach() * scale}
+
+        candidate, one_run = _timed(candidate_terms)
         shapes = list(spec.feat_shapes)
 
         def preds_of(h):
@@ -623,46 +608,100 @@ class _LossSide:
         preds = {b: preds_of(heads[b]) for b in branches} if spec.end2end else preds_of(heads[None])
         label = names.loss_output(case, "loss")
         targets = {k: batch[k] for k in ("cls", "bboxes", "batch_idx")}
-        clean = build_loss(spec.manifest)
-        with torch.no_grad():
-            cached = clean.run(preds, targets).tensors
-
-        def run(cause: Cause, params: dict) -> dict[str, Any]:
-            # Only the stages from the first one the cause replaces are run again; the rest is the clean run's.
-            loss = copy.copy(clean)
-            parts = [(b, copy.copy(clean.branch(b))) for b in branches] if spec.end2end else [(None, loss)]
-            start = len(STAGES)
-            for branch, part in parts:
-                if branch:
-                    setattr(loss, branch, part)
-                cause.transform(part, **params)
-                start = min(start, _first_replaced_stage(part, clean.branch(branch) if branch else clean))
-            reuse = {k: v for k, v in cached.items() if not k.startswith("output.")
-                     and STAGES.index(k.split(".")[-2]) < start}
-            value = loss.run(preds, targets, reuse=reuse).loss.detach()
-            return {"terms": value if "terms" not in candidate or value.shape == candidate["terms"].shape
-                    else value.sum()}
-
-        def cost(cause: Cause) -> float:
-            # The assigner is most of a loss evaluation; the stages after it are a small part of one.
-            if cause.transform is None:
-                return 1.0
-            probe = copy.copy(clean.branch(branches[0]) if spec.end2end else clean)
-            try:
-                params = (cause.fit(place) if cause.fit else list(cause.params)) or [{}]
-                cause.transform(probe, **params[0])
-            except Exception:  # noqa: BLE001
-                return 1.0
-            start = STAGES[min(_first_replaced_stage(probe, clean.branch(branches[0]) if spec.end2end else clean),
-                               len(STAGES) - 1)]
-            return 1.0 if STAGES.index(start) <= STAGES.index("assign") else \
-                0.25 if start in ("normalize", "classify", "box") else 0.05
-
-        place = Place(f"loss {case} (black box)", "loss", {"terms": ref_loss}, candidate, run,
+        black_box = _BlackBoxLoss(build_loss(spec.manifest), branches, spec.end2end, preds, targets, candidate)
+        place = Place(f"loss {case} (black box)", "loss", {"terms": ref_loss}, candidate, black_box.run,
                       lambda n: profile.for_name(label), config=self.branch_loss(branches[0]).config,
                       batch_size=spec.batch_size, budget=budget, one_run_seconds=one_run,
-                      names_shown={"terms": f"{label} (box, cls, dfl)"}, cost=cost)
+                      names_shown={"terms": f"{label} (box, cls, dfl)"}, cost=black_box.cost)
+        black_box.place = place
         return place
+
+
+# Stage outputs that are masks and indices: judged bitwise whatever the profile.
+_EXACT_STAGE_OUTPUTS = ("mask_in_gts", "mask_pos", "fg_mask", "target_gt_idx", "target_labels")
+
+
+def _timed(produce: Callable[[], dict]) -> tuple[dict, float]:
+    """The candidate's outputs at a place ({"error": text} when it raises) and the seconds the run took."""
+    started = time.perf_counter()
+    try:
+        candidate = produce()
+    except Exception as error:  # noqa: BLE001 - whatever a port raises is the candidate's output here
+        candidate = {"error": _error_text(error)}
+    return candidate, time.perf_counter() - started
+
+
+def _stage_feed(stage: str, inputs: dict) -> dict:
+    """A stage's inputs for one run; the assigner gets fresh leaves that carry a gradient (whether its outputs
+    keep carrying one is part of what is compared)."""
+    fed = dict(inputs)
+    if stage == "assign":
+        for key in ("scores", "pred_bboxes"):
+            if fed[key].is_floating_point():
+                fed[key] = fed[key].detach().clone().requires_grad_(True)
+    return fed
+
+
+def _grad_carriers(stage: str, outputs: dict, assigner_inputs) -> dict:
+    """At the assigner: the outputs (other than its inputs passed through) that still carry a gradient."""
+    if stage != "assign":
+        return {}
+    carrying = sorted(k for k, v in outputs.items() if isinstance(v, torch.Tensor) and v.requires_grad
+                      and k not in assigner_inputs)
+    return {"carries-grad": ",".join(carrying)}
+
+
+class _BlackBoxLoss:
+    """The built-in loss of one case with a cause applied. Only the stages from the first one the cause
+    replaces are run again; the earlier ones are the clean run's."""
+
+    def __init__(self, clean, branches: list, end2end: bool, preds, targets, candidate: dict):
+        self.clean = clean
+        self.branches = branches
+        self.end2end = end2end
+        self.preds = preds
+        self.targets = targets
+        self.candidate = candidate
+        self.place: Place | None = None   # the place this runs (a cause's fit reads it to price a trial)
+        with torch.no_grad():
+            self.cached = clean.run(preds, targets).tensors
+
+    def run(self, cause: Cause, params: dict) -> dict[str, Any]:
+        from parity.reimpl.loss import STAGES
+
+        clean = self.clean
+        loss = copy.copy(clean)
+        parts = [(b, copy.copy(clean.branch(b))) for b in self.branches] if self.end2end else [(None, loss)]
+        start = len(STAGES)
+        for branch, part in parts:
+            if branch:
+                setattr(loss, branch, part)
+            cause.transform(part, **params)
+            start = min(start, _first_replaced_stage(part, clean.branch(branch) if branch else clean))
+        reuse = {k: v for k, v in self.cached.items() if not k.startswith("output.")
+                 and STAGES.index(k.split(".")[-2]) < start}
+        value = loss.run(self.preds, self.targets, reuse=reuse).loss.detach()
+        candidate = self.candidate
+        return {"terms": value if "terms" not in candidate or value.shape == candidate["terms"].shape
+                else value.sum()}
+
+    def cost(self, cause: Cause) -> float:
+        """One trial in runs of the whole loss: the assigner is most of a loss evaluation; the stages after it
+        are a small part of one."""
+        from parity.reimpl.loss import STAGES
+
+        if cause.transform is None:
+            return 1.0
+        first = self.clean.branch(self.branches[0]) if self.end2end else self.clean
+        probe = copy.copy(first)
+        try:
+            params = (cause.fit(self.place) if cause.fit else list(cause.params)) or [{}]
+            cause.transform(probe, **params[0])
+        except Exception:  # noqa: BLE001
+            return 1.0
+        start = STAGES[min(_first_replaced_stage(probe, first), len(STAGES) - 1)]
+        return 1.0 if STAGES.index(start) <= STAGES.index("assign") else \
+            0.25 if start in ("normalize", "classify", "box") else 0.05
 
 
 _METHOD_STAGE = {"assigner_inputs": "assign", "assigner": "assign"}
@@ -748,56 +787,70 @@ def explain_report(report: Report, reference, config: ExplainConfig | None = Non
     # Release causes first: a port that follows an older release is named as that release, not as a look-alike bug.
     causes = sorted(all_causes().values(), key=lambda c: c.release is None)
     context = report.context.setdefault("explainer", {"not_explained": []})
+    _explain_model_places(report, reference, config, profile, causes, context, model_inject, before)
+    _explain_loss_places(report, reference, config, profile, causes, context, loss_inject)
+    return report.findings[before:]
 
+
+def _explain_model_places(report: Report, reference, config: ExplainConfig, profile: Profile, causes: list[Cause],
+                          context: dict, model_inject: str | None, before: int) -> None:
+    """The structure checks, the first divergent layer (unless a structure explanation already named it) and
+    every layer the chained run flags as miswired. `before`: the report's findings before the explainer ran."""
     first = (report.context.get("first_divergent_layer") or {})
     wiring = [f.evidence.get("layer") for f in report.findings if f.signature == "layer-wiring"]
     structure_failing = any(r.section in _STRUCTURE_SECTIONS and not r.passed for r in report.rows)
     # isolated mode's first divergent layer; with chained mode only, its first one, run here in isolation
     first_layer = first.get("isolated") if "isolated" in first else first.get("chained")
-    if first_layer is not None or wiring or structure_failing:
-        side = _guarded(context, "layers: no built-in reference computation", _ModelSide, reference, config,
-                        model_inject)
-        if side is not None:
-            if structure_failing:
-                _guarded(context, "structure", _explain_structure, report, reference, side)
-            explained = {f.where.split(" (")[0] for f in report.findings[before:] if f.signature != "unexplained"}
-            index = first_layer
-            # A dump's isolated.act.* are its outputs on the reference's inputs: causes are tested against them
-            # with no port code.
-            runnable = side.candidate.live or side.candidate.has_isolated_outputs()
-            if index is not None and runnable and f"layer {index}" not in explained:
-                place = _guarded(context, f"layer {index}", side.place, index, profile, config.budget)
-                if place is not None:
-                    _explain_layer(report, context, side, index, place, causes)
-            for index in wiring:
-                place = _guarded(context, f"layer {index} wiring", side.wiring_place, index, profile, config.budget)
-                if place is not None:
-                    _guarded(context, f"layer {index} wiring", _explain_place, report, place, [_wiring_cause()])
+    if first_layer is None and not wiring and not structure_failing:
+        return
+    side = _guarded(context, "layers: no built-in reference computation", _ModelSide, reference, config,
+                    model_inject)
+    if side is None:
+        return
+    if structure_failing:
+        _guarded(context, "structure", _explain_structure, report, reference, side)
+    explained = {f.where.split(" (")[0] for f in report.findings[before:] if f.signature != "unexplained"}
+    index = first_layer
+    # A dump's isolated.act.* are its outputs on the reference's inputs: causes are tested against them
+    # with no port code.
+    runnable = side.candidate.live or side.candidate.has_isolated_outputs()
+    if index is not None and runnable and f"layer {index}" not in explained:
+        place = _guarded(context, f"layer {index}", side.place, index, profile, config.budget)
+        if place is not None:
+            _explain_layer(report, context, side, index, place, causes)
+    for index in wiring:
+        place = _guarded(context, f"layer {index} wiring", side.wiring_place, index, profile, config.budget)
+        if place is not None:
+            _guarded(context, f"layer {index} wiring", _explain_place, report, place, [_wiring_cause()])
 
+
+def _explain_loss_places(report: Report, reference, config: ExplainConfig, profile: Profile, causes: list[Cause],
+                         context: dict, loss_inject: str | None) -> None:
+    """Each divergent loss stage; a loss that exposes no stage, as a black box (its first divergent case)."""
     stages = _divergent_stages(report)
     black_box = _black_box_cases(report)
-    if stages or black_box:
-        loss_side = None
-        if _is_dump(config.candidate) and not config.loss_candidate:
-            context["not_explained"].append("loss: a candidate dump's recorded stages are not re-run")
-        else:
-            loss_side = _guarded(context, "loss", _LossSide, reference, config, loss_inject)
-        if loss_side is not None:
-            exposed = set(loss_side.adapter.exposed(None)) | {s for b in loss_side.spec.branches
-                                                               for s in loss_side.adapter.exposed(b)}
-            for case, stage, branch in stages:
-                where = f"loss {case} {stage}"
-                place = _guarded(context, where, loss_side.stage_place, case, stage, branch, profile, config.budget)
-                if place is not None:
-                    _guarded(context, where, _explain_place, report, place, causes)
-            if not exposed and black_box:
-                where = f"loss {black_box[0]} (black box)"
-                place = _guarded(context, where, loss_side.black_box_place, black_box[0], profile, config.budget)
-                if place is not None:
-                    finding = _guarded(context, where, _explain_place, report, place, causes)
-                    if finding is not None:
-                        _black_box_terms_finding(place, finding)
-    return report.findings[before:]
+    if not stages and not black_box:
+        return
+    if _is_dump(config.candidate) and not config.loss_candidate:
+        context["not_explained"].append("loss: a candidate dump's recorded stages are not re-run")
+        return
+    loss_side = _guarded(context, "loss", _LossSide, reference, config, loss_inject)
+    if loss_side is None:
+        return
+    exposed = set(loss_side.adapter.exposed(None)) | {s for b in loss_side.spec.branches
+                                                       for s in loss_side.adapter.exposed(b)}
+    for case, stage, branch in stages:
+        where = f"loss {case} {stage}"
+        place = _guarded(context, where, loss_side.stage_place, case, stage, branch, profile, config.budget)
+        if place is not None:
+            _guarded(context, where, _explain_place, report, place, causes)
+    if not exposed and black_box:
+        where = f"loss {black_box[0]} (black box)"
+        place = _guarded(context, where, loss_side.black_box_place, black_box[0], profile, config.budget)
+        if place is not None:
+            finding = _guarded(context, where, _explain_place, report, place, causes)
+            if finding is not None:
+                _black_box_terms_finding(place, finding)
 
 
 def _is_dump(candidate: Any) -> bool:

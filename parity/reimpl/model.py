@@ -99,46 +99,54 @@ def parse_model_yaml(model: str = "yolo11n.yaml", nc: int = 80) -> dict:
     unsupported = sorted(set(types) - _SUPPORTED)
     if unsupported:
         raise NotImplementedError(f"{model}: the built-in model has no {', '.join(unsupported)}")
-
     specs: list[LayerSpec] = []
-    channels: list[int] = []           # output channels per layer
-    strides: list[float] = []          # output downsampling per layer
     for i, (frm, n, _, args) in enumerate(rows):
-        t = types[i]
-        args = [nc if a == "nc" else None if a == "None" else a for a in args]
-        froms = [frm] if isinstance(frm, int) else list(frm)
-        sources = [-1] if i == 0 else [i - 1 if f == -1 else (f % i if f < 0 else f) for f in froms]
-        c_in = [3] if i == 0 else [channels[s] for s in sources]
-        s_in = [1.0] if i == 0 else [strides[s] for s in sources]
-        reps = max(round(n * depth), 1) if n > 1 else n
-        spec = LayerSpec(i, t, sources, reps, args, c_in)
-        if t not in _REPEATED and reps != 1:
-            raise NotImplementedError(f"{model} row {i}: repeated {t} rows are not supported")
-        if t in {"Conv", "C2f", "C3k2", "SPPF", "C2PSA"}:
-            spec.c_out = _make_divisible(min(args[0], max_channels) * width, 8)
-        elif t == "Concat":
-            spec.c_out = sum(c_in)
-        elif t == "Upsample":
-            spec.c_out = c_in[0]
-        if t == "Conv":
-            stride = args[2] if len(args) > 2 else 1
-            spec.stride = s_in[0] * stride
-        elif t == "Upsample":
-            spec.stride = s_in[0] / args[1]
-        elif t == "Concat":
-            if len(set(s_in)) != 1:
-                raise ValueError(f"{model} row {i}: Concat of maps at different strides {s_in}")
-            spec.stride = s_in[0]
-        else:
-            spec.stride = s_in[0]
+        spec = _resolve_row(model, i, types[i], frm, n, args, specs, nc=nc, depth=depth)
+        spec.c_out = _channels_out(spec, width, max_channels)
+        spec.stride = _output_stride(model, spec, specs)
         specs.append(spec)
-        channels.append(spec.c_out)
-        strides.append(spec.stride)
     if types[-1] != "Detect":
         raise NotImplementedError(f"{model}: the last row must be Detect")
     return {"path": str(path), "scale": scale, "nc": nc, "reg_max": reg_max, "layers": specs,
             "legacy": not (set(types) & _NON_LEGACY),
-            "head_strides": [strides[s] for s in specs[-1].sources]}
+            "head_strides": [specs[s].stride for s in specs[-1].sources]}
+
+
+def _resolve_row(model: str, i: int, t: str, frm, n: int, args: list, earlier: list[LayerSpec], *, nc: int,
+                 depth: float) -> LayerSpec:
+    """Row `i` with "nc" and "None" resolved, absolute sources, the depth-scaled repeat count and the input
+    channels (from the `earlier` rows)."""
+    args = [nc if a == "nc" else None if a == "None" else a for a in args]
+    froms = [frm] if isinstance(frm, int) else list(frm)
+    sources = [-1] if i == 0 else [i - 1 if f == -1 else (f % i if f < 0 else f) for f in froms]
+    c_in = [3] if i == 0 else [earlier[s].c_out for s in sources]
+    reps = max(round(n * depth), 1) if n > 1 else n
+    if t not in _REPEATED and reps != 1:
+        raise NotImplementedError(f"{model} row {i}: repeated {t} rows are not supported")
+    return LayerSpec(i, t, sources, reps, args, c_in)
+
+
+def _channels_out(spec: LayerSpec, width: float, max_channels: float) -> int:
+    t = spec.type
+    if t in {"Conv", "C2f", "C3k2", "SPPF", "C2PSA"}:
+        return _make_divisible(min(spec.args[0], max_channels) * width, 8)
+    if t == "Concat":
+        return sum(spec.c_in)
+    if t == "Upsample":
+        return spec.c_in[0]
+    return 0
+
+
+def _output_stride(model: str, spec: LayerSpec, earlier: list[LayerSpec]) -> float:
+    """Total downsampling of the row's output, from its inputs' (the image's is 1)."""
+    s_in = [1.0] if spec.index == 0 else [earlier[s].stride for s in spec.sources]
+    if spec.type == "Conv":
+        return s_in[0] * (spec.args[2] if len(spec.args) > 2 else 1)
+    if spec.type == "Upsample":
+        return s_in[0] / spec.args[1]
+    if spec.type == "Concat" and len(set(s_in)) != 1:
+        raise ValueError(f"{model} row {spec.index}: Concat of maps at different strides {s_in}")
+    return s_in[0]
 
 
 # --------------------------------------------------------------------------------------------------------------

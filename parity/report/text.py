@@ -238,39 +238,66 @@ def _render_loss_stages(report: Report, console) -> None:
 def render(report: Report, console=None, *, verbose: bool = False) -> None:
     """Print the report to a rich console (stdout by default)."""
     from rich.console import Console
-    from rich.table import Table
 
     console = console or Console()
     style = "bold green" if report.verdict == "parity" else "bold red"
     console.print(f"[bold]{_e(report.command)}[/bold]  reference {_e(report.reference)}  candidate "
                   f"{_e(report.candidate)}  profile {_e(report.profile)}", highlight=False)
     console.print(f"[{style}]{_e(summary_line(report))}[/{style}]", highlight=False)
+    _render_verdict_lines(report, console)
+    if report.findings:
+        _render_findings(report, console)
+    layer_rows, other, drill = _split_rows(report)
+    if layer_rows:
+        _render_layers(report, layer_rows, console, verbose)
+    if (report.context.get("loss") or {}).get("stages"):
+        _render_loss_stages(report, console)
+        drill = _with_loss_rows(drill, console, verbose)
+    if not verbose and len(other) > CHECKS_LISTED:
+        _render_section_summary(other, console)
+        failing = [r for r in other if not r.passed]
+        if len(failing) > CHECKS_LISTED:
+            console.print(f"{len(failing) - CHECKS_LISTED} more failing checks (--json for all)")
+        other = failing[:CHECKS_LISTED]
+    for title, rows in (("checks", other), ("sub-blocks", drill)):
+        if rows:
+            _render_row_table(report, title, rows, console, verbose)
+    _render_not_covered(report, console)
+    _render_closing(report, console)
 
+
+def _render_verdict_lines(report: Report, console) -> None:
     for line in verdict_lines(report):
         console.print(f"[{_line_style(line)}]{_e(line)}[/{_line_style(line)}]", highlight=False)
 
-    if report.findings:
-        findings = _grouped_findings(report)
-        if console.width < 100:
-            # narrow terminals: one block per finding, the message over the whole width
-            console.print("[bold]findings[/bold]")
-            for f in findings:
-                st = _SEVERITY_STYLE.get(f.severity, "")
-                console.print(f"[{st}]{f.severity}[/{st}] [bold]{_e(f.signature)}[/bold]  {_e(f.where)}",
-                              highlight=False)
-                console.print(_indented(f.message, console.width), highlight=False)
-        else:
-            table = Table(title="findings", show_lines=False, expand=True)
-            # the message is what a person reads: it keeps at least half the width; a long `where` wraps instead
-            table.add_column("severity", no_wrap=True)
-            table.add_column("signature", no_wrap=True)
-            table.add_column("where", ratio=1)
-            table.add_column("message", ratio=2)
-            for f in findings:
-                st = _SEVERITY_STYLE.get(f.severity, "")
-                table.add_row(f"[{st}]{f.severity}[/{st}]", _e(f.signature), _e(f.where), _e(f.message))
-            console.print(table)
 
+def _render_findings(report: Report, console) -> None:
+    from rich.table import Table
+
+    findings = _grouped_findings(report)
+    if console.width < 100:
+        # narrow terminals: one block per finding, the message over the whole width
+        console.print("[bold]findings[/bold]")
+        for f in findings:
+            st = _SEVERITY_STYLE.get(f.severity, "")
+            console.print(f"[{st}]{f.severity}[/{st}] [bold]{_e(f.signature)}[/bold]  {_e(f.where)}",
+                          highlight=False)
+            console.print(_indented(f.message, console.width), highlight=False)
+        return
+    table = Table(title="findings", show_lines=False, expand=True)
+    # the message is what a person reads: it keeps at least half the width; a long `where` wraps instead
+    table.add_column("severity", no_wrap=True)
+    table.add_column("signature", no_wrap=True)
+    table.add_column("where", ratio=1)
+    table.add_column("message", ratio=2)
+    for f in findings:
+        st = _SEVERITY_STYLE.get(f.severity, "")
+        table.add_row(f"[{st}]{f.severity}[/{st}]", _e(f.signature), _e(f.where), _e(f.message))
+    console.print(table)
+
+
+def _split_rows(report: Report) -> tuple[dict[int, list[Row]], list[Row], list[Row]]:
+    """(rows per layer index, other checks, drill-down rows), each in report order."""
     layer_rows: dict[int, list[Row]] = {}
     other: list[Row] = []
     drill: list[Row] = []
@@ -282,80 +309,82 @@ def render(report: Report, console=None, *, verbose: bool = False) -> None:
             layer_rows.setdefault(int(match.group(1)), []).append(row)
         else:
             other.append(row)
+    return layer_rows, other, drill
 
-    if layer_rows:
-        types = {e.get("index"): e.get("type") for e in (report.context.get("layers") or [])}
-        table = Table(title="layers", expand=False)
-        for column in ("#", "type", "parameters", "shape", "isolated", "chained", "notes"):
-            table.add_column(column, no_wrap=column != "notes")
-        for index in sorted(layer_rows):
-            rows = layer_rows[index]
-            if not verbose and all(r.passed for r in rows) and len(layer_rows) > 40:
-                continue
-            params = next((r for r in rows if r.name == "parameters"), None)
-            shape = next((r for r in rows if r.name == "output shape"), None)
-            iso = _worst([r for r in rows if r.section == "isolated"])
-            ch = _worst([r for r in rows if r.section == "chained"])
-            notes = [r.note for r in rows if r.section == "structure" and not r.passed
-                     and r.name not in ("parameters", "output shape")]
-            table.add_row(
-                str(index), _e(types.get(index, "")), _param_cell(params),
-                "" if shape is None else ("[green]ok[/green]" if shape.passed
-                                          else f"[bold red]{_e(_short(shape.note, 44))}[/bold red]"),
-                _cell(iso), _cell(ch), _e(_short("; ".join(notes), 60)))
-        console.print(table)
 
-    loss_stages = (report.context.get("loss") or {}).get("stages")
-    if loss_stages:
-        _render_loss_stages(report, console)
-        loss_rows = [r for r in drill if r.section.startswith("loss/")]
-        drill = [r for r in drill if not r.section.startswith("loss/")]
-        failing = [r for r in loss_rows if not r.passed]
-        if verbose:
-            drill += loss_rows
-        else:
-            drill += failing[:LOSS_ROWS_SHOWN]
-            if len(failing) > LOSS_ROWS_SHOWN:
-                console.print(f"{len(failing) - LOSS_ROWS_SHOWN} more failing loss rows (--json for all)")
+def _render_layers(report: Report, layer_rows: dict[int, list[Row]], console, verbose: bool) -> None:
+    """One line per layer: type, parameters, output shape, isolated and chained verdicts, structure notes."""
+    from rich.table import Table
 
-    if not verbose and len(other) > CHECKS_LISTED:
-        _render_section_summary(other, console)
-        failing = [r for r in other if not r.passed]
-        if len(failing) > CHECKS_LISTED:
-            console.print(f"{len(failing) - CHECKS_LISTED} more failing checks (--json for all)")
-        other = failing[:CHECKS_LISTED]
-    for title, rows in (("checks", other), ("sub-blocks", drill)):
-        if not rows:
+    types = {e.get("index"): e.get("type") for e in (report.context.get("layers") or [])}
+    table = Table(title="layers", expand=False)
+    for column in ("#", "type", "parameters", "shape", "isolated", "chained", "notes"):
+        table.add_column(column, no_wrap=column != "notes")
+    for index in sorted(layer_rows):
+        rows = layer_rows[index]
+        if not verbose and all(r.passed for r in rows) and len(layer_rows) > 40:
             continue
-        if title == "sub-blocks" and report.command.startswith("compare"):
-            # a drill-down lists the sub-blocks that fail; the passing ones are counted
-            passing = [r for r in rows if r.passed]
-            rows = [r for r in rows if not r.passed]
-            if passing:
-                console.print(f"sub-blocks: {len(passing)} of {len(passing) + len(rows)} pass"
-                              + (" (--json lists them)" if rows else ""), highlight=False)
-            if not rows:
-                continue
-        shown = rows if verbose else [r for r in rows if not r.passed] + [r for r in rows if r.passed][:60]
-        name_width = max(len(r.name) for r in shown)
-        table = Table(title=title, expand=False)
-        narrow = console.width < 100       # the section is said by the where of a row, or by the title
-        columns = ("where", "tensor / check", "result", "detail") if narrow else \
-            ("section", "where", "tensor / check", "result", "detail")
-        for column in columns:
-            # a tensor name and the verdict stay on one line; where and detail wrap at spaces
-            table.add_column(column, no_wrap=column in ("result", "tensor / check"),
-                             min_width=name_width if column == "tensor / check" else None)
-        for row in sorted(shown, key=lambda r: rows.index(r)):
-            cells = [_e(row.where), _e(row.name), _cell(row), _e(_short(row.note, 80))]
-            if narrow:
-                if row.section not in row.where and row.section not in ("structure", "bias init"):
-                    cells[0] = _e(f"{row.section}: {row.where}")
-            else:
-                cells.insert(0, _e(row.section))
-            table.add_row(*cells)
-        console.print(table)
+        params = next((r for r in rows if r.name == "parameters"), None)
+        shape = next((r for r in rows if r.name == "output shape"), None)
+        iso = _worst([r for r in rows if r.section == "isolated"])
+        ch = _worst([r for r in rows if r.section == "chained"])
+        notes = [r.note for r in rows if r.section == "structure" and not r.passed
+                 and r.name not in ("parameters", "output shape")]
+        table.add_row(
+            str(index), _e(types.get(index, "")), _param_cell(params),
+            "" if shape is None else ("[green]ok[/green]" if shape.passed
+                                      else f"[bold red]{_e(_short(shape.note, 44))}[/bold red]"),
+            _cell(iso), _cell(ch), _e(_short("; ".join(notes), 60)))
+    console.print(table)
 
+
+def _with_loss_rows(drill: list[Row], console, verbose: bool) -> list[Row]:
+    """The drill-down rows with the loss rows moved last: all of them when verbose, else the first failing."""
+    loss_rows = [r for r in drill if r.section.startswith("loss/")]
+    drill = [r for r in drill if not r.section.startswith("loss/")]
+    failing = [r for r in loss_rows if not r.passed]
+    if verbose:
+        return drill + loss_rows
+    if len(failing) > LOSS_ROWS_SHOWN:
+        console.print(f"{len(failing) - LOSS_ROWS_SHOWN} more failing loss rows (--json for all)")
+    return drill + failing[:LOSS_ROWS_SHOWN]
+
+
+def _render_row_table(report: Report, title: str, rows: list[Row], console, verbose: bool) -> None:
+    """A table of check or sub-block rows, failing rows first (at most 60 passing ones unless verbose)."""
+    from rich.table import Table
+
+    if title == "sub-blocks" and report.command.startswith("compare"):
+        # a drill-down lists the sub-blocks that fail; the passing ones are counted
+        passing = [r for r in rows if r.passed]
+        rows = [r for r in rows if not r.passed]
+        if passing:
+            console.print(f"sub-blocks: {len(passing)} of {len(passing) + len(rows)} pass"
+                          + (" (--json lists them)" if rows else ""), highlight=False)
+        if not rows:
+            return
+    shown = rows if verbose else [r for r in rows if not r.passed] + [r for r in rows if r.passed][:60]
+    name_width = max(len(r.name) for r in shown)
+    table = Table(title=title, expand=False)
+    narrow = console.width < 100       # the section is said by the where of a row, or by the title
+    columns = ("where", "tensor / check", "result", "detail") if narrow else \
+        ("section", "where", "tensor / check", "result", "detail")
+    for column in columns:
+        # a tensor name and the verdict stay on one line; where and detail wrap at spaces
+        table.add_column(column, no_wrap=column in ("result", "tensor / check"),
+                         min_width=name_width if column == "tensor / check" else None)
+    for row in sorted(shown, key=lambda r: rows.index(r)):
+        cells = [_e(row.where), _e(row.name), _cell(row), _e(_short(row.note, 80))]
+        if narrow:
+            if row.section not in row.where and row.section not in ("structure", "bias init"):
+                cells[0] = _e(f"{row.section}: {row.where}")
+        else:
+            cells.insert(0, _e(row.section))
+        table.add_row(*cells)
+    console.print(table)
+
+
+def _render_not_covered(report: Report, console) -> None:
     not_checked = (report.coverage or {}).get("not_checked") or []
     left = []
     for mode in ("isolated", "chained"):
@@ -369,7 +398,10 @@ def render(report: Report, console=None, *, verbose: bool = False) -> None:
                     f"provided by the candidate (first: {', '.join(sub['left_out'][:4])})")
     for line in list(not_checked) + left:
         console.print(f"[yellow]not covered:[/yellow] {_e(line)}", highlight=False)
-    # the verdict and the first divergence close the report too: they are what is left on the screen
+
+
+def _render_closing(report: Report, console) -> None:
+    """The verdict and the first divergence close the report too: they are what is left on the screen."""
     closing = verdict_lines(report) or [summary_line(report)]
     first = _first_finding(report)
     style = "bold green" if report.verdict == "parity" else "bold red"

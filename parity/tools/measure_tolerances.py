@@ -88,9 +88,8 @@ def measure_one(model_yaml: str, imgsz: int, threads: list[int], batch: int) -> 
     runtime.prepare(2)
     import torch
 
-    from parity.dump import names
     from parity.capture.batch import load_batch
-    from parity.capture.reference import CaptureConfig, head_of, prepare_model, run_capture
+    from parity.capture.reference import CaptureConfig, prepare_model, run_capture
 
     config = CaptureConfig(model=model_yaml, nc=80, imgsz=imgsz, batch=batch, images="assets")
     captures = {}
@@ -105,96 +104,116 @@ def measure_one(model_yaml: str, imgsz: int, threads: list[int], batch: int) -> 
     layers = captures[base_t].manifest["model"]["layers"]
     result = {"model": model_yaml, "imgsz": imgsz, "batch": batch, "baseline_threads": base_t,
               "capture_seconds": timings, "chained": {}, "isolated": {}, "loss_only": {}, "per_layer": {}}
-
-    # -- chained: whole captures against the baseline
     for t in threads:
-        if t == base_t:
-            continue
-        groups: dict[str, list] = {}
-        per_layer = {}
-        for name, ref in base.items():
-            cand = captures[t].tensors.get(name)
-            if cand is None or name.startswith("batch.") or name.startswith("init."):
-                continue
-            s = _stats(ref, cand)
-            s["name"] = name
-            groups.setdefault(_group(name), []).append(s)
-            layer = names.layer_of(name)
-            if name.startswith("act.") and _group(name) == "activation":
-                per_layer.setdefault(layer, []).append(s.get("eps_of_absmax", 0.0))
-        result["chained"][str(t)] = {g: _reduce(v) for g, v in groups.items()}
-        result["per_layer"][str(t)] = {str(k): max(v) for k, v in sorted(per_layer.items())}
-
-    # -- isolated: each layer on the baseline's inputs
+        if t != base_t:
+            result["chained"][str(t)], result["per_layer"][str(t)] = _chained_spread(base, captures[t].tensors)
     batch_obj = load_batch("assets", imgsz=imgsz, batch=batch, nc=80, seed=config.seed)
     for t in threads:
         torch.set_num_threads(base_t)
         model, _ = prepare_model(config, batch_obj)
         model.train()
         torch.set_num_threads(t)
-        stats = []
-        for entry in layers:
-            i = entry["index"]
-            inputs = [base[n] for n in entry["inputs"]]
-            layer = model.model[i]
-            arg = inputs[0] if len(inputs) == 1 else inputs
-            with torch.no_grad():
-                out = layer(arg)
-            outs = {}
-            if isinstance(out, dict):
-                for key in names.HEAD_OUTPUTS:
-                    outs[names.act(i, key)] = out[key]
-            else:
-                outs[names.act(i)] = out
-            for name, tensor in outs.items():
-                if name in base:
-                    s = _stats(base[name], tensor)
-                    s["name"] = name
-                    stats.append(s)
-        result["isolated"][str(t)] = _reduce(stats)
+        result["isolated"][str(t)] = _isolated_spread(model, layers, base)
+        loss_only = _loss_only_spread(model, layers, base, batch_obj)
+        if loss_only is not None:
+            result["loss_only"][str(t)] = loss_only
+    torch.set_num_threads(2)
+    return result
 
-        # -- loss only: the loss of the baseline's head outputs, at t threads
-        head = head_of(model)
-        last = len(model.model) - 1
-        feats = [base[names.act(j)] for j in layers[last]["from"]]
-        preds = {"boxes": base[names.act(last, "boxes")].clone().requires_grad_(True),
-                 "scores": base[names.act(last, "scores")].clone().requires_grad_(True), "feats": feats}
-        if getattr(head, "one2one_cv2", None) is not None:
-            continue  # end-to-end heads: not part of the default measurement
-        model.criterion = model.init_criterion()
-        from parity.capture.reference import Capture, loss_recorders
 
-        staged = Capture()
-        recorders = loss_recorders(model, staged)
-        loss_stats = []
-        try:
-            for case in names.LOSS_CASES:
-                for recorder in recorders:
-                    recorder.case = case
-                loss, items = model.loss({k: v for k, v in batch_obj.as_loss_batch(case).items()}, preds)
-                for key, value in (("loss", loss), ("items", torch.stack(list(items.values())))):
-                    name = names.loss_output(case, key)
-                    s = _stats(base[name], value.detach())
-                    s["name"] = name
-                    loss_stats.append(s)
-                grads = torch.autograd.grad(loss.sum(), [preds["boxes"], preds["scores"]])
-                for key, g in zip(("boxes", "scores"), grads):
-                    # the baseline's grad of the summed loss = sum of the per-term head grads
-                    ref = sum(base[f"grad.head.{case}.{term}.{key}"] for term in names.LOSS_TERMS)
-                    s = _stats(ref, g)
-                    s["name"] = f"grad.head.{case}.sum.{key}"
-                    loss_stats.append(s)
-        finally:
-            for recorder in recorders:
-                recorder.remove()
-        for name, tensor in staged.tensors.items():
+def _chained_spread(base: dict, captured: dict) -> tuple[dict, dict]:
+    """A whole capture against the baseline's: (reduced statistics per group, per-layer spread in eps)."""
+    from parity.dump import names
+
+    groups: dict[str, list] = {}
+    per_layer = {}
+    for name, ref in base.items():
+        cand = captured.get(name)
+        if cand is None or name.startswith("batch.") or name.startswith("init."):
+            continue
+        s = _stats(ref, cand)
+        s["name"] = name
+        groups.setdefault(_group(name), []).append(s)
+        layer = names.layer_of(name)
+        if name.startswith("act.") and _group(name) == "activation":
+            per_layer.setdefault(layer, []).append(s.get("eps_of_absmax", 0.0))
+    return ({g: _reduce(v) for g, v in groups.items()},
+            {str(k): max(v) for k, v in sorted(per_layer.items())})
+
+
+def _isolated_spread(model, layers: list[dict], base: dict) -> dict:
+    """Each layer re-run on its own on the baseline's inputs, at the current thread count."""
+    import torch
+
+    from parity.dump import names
+
+    stats = []
+    for entry in layers:
+        i = entry["index"]
+        inputs = [base[n] for n in entry["inputs"]]
+        layer = model.model[i]
+        arg = inputs[0] if len(inputs) == 1 else inputs
+        with torch.no_grad():
+            out = layer(arg)
+        outs = {}
+        if isinstance(out, dict):
+            for key in names.HEAD_OUTPUTS:
+                outs[names.act(i, key)] = out[key]
+        else:
+            outs[names.act(i)] = out
+        for name, tensor in outs.items():
             if name in base:
                 s = _stats(base[name], tensor)
                 s["name"] = name
+                stats.append(s)
+    return _reduce(stats)
+
+
+def _loss_only_spread(model, layers: list[dict], base: dict, batch_obj) -> dict | None:
+    """The loss of the baseline's head outputs at the current thread count (None for end-to-end heads, which
+    are not part of the default measurement)."""
+    import torch
+
+    from parity.capture.reference import Capture, head_of, loss_recorders
+    from parity.dump import names
+
+    head = head_of(model)
+    last = len(model.model) - 1
+    feats = [base[names.act(j)] for j in layers[last]["from"]]
+    preds = {"boxes": base[names.act(last, "boxes")].clone().requires_grad_(True),
+             "scores": base[names.act(last, "scores")].clone().requires_grad_(True), "feats": feats}
+    if getattr(head, "one2one_cv2", None) is not None:
+        return None
+    model.criterion = model.init_criterion()
+    staged = Capture()
+    recorders = loss_recorders(model, staged)
+    loss_stats = []
+    try:
+        for case in names.LOSS_CASES:
+            for recorder in recorders:
+                recorder.case = case
+            loss, items = model.loss({k: v for k, v in batch_obj.as_loss_batch(case).items()}, preds)
+            for key, value in (("loss", loss), ("items", torch.stack(list(items.values())))):
+                name = names.loss_output(case, key)
+                s = _stats(base[name], value.detach())
+                s["name"] = name
                 loss_stats.append(s)
-        result["loss_only"][str(t)] = _reduce(loss_stats)
-    torch.set_num_threads(2)
-    return result
+            grads = torch.autograd.grad(loss.sum(), [preds["boxes"], preds["scores"]])
+            for key, g in zip(("boxes", "scores"), grads):
+                # the baseline's grad of the summed loss = sum of the per-term head grads
+                ref = sum(base[f"grad.head.{case}.{term}.{key}"] for term in names.LOSS_TERMS)
+                s = _stats(ref, g)
+                s["name"] = f"grad.head.{case}.sum.{key}"
+                loss_stats.append(s)
+    finally:
+        for recorder in recorders:
+            recorder.remove()
+    for name, tensor in staged.tensors.items():
+        if name in base:
+            s = _stats(base[name], tensor)
+            s["name"] = name
+            loss_stats.append(s)
+    return _reduce(loss_stats)
 
 
 def _reduce(stats: list[dict]) -> dict:

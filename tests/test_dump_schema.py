@@ -41,6 +41,17 @@ def test_a_minimal_candidate_manifest_follows_the_schema():
                                "tensors": {"act.0": {"file": "out.safetensors", "dtype": "F32", "shape": [1, 2]}}}) is None
 
 
+@pytest.mark.parametrize("section", ["gradients", "environment", "train"])
+def test_a_section_the_writer_left_null_follows_the_schema(section):
+    """The capture writes `gradients: null` when asked for no gradients (the LibTorch example's reference does);
+    the schema first refused such dumps. Another type in the same place is still refused."""
+    manifest = json.loads((ROOT / "fixtures" / "yolov8-narrow-nc12-96" / "manifest.json").read_text())
+    manifest[section] = None
+    assert manifest_violation(manifest) is None
+    manifest[section] = "none"
+    assert f"manifest.{section}: expected" in manifest_violation(manifest)
+
+
 def _planted(tmp_path: Path, change) -> Path:
     manifest = json.loads((ROOT / "fixtures" / "yolov8-narrow-nc12-96" / "manifest.json").read_text())
     change(manifest)

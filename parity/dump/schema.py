@@ -23,6 +23,8 @@ SCHEMA_VERSION = 1
 
 _COUNT = {"type": "integer", "minimum": 0}
 _OBJECT = {"type": "object"}
+# A section the writer leaves null when it was not captured (gradients=False, no CUDA facts, no training steps).
+_SECTION = {"type": ["object", "null"]}
 
 MANIFEST_SCHEMA: dict[str, Any] = {
     "$schema": "https://json-schema.org/draft/2020-12/schema",
@@ -38,7 +40,7 @@ MANIFEST_SCHEMA: dict[str, Any] = {
         "kind": {"enum": ["reference", "candidate"]},
         "stats_only": {"type": "boolean"},
         "versions": {"type": "object", "additionalProperties": {"type": ["string", "null"]}},
-        "environment": _OBJECT,
+        "environment": _SECTION,
         "config": _OBJECT,
         "init": _OBJECT,
         "hyperparameters": {
@@ -49,8 +51,8 @@ MANIFEST_SCHEMA: dict[str, Any] = {
         "model": {"$ref": "#/$defs/model"},
         "batch": _OBJECT,
         "loss": {"$ref": "#/$defs/loss"},
-        "gradients": _OBJECT,
-        "train": _OBJECT,
+        "gradients": _SECTION,
+        "train": _SECTION,
         "tensors": {"type": "object", "additionalProperties": {"$ref": "#/$defs/tensor"}},
     },
     "$defs": {

@@ -230,7 +230,7 @@ def install_recorder(recorder) -> None:
     def after_assign(_module, _args, result):
         for name in ("mask_in_gts", "align_metric", "overlaps", "mask_pos"):
             key = names.loss(recorder.case, "assign", name, recorder.branch)
-            if key not in recorder.capture.tensors:
+            if key not in recorder.capture:
                 dtype = {"mask_in_gts": torch.bool, "mask_pos": torch.int8}.get(name, torch.float32)
                 recorder.capture.put(key, torch.zeros(recorder._empty_shape, dtype=dtype))
         for name, tensor in zip(("target_labels", "target_bboxes", "target_scores", "fg_mask", "target_gt_idx"), result):
@@ -321,8 +321,9 @@ def loss_terms(loss: torch.Tensor, recorder, model) -> list[torch.Tensor]:
     return [loss_iou * hyp.box * batch, cls, loss_dfl * hyp.dfl * batch]
 
 
-def loss_output_note(loss: torch.Tensor) -> str:
-    return ("loss vector (box, cls, dfl) after gains, multiplied by the batch size" if loss.dim() == 1 else
+def loss_output_note(loss_dims: int) -> str:
+    """What `model.loss(batch)[0]` is, from its number of dimensions."""
+    return ("loss vector (box, cls, dfl) after gains, multiplied by the batch size" if loss_dims == 1 else
             "scalar: the sum of (box, cls, dfl) after gains, multiplied by the batch size (ultralytics < 8.3.99)")
 
 

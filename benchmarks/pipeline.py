@@ -65,6 +65,7 @@ def _plain_step(batch: int) -> None:
 def _capture(batch: int) -> None:
     from parity.capture import CaptureConfig, dump_reference
 
+    WORK.mkdir(parents=True, exist_ok=True)
     out = Path(tempfile.mkdtemp(prefix="parity-bench-", dir=WORK)) / "dump"
     try:
         dump_reference(CaptureConfig(model=MODEL, imgsz=IMGSZ, batch=batch), out)

@@ -165,7 +165,7 @@ def markdown(results: dict) -> str:
         lines.append(f"| {row['batch']} | {row['plain_peak_gib']:.2f} | {row['capture_peak_gib']:.2f} | "
                      f"{row['excess_gib']:+.2f} | {row['plain_seconds']:.1f} | {row['capture_seconds']:.1f} |")
     builtin, traced = mapping["builtin_yolo11n"], mapping["traced_yolov8n"]
-    lines += ["", "Wall time of the CLI process, second run (warm); first run in brackets.", "",
+    lines += ["", "Wall time of the CLI process: the second run (warm, OS caches warm) and the first (cold).", "",
               "| command | warm (s) | cold (s) |", "| --- | --- | --- |",
               f"| `parity map`, built-in candidate, yolo11n 640 | {builtin['warm_s']:.1f} | {builtin['cold_s']:.1f} |",
               f"| `parity map`, traced port `{traced['port']}`, yolov8n 640 | {traced['warm_s']:.1f} | "

@@ -360,6 +360,7 @@ class DumpWriter:
         self._index: dict[str, dict] = {}
         self._spooled: dict[str, dict[str, SpooledTensor]] = {}
         self._spools: dict[str, Any] = {}
+        self._spool_sizes: dict[str, int] = {}
         self._tmp: Path | None = None
         self._lock: OutputLock | None = None
         self.check_target()
@@ -427,7 +428,7 @@ class DumpWriter:
 
     def __exit__(self, exc_type, exc, tb) -> None:
         try:
-            self._close_spools()
+            self._close_spools(quiet=True)
             if self._tmp is not None and self._tmp.exists():
                 shutil.rmtree(self._tmp, ignore_errors=True)
         finally:
@@ -457,21 +458,32 @@ class DumpWriter:
     def _spool(self, name: str, file: str, data: torch.Tensor) -> None:
         if data.dtype not in _FILE_DTYPES:
             raise DumpError(f"tensor {name!r}: dtype {data.dtype} cannot be stored in a safetensors file")
+        raw = _stored_bytes(data)
+        nbytes = raw.nbytes if isinstance(raw, memoryview) else len(raw)
+        path = self._tmp / f".{file}.spool"
         try:
             handle = self._spools.get(file)
             if handle is None:
-                handle = self._spools[file] = open(self._tmp / f".{file}.spool", "wb")
-            offset = handle.tell()
-            handle.write(_stored_bytes(data))
+                handle = self._spools[file] = open(path, "wb")
+            handle.write(raw)
         except OSError as error:
             raise _write_error(self.out, error) from None
-        self._spooled.setdefault(file, {})[name] = SpooledTensor(
-            _FILE_DTYPES[data.dtype], tuple(data.shape), Path(handle.name), offset, handle.tell() - offset)
+        offset = self._spool_sizes.get(file, 0)
+        self._spool_sizes[file] = offset + nbytes
+        self._spooled.setdefault(file, {})[name] = SpooledTensor(_FILE_DTYPES[data.dtype], tuple(data.shape), path,
+                                                                 offset, nbytes)
 
-    def _close_spools(self) -> None:
-        for handle in self._spools.values():
-            handle.close()
-        self._spools.clear()
+    def _close_spools(self, *, quiet: bool = False) -> None:
+        """Close (flushing) every spool file; `quiet` when the dump is being thrown away anyway."""
+        spools, self._spools = self._spools, {}
+        failure = None
+        for handle in spools.values():
+            try:
+                handle.close()
+            except OSError as error:
+                failure = failure or error
+        if failure is not None and not quiet:
+            raise failure
 
     def names(self) -> list[str]:
         return list(self._index)

@@ -213,3 +213,20 @@ def test_every_model_family_dumps_and_inspects(model, tmp_path):
     assert "Detect" in text and "default" in text
     assert dump.model["parameters"] == sum(layer["parameters"] for layer in dump.layers)
     assert names.loss_output("no_boxes", "loss") in dump
+
+
+def test_a_capture_with_a_sink_keeps_nothing_and_dumps_what_memory_holds(tmp_path):
+    """dump_reference streams every tensor to disk as it is captured: the dump holds, in the same order, exactly
+    what an in-memory capture holds."""
+    from parity.dump.files import Dump
+
+    seen = []
+    streamed = run_capture(SMALL, sink=lambda name, tensor: seen.append(name))
+    assert streamed.tensors == {} and seen == list(streamed.shapes)
+    in_memory = run_capture(SMALL)
+    assert list(in_memory.tensors) == seen
+    dump = Dump(dump_reference(SMALL, tmp_path / "dump"))
+    assert list(dump.index) == seen
+    for name, tensor in in_memory.tensors.items():
+        assert torch.equal(dump.get(name), tensor), name
+    assert dump.manifest["model"] == in_memory.manifest["model"]

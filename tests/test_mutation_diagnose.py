@@ -48,8 +48,7 @@ def biases(dump: Dump, level: int):
 def classify(dump: Dump, level: int, cand: torch.Tensor):
     stored, f32, f64 = biases(dump, level)
     stride = dump.model["strides"][level]
-    return ds._classify_cls_bias(dump, dump.model["head_index"], level, stride, dump.model["nc"], cand, stored, f32,
-                                 f64, {})
+    return ds._classify_cls_bias(dump, level, stride, cand, (stored, f32, f64))
 
 
 # ============================================================================ bias-init classifier

@@ -28,10 +28,9 @@ def dump_reference(config: CaptureConfig, out: str | Path, *, force: bool = Fals
     # Refuses an existing `out` before any work is done, and holds OUT's lock during the capture too, so a second
     # writer of the same OUT is refused at once rather than after minutes of work.
     with DumpWriter(out, force=force, kind="reference", stats_only=stats_only) as writer:
-        capture = run_capture(config, progress)
+        # Every tensor goes to disk as it is captured: the capture holds no more memory than ultralytics' step.
+        capture = run_capture(config, progress, sink=writer.add)
         progress("writing")
-        for name, tensor in capture.tensors.items():
-            writer.add(name, tensor, copy=False)
         return writer.commit(capture.manifest)
 
 

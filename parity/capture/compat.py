@@ -194,7 +194,6 @@ def install_recorder(recorder) -> None:
     fill in what an 8.3 loss computes inline (or skips on an empty foreground)."""
     import ultralytics.utils.loss as loss_module
 
-    crit, assigner = recorder.criterion, recorder.criterion.assigner
     recorder._stage_seen = set()
 
     def put(stage: str, name: str, tensor) -> None:
@@ -202,6 +201,20 @@ def install_recorder(recorder) -> None:
         recorder.put(stage, name, tensor)
 
     recorder._put_compat = put
+    _wrap_stage_methods(recorder, put)
+
+    # stride_tensor: from make_anchors, as the loss module calls it (a module-level name in both releases)
+    def on_anchors(result) -> None:
+        recorder._stride_tensor = result[1]
+
+    _tap_make_anchors(loss_module, on_anchors)
+    recorder._undo.append(lambda: _untap_make_anchors(loss_module, on_anchors))
+    _hook_stage_modules(recorder, put)
+
+
+def _wrap_stage_methods(recorder, put: Callable) -> None:
+    """The loss's and the assigner's own methods, each recording what it returns."""
+    crit, assigner = recorder.criterion, recorder.criterion.assigner
     recorder._wrap(crit, "preprocess", lambda a, r: put("preprocess", "targets", r))
     recorder._wrap(crit, "bbox_decode", lambda a, r: (put("anchors", "anchor_points", a[0]),
                                                       put("decode", "pred_bboxes", r)))
@@ -212,54 +225,66 @@ def install_recorder(recorder) -> None:
     if hasattr(crit, "get_assigned_targets_and_loss"):
         recorder._wrap(crit, "get_assigned_targets_and_loss", lambda a, r: put("gains", "after", r[1]))
 
-    # stride_tensor: from make_anchors, as the loss module calls it (a module-level name in both releases)
-    def on_anchors(result) -> None:
-        recorder._stride_tensor = result[1]
 
-    _tap_make_anchors(loss_module, on_anchors)
-    recorder._undo.append(lambda: _untap_make_anchors(loss_module, on_anchors))
+def _hook_stage_modules(recorder, put: Callable) -> None:
+    """Forward hooks on the assigner, the BCE and the box loss: their inputs and outputs are stages too."""
+    crit, assigner = recorder.criterion, recorder.criterion.assigner
+    hooks = _AssignHooks(recorder, put)
+    handles = [assigner.register_forward_pre_hook(hooks.before_assign),
+               assigner.register_forward_hook(hooks.after_assign),
+               crit.bce.register_forward_hook(hooks.after_bce),
+               crit.bbox_loss.register_forward_pre_hook(hooks.before_bbox_loss),
+               crit.bbox_loss.register_forward_hook(hooks.after_bbox_loss)]
+    recorder._undo.extend(h.remove for h in handles)
 
-    def before_assign(_module, args):
+
+class _AssignHooks:
+    """What the assigner, the BCE and the box loss receive and return, recorded under their stage names; the
+    values later stages derive from (BCE, target scores, their sum) are kept on the recorder."""
+
+    def __init__(self, recorder, put: Callable):
+        self.recorder = recorder
+        self.put = put
+
+    def before_assign(self, _module, args) -> None:
         pd_scores, pd_bboxes, anc_points, _labels, gt_bboxes, mask_gt = args[:6]
-        put("preprocess", "mask_gt", mask_gt)
-        put("assign", "pd_scores", pd_scores)
-        put("assign", "pd_bboxes", pd_bboxes)
-        put("assign", "anc_points", anc_points)
-        recorder._empty_shape = (pd_scores.shape[0], gt_bboxes.shape[1], pd_scores.shape[1])
+        self.put("preprocess", "mask_gt", mask_gt)
+        self.put("assign", "pd_scores", pd_scores)
+        self.put("assign", "pd_bboxes", pd_bboxes)
+        self.put("assign", "anc_points", anc_points)
+        self.recorder._empty_shape = (pd_scores.shape[0], gt_bboxes.shape[1], pd_scores.shape[1])
 
-    def after_assign(_module, _args, result):
+    def after_assign(self, _module, _args, result) -> None:
+        recorder = self.recorder
+        # an assigner that returned early (no boxes at all) never called its pair stages: store them empty
         for name in ("mask_in_gts", "align_metric", "overlaps", "mask_pos"):
             key = names.loss(recorder.case, "assign", name, recorder.branch)
-            if key not in recorder.capture.tensors:
+            if key not in recorder.capture:
                 dtype = {"mask_in_gts": torch.bool, "mask_pos": torch.int8}.get(name, torch.float32)
                 recorder.capture.put(key, torch.zeros(recorder._empty_shape, dtype=dtype))
         for name, tensor in zip(("target_labels", "target_bboxes", "target_scores", "fg_mask", "target_gt_idx"), result):
-            put("assign", name, tensor)
+            self.put("assign", name, tensor)
         recorder._target_scores = result[2]
 
-    def after_bce(_module, _args, output):
-        put("classify", "bce", output)
-        recorder._bce = output
+    def after_bce(self, _module, _args, output) -> None:
+        self.put("classify", "bce", output)
+        self.recorder._bce = output
 
-    def before_bbox_loss(_module, args):
+    def before_bbox_loss(self, _module, args) -> None:
         if len(args) > 8:
-            put("anchors", "stride_tensor", args[8])
-        put("normalize", "target_scores_sum", torch.as_tensor(args[5]))
-        recorder._target_scores_sum = args[5]
+            self.put("anchors", "stride_tensor", args[8])
+        self.put("normalize", "target_scores_sum", torch.as_tensor(args[5]))
+        self.recorder._target_scores_sum = args[5]
 
-    def after_bbox_loss(_module, _args, output):
+    def after_bbox_loss(self, _module, _args, output) -> None:
+        recorder = self.recorder
         loss_iou, loss_dfl = output
         recorder._graph_terms = (loss_iou, loss_dfl)
         cls = recorder._bce.detach().sum() / recorder._target_scores_sum
-        put("classify", "loss", cls)
-        put("box", "loss_iou", loss_iou)
-        put("box", "loss_dfl", loss_dfl)
-        put("gains", "before", torch.stack([loss_iou.detach(), cls, loss_dfl.detach()]))
-
-    handles = [assigner.register_forward_pre_hook(before_assign), assigner.register_forward_hook(after_assign),
-               crit.bce.register_forward_hook(after_bce), crit.bbox_loss.register_forward_pre_hook(before_bbox_loss),
-               crit.bbox_loss.register_forward_hook(after_bbox_loss)]
-    recorder._undo.extend(h.remove for h in handles)
+        self.put("classify", "loss", cls)
+        self.put("box", "loss_iou", loss_iou)
+        self.put("box", "loss_dfl", loss_dfl)
+        self.put("gains", "before", torch.stack([loss_iou.detach(), cls, loss_dfl.detach()]))
 
 
 def start_case(recorder, case: str) -> None:
@@ -321,8 +346,9 @@ def loss_terms(loss: torch.Tensor, recorder, model) -> list[torch.Tensor]:
     return [loss_iou * hyp.box * batch, cls, loss_dfl * hyp.dfl * batch]
 
 
-def loss_output_note(loss: torch.Tensor) -> str:
-    return ("loss vector (box, cls, dfl) after gains, multiplied by the batch size" if loss.dim() == 1 else
+def loss_output_note(loss_dims: int) -> str:
+    """What `model.loss(batch)[0]` is, from its number of dimensions."""
+    return ("loss vector (box, cls, dfl) after gains, multiplied by the batch size" if loss_dims == 1 else
             "scalar: the sum of (box, cls, dfl) after gains, multiplied by the batch size (ultralytics < 8.3.99)")
 
 

@@ -20,7 +20,7 @@ from torch import nn
 from parity.dump import names
 from parity.capture import compat
 from parity.capture.batch import Batch, calibration_images, load_batch
-from parity.capture.train import TrainArgs
+from parity.capture.train import ReferenceTraining, TrainArgs, check_train_config
 from parity.errors import ParityError
 
 INIT_MODES = ("perturbed", "pristine")
@@ -51,17 +51,30 @@ class CaptureConfig:
 
 @dataclass
 class Capture:
-    """What one capture produced: tensors in dump names, and the manifest sections that describe them."""
+    """What one capture produced: tensors in dump names, and the manifest sections that describe them.
+
+    With a `sink` (a dump writer's `add`) every tensor goes there the moment it is captured and `tensors` stays
+    empty, so a capture holds no more memory than ultralytics' own step; without one, `tensors` keeps them all.
+    `shapes` names every tensor captured either way."""
 
     tensors: dict[str, torch.Tensor] = field(default_factory=dict)
     manifest: dict[str, Any] = field(default_factory=dict)
+    sink: Callable[[str, torch.Tensor], None] | None = None
+    shapes: dict[str, list[int]] = field(default_factory=dict)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.shapes
 
     def put(self, name: str, tensor: torch.Tensor) -> None:
-        if name in self.tensors:
+        if name in self.shapes:
             raise AssertionError(f"{name} captured twice")
-        # The one copy capture makes: to the host, detached from autograd and from later in-place edits.
+        # The one copy capture makes: to the host (or the sink's file), detached from autograd and from later
+        # in-place edits.
         tensor = tensor.detach()
-        if tensor.device.type == "cuda":
+        self.shapes[name] = list(tensor.shape)
+        if self.sink is not None:
+            self.sink(name, tensor)
+        elif tensor.device.type == "cuda":
             # Into pinned memory without waiting: the stream orders it, and `finish()` synchronises once.
             host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
             self.tensors[name] = host.copy_(tensor, non_blocking=True)
@@ -79,7 +92,7 @@ class Capture:
         return self
 
     def names_with_prefix(self, prefix: str) -> list[str]:
-        return [name for name in self.tensors if name.startswith(prefix)]
+        return [name for name in self.shapes if name.startswith(prefix)]
 
 
 # ---------------------------------------------------------------------------------------------- the model
@@ -305,7 +318,7 @@ def layer_table(model: nn.Module, capture: Capture) -> list[dict]:
             inputs = [names.batch_img()]
         else:
             inputs = [name for s in sources for name in outputs_of[s]]
-        own = [n for n in capture.tensors if n == names.act(index) or _is_direct_output(n, index)]
+        own = [n for n in capture.shapes if n == names.act(index) or _is_direct_output(n, index)]
         outputs_of[index] = own
         table.append({
             "index": index,
@@ -314,7 +327,7 @@ def layer_table(model: nn.Module, capture: Capture) -> list[dict]:
             "inputs": inputs,
             "parameters": sum(p.numel() for p in layer.parameters()),
             **parameter_kinds(layer),
-            "outputs": {n: list(capture.tensors[n].shape) for n in own},
+            "outputs": {n: capture.shapes[n] for n in own},
         })
     return table
 
@@ -417,7 +430,7 @@ def precision_context(config: CaptureConfig):
         torch.use_deterministic_algorithms(deterministic, warn_only=warn_only)
 
 
-def run_capture(config: CaptureConfig, progress: Callable[[str], None] = lambda step: None) -> Capture:
+def check_capture_config(config: CaptureConfig) -> None:
     if config.precision not in PRECISIONS:
         raise ParityError(f"--precision {config.precision!r}: expected one of {', '.join(PRECISIONS)}")
     if config.batch < 1:
@@ -429,80 +442,118 @@ def run_capture(config: CaptureConfig, progress: Callable[[str], None] = lambda 
                           f"or bf16")
     if config.init not in INIT_MODES:
         raise ParityError(f"--init {config.init!r}: expected one of {', '.join(INIT_MODES)}")
-    from parity.capture.train import check_train_config
-
     check_train_config(config.steps, config.train, config.precision)
+
+
+def run_capture(config: CaptureConfig, progress: Callable[[str], None] = lambda step: None, *,
+                sink: Callable[[str, torch.Tensor], None] | None = None) -> Capture:
+    """One capture of `config`. With `sink` every tensor goes there as it is captured (nothing is kept);
+    without, the returned Capture holds them all."""
+    check_capture_config(config)
     progress("building the model")
     batch = load_batch(config.images, imgsz=config.imgsz, batch=config.batch, nc=config.nc, seed=config.seed)
     model, init_info = prepare_model(config, batch)
-    capture = Capture()
-    for name, tensor in model.state_dict().items():
-        capture.put(names.weight(name), tensor)
-    for name, tensor in init_info["pristine_bias"].items():
-        capture.put(name, tensor)
-    device = torch.device(config.device)
-    img = batch.img.to(device)
-    capture.put(names.batch_img(), batch.img)
-    for case in config.cases:
-        for field_name, tensor in (("cls", batch.cases[case].cls), ("bboxes", batch.cases[case].bboxes),
-                                   ("batch_idx", batch.cases[case].batch_idx)):
-            capture.put(names.batch_target(case, field_name), tensor)
-
+    capture = Capture(sink=sink)
+    _capture_inputs(model, batch, init_info, config.cases, capture)
     progress("forward pass")
     end2end = is_end2end(model)
     with precision_context(config):
         with layer_hooks(model, capture):
-            preds = model(img)
+            preds = model(batch.img.to(config.device))
         head = head_of(model)
         if head.reg_max > 1:
             with torch.no_grad():
-                boxes = compat.head_boxes(preds, head, end2end)
-                capture.put(names.act(len(model.model) - 1, "dfl"), head.dfl(boxes))
-
-        model.criterion = model.init_criterion()
-        recorders = loss_recorders(model, capture)
-        outputs = head_outputs(preds, end2end)
-        totals = {}
-        try:
-            for case in config.cases:
-                progress(f"loss, case {case}")
-                for recorder in recorders:
-                    compat.start_case(recorder, case)
-                loss, items = model.loss(_to_device(batch.as_loss_batch(case), device), preds)
-                for recorder in recorders:
-                    compat.finish_case(recorder, loss, items)
-                capture.put(names.loss_output(case, "loss"), loss)
-                capture.put(names.loss_output(case, "items"), compat.items_vector(items))
-                totals[case] = loss
-                if config.gradients:
-                    terms = compat.loss_terms(loss, recorders[0], model)
-                    for term_index, term in enumerate(names.LOSS_TERMS):
-                        grads = torch.autograd.grad(terms[term_index], list(outputs.values()), retain_graph=True,
-                                                    allow_unused=True)
-                        for suffix, grad, tensor in zip(outputs, grads, outputs.values()):
-                            capture.put(f"grad.head.{case}.{term}.{suffix}",
-                                        grad if grad is not None else torch.zeros_like(tensor))
-        finally:
-            for recorder in recorders:
-                recorder.remove()
-
+                capture.put(names.act(len(model.model) - 1, "dfl"), head.dfl(compat.head_boxes(preds, head, end2end)))
+        default_loss = _capture_loss_cases(model, preds, batch, config, capture, progress)
+        del preds
         params_without_grad = []
-        if config.gradients and "default" in totals:
+        if config.gradients and default_loss is not None:
             progress("backward pass")
-            totals["default"].sum().backward()
-            for name, parameter in model.named_parameters():
-                if parameter.grad is None:
-                    params_without_grad.append(name)
-                else:
-                    capture.put(names.grad_param(name), parameter.grad)
+            params_without_grad = _capture_parameter_grads(model, default_loss, capture)
+        del default_loss
         capture.finish()
         capture.manifest = describe(model, config, batch, capture, init_info["init"], params_without_grad)
     if config.steps:
-        from parity.capture.train import capture_training
-
         capture.manifest["train"] = capture_training(config, batch, capture, progress)
         capture.finish()
     return capture
+
+
+def _capture_inputs(model: nn.Module, batch: Batch, init_info: dict, cases, capture: Capture) -> None:
+    """Weights before the forward pass, the head's bias initialisation, the batch and every case's targets."""
+    for name, tensor in model.state_dict().items():
+        capture.put(names.weight(name), tensor)
+    for name, tensor in init_info["pristine_bias"].items():
+        capture.put(name, tensor)
+    capture.put(names.batch_img(), batch.img)
+    for case in cases:
+        for field_name in ("cls", "bboxes", "batch_idx"):
+            capture.put(names.batch_target(case, field_name), getattr(batch.cases[case], field_name))
+
+
+def _capture_loss_cases(model: nn.Module, preds: Any, batch: Batch, config: CaptureConfig, capture: Capture,
+                        progress: Callable[[str], None]) -> torch.Tensor | None:
+    """Every case's loss stages, outputs and head gradients; returns the `default` case's loss (its graph kept
+    for the parameter gradients), or None without that case. Other cases' graphs are let go as soon as their
+    gradients are taken."""
+    device = torch.device(config.device)
+    model.criterion = model.init_criterion()
+    recorders = loss_recorders(model, capture)
+    outputs = head_outputs(preds, is_end2end(model))
+    default_loss = None
+    try:
+        for case in config.cases:
+            progress(f"loss, case {case}")
+            for recorder in recorders:
+                compat.start_case(recorder, case)
+            loss, items = model.loss(_to_device(batch.as_loss_batch(case), device), preds)
+            for recorder in recorders:
+                compat.finish_case(recorder, loss, items)
+            capture.put(names.loss_output(case, "loss"), loss)
+            capture.put(names.loss_output(case, "items"), compat.items_vector(items))
+            if config.gradients:
+                _capture_head_grads(case, compat.loss_terms(loss, recorders[0], model), outputs, capture)
+            if case == "default":
+                default_loss = loss
+            del loss, items
+    finally:
+        for recorder in recorders:
+            recorder.remove()
+    return default_loss
+
+
+def _capture_head_grads(case: str, terms: list[torch.Tensor], outputs: dict[str, torch.Tensor],
+                        capture: Capture) -> None:
+    for term_index, term in enumerate(names.LOSS_TERMS):
+        grads = torch.autograd.grad(terms[term_index], list(outputs.values()), retain_graph=True, allow_unused=True)
+        for suffix, grad, tensor in zip(outputs, grads, outputs.values()):
+            capture.put(f"grad.head.{case}.{term}.{suffix}", grad if grad is not None else torch.zeros_like(tensor))
+
+
+def _capture_parameter_grads(model: nn.Module, default_loss: torch.Tensor, capture: Capture) -> list[str]:
+    """The trainer's backward of the default case; returns the parameters that got no gradient."""
+    default_loss.sum().backward()
+    without = []
+    for name, parameter in model.named_parameters():
+        if parameter.grad is None:
+            without.append(name)
+        else:
+            capture.put(names.grad_param(name), parameter.grad)
+    return without
+
+
+def capture_training(config: CaptureConfig, batch: Batch, capture: Capture,
+                     progress: Callable[[str], None] = lambda step: None) -> dict:
+    """Train a fresh copy of the dump's model for `config.steps` steps; tensors into `capture`, the manifest's
+    `train` section returned."""
+    check_train_config(config.steps, config.train, config.precision)
+    model, _ = prepare_model(config, batch)
+    training = ReferenceTraining(model, config.train, config.batch, config.nc)
+    for step, record in enumerate(training.run(batch.as_loss_batch("default"), config.steps, progress)):
+        for quantity, tensor in record.items():
+            capture.put(names.train(step, quantity), tensor)
+    return {"steps": config.steps, "batch": "the dump's batch (batch.img, case default) at every step",
+            **training.static, "records_only_when_stepped": ["grad_norm_clipped", "ema.*", "ema_decay", "optim.*"]}
 
 
 def _to_device(batch: dict, device: torch.device) -> dict:
@@ -549,7 +600,7 @@ def describe(model, config: CaptureConfig, batch: Batch, capture: Capture, init:
             "branches": list(names.E2E_BRANCHES) if end2end else [],
             "branch_weights": {"one2many": model.criterion.o2m, "one2one": model.criterion.o2o} if end2end else None,
             "cases": [{"name": c, "boxes": batch.cases[c].count} for c in config.cases],
-            "returns": compat.loss_output_note(capture.tensors[names.loss_output(config.cases[0], "loss")])
+            "returns": compat.loss_output_note(len(capture.shapes[names.loss_output(config.cases[0], "loss")]))
             if config.cases else None,
             "loss_names": compat.loss_names(criterion),
         },

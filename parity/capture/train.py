@@ -333,18 +333,3 @@ class ReferenceTraining:
 def _disabled_grad_scaler():
     """The scaler the trainer builds without AMP: every call passes through."""
     return torch.amp.GradScaler("cuda", enabled=False)
-
-
-def capture_training(config, batch, capture, progress: Callable[[str], None] = lambda step: None) -> dict:
-    """Train a fresh copy of the dump's model for `config.steps` steps; tensors into `capture`, the manifest's
-    `train` section returned."""
-    from parity.capture.reference import prepare_model
-
-    check_train_config(config.steps, config.train, config.precision)
-    model, _ = prepare_model(config, batch)
-    training = ReferenceTraining(model, config.train, config.batch, config.nc)
-    for step, record in enumerate(training.run(batch.as_loss_batch("default"), config.steps, progress)):
-        for quantity, tensor in record.items():
-            capture.put(names.train(step, quantity), tensor)
-    return {"steps": config.steps, "batch": "the dump's batch (batch.img, case default) at every step",
-            **training.static, "records_only_when_stepped": ["grad_norm_clipped", "ema.*", "ema_decay", "optim.*"]}

@@ -11,17 +11,16 @@ import fcntl
 import hashlib
 import json
 import os
-import re
 import shutil
 import sys
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 import torch
 import xxhash
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 from parity.dump.header import dtype_name, parse_header
 from parity.dump.schema import SCHEMA, SCHEMA_VERSION, check_manifest_schema
@@ -231,14 +230,83 @@ def _write_error(out: Path, error: OSError) -> DumpError:
     return DumpError(f"cannot write {out}: {detail}; nothing was written, what was there is unchanged")
 
 
-class DumpWriter:
-    """Collects tensors and writes them atomically: a temporary sibling directory renamed into place.
+# ------------------------------------------------------------------------------ streaming file assembly
+# safetensors lays a file out by dtype (this order, as safetensors 0.8 sorts them), then by name; `save_file`
+# below writes the same bytes as `safetensors.torch.save_file` would (tests/test_dump_writer.py checks it).
+_SAFETENSORS_ORDER = ("U64", "I64", "F64", "F32", "U32", "I32", "BF16", "F16", "U16", "I16", "F8_E4M3",
+                      "F8_E5M2", "I8", "U8", "BOOL")
+_FILE_DTYPES = {
+    torch.uint64: "U64", torch.int64: "I64", torch.float64: "F64", torch.float32: "F32", torch.uint32: "U32",
+    torch.int32: "I32", torch.bfloat16: "BF16", torch.float16: "F16", torch.uint16: "U16", torch.int16: "I16",
+    torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2", torch.int8: "I8", torch.uint8: "U8",
+    torch.bool: "BOOL",
+}
+_COPY_CHUNK = 64 << 20
 
-    Use as a context manager; `commit(manifest)` finishes the dump. Leaving the block without a commit, or by
-    an exception, removes everything written so far. While the block runs the writer holds an exclusive lock on
-    OUT (`.OUT.lock`), so a second writer of the same OUT is refused; leftovers of a writer that was killed
-    (`.OUT.partial-PID`, `.OUT.replaced-PID`) are cleaned up, or put back, on entry and reported to `notice`.
-    Files get the permissions the user's umask gives.
+
+@dataclass(frozen=True)
+class SpooledTensor:
+    """A tensor's bytes already on disk: `nbytes` at `offset` of the writer's spool file `spool`."""
+
+    dtype: str
+    shape: tuple[int, ...]
+    spool: Path
+    offset: int
+    nbytes: int
+
+
+def save_file(tensors: dict[str, SpooledTensor], path: str | os.PathLike) -> None:
+    """Assemble one safetensors file from spooled tensors: the header, then each tensor's bytes copied inside
+    the kernel (never through this process's memory), in safetensors' own order."""
+    order = sorted(tensors, key=lambda name: (_SAFETENSORS_ORDER.index(tensors[name].dtype), name))
+    header, end = {}, 0
+    for name in order:
+        entry = tensors[name]
+        header[name] = {"dtype": entry.dtype, "shape": list(entry.shape), "data_offsets": [end, end + entry.nbytes]}
+        end += entry.nbytes
+    encoded = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+    encoded += b" " * (-len(encoded) % 8)
+    sources: dict[Path, int] = {}
+    try:
+        with open(path, "wb") as out:
+            out.write(struct.pack("<Q", len(encoded)) + encoded)
+            out.flush()
+            for name in order:
+                entry = tensors[name]
+                if entry.spool not in sources:
+                    sources[entry.spool] = os.open(entry.spool, os.O_RDONLY)
+                _copy_range(sources[entry.spool], out.fileno(), entry.offset, entry.nbytes)
+    finally:
+        for fd in sources.values():
+            os.close(fd)
+
+
+def _copy_range(source: int, target: int, offset: int, count: int) -> None:
+    """`count` bytes from `offset` of `source` appended to `target`, in the kernel where it can."""
+    while count > 0:
+        try:
+            done = os.copy_file_range(source, target, min(count, _COPY_CHUNK), offset)
+        except OSError as error:
+            if error.errno not in (errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
+                raise
+            done = os.write(target, os.pread(source, min(count, _COPY_CHUNK), offset))
+        if done == 0:
+            raise OSError(errno.EIO, "short copy from the spool file")
+        offset += done
+        count -= done
+
+
+class DumpWriter:
+    """Streams tensors to disk as they are added and finishes the dump atomically: a temporary sibling
+    directory renamed into place.
+
+    Use as a context manager; `add` hashes a tensor and appends its bytes to a spool file of the temporary
+    directory at once, so nothing is held in memory; `commit(manifest)` assembles the safetensors files from
+    the spools and renames the dump in. Leaving the block without a commit, or by an exception, removes
+    everything written so far. While the block runs the writer holds an exclusive lock on OUT (`.OUT.lock`), so
+    a second writer of the same OUT is refused; leftovers of a writer that was killed (`.OUT.partial-PID`,
+    `.OUT.replaced-PID`) are cleaned up, or put back, on entry and reported to `notice`. Files get the
+    permissions the user's umask gives.
     """
 
     def __init__(self, out: str | os.PathLike, *, force: bool = False, kind: str = "reference",
@@ -248,7 +316,10 @@ class DumpWriter:
         self.kind = kind
         self.stats_only = stats_only
         self.notice = notice
-        self._tensors: dict[str, tuple[str, torch.Tensor]] = {}
+        self._index: dict[str, dict] = {}
+        self._spooled: dict[str, dict[str, SpooledTensor]] = {}
+        self._spools: dict[str, Any] = {}
+        self._spool_sizes: dict[str, int] = {}
         self._tmp: Path | None = None
         self._lock: OutputLock | None = None
         self.check_target()
@@ -316,25 +387,65 @@ class DumpWriter:
 
     def __exit__(self, exc_type, exc, tb) -> None:
         try:
+            self._close_spools(quiet=True)
             if self._tmp is not None and self._tmp.exists():
                 shutil.rmtree(self._tmp, ignore_errors=True)
         finally:
             self._release()
 
     def add(self, name: str, tensor: torch.Tensor, file: str | None = None, *, copy: bool = True) -> None:
-        if name in self._tensors:
+        """Hash the tensor and write its bytes now: later in-place edits of `tensor` cannot reach the dump, so
+        no copy is kept (`copy` is accepted for callers written for the in-memory writer)."""
+        del copy
+        if self._tmp is None:
+            raise DumpError("DumpWriter.add outside its `with` block")
+        if name in self._index:
             raise DumpError(f"tensor {name!r} written twice")
         if not isinstance(tensor, torch.Tensor):
             raise DumpError(f"tensor {name!r}: expected a torch.Tensor, got {type(tensor).__name__}")
         file = file or FILE_OF_GROUP.get(name.split(".", 1)[0], "misc.safetensors")
-        # Moving to the host is the one copy capture makes; clone() guards against later in-place edits.
-        data = tensor.detach()
-        if copy or data.device.type != "cpu":
-            data = data.to("cpu", copy=True) if data.device.type != "cpu" else data.clone()
-        self._tensors[name] = (file, data.contiguous())
+        data = tensor.detach().to("cpu").contiguous()
+        entry = {"file": file, "dtype": dtype_name(data.dtype), "shape": list(data.shape), "sha256": checksum(data)}
+        if self.stats_only:
+            entry["file"] = None
+            entry["stats"] = tensor_stats(data)
+        else:
+            entry[FAST_CHECKSUM] = fast_checksum(data)
+            self._spool(name, file, data)
+        self._index[name] = entry
+
+    def _spool(self, name: str, file: str, data: torch.Tensor) -> None:
+        if data.dtype not in _FILE_DTYPES:
+            raise DumpError(f"tensor {name!r}: dtype {data.dtype} cannot be stored in a safetensors file")
+        raw = _stored_bytes(data)
+        nbytes = raw.nbytes if isinstance(raw, memoryview) else len(raw)
+        path = self._tmp / f".{file}.spool"
+        try:
+            handle = self._spools.get(file)
+            if handle is None:
+                handle = self._spools[file] = open(path, "wb")
+            handle.write(raw)
+        except OSError as error:
+            raise _write_error(self.out, error) from None
+        offset = self._spool_sizes.get(file, 0)
+        self._spool_sizes[file] = offset + nbytes
+        self._spooled.setdefault(file, {})[name] = SpooledTensor(_FILE_DTYPES[data.dtype], tuple(data.shape), path,
+                                                                 offset, nbytes)
+
+    def _close_spools(self, *, quiet: bool = False) -> None:
+        """Close (flushing) every spool file; `quiet` when the dump is being thrown away anyway."""
+        spools, self._spools = self._spools, {}
+        failure = None
+        for handle in spools.values():
+            try:
+                handle.close()
+            except OSError as error:
+                failure = failure or error
+        if failure is not None and not quiet:
+            raise failure
 
     def names(self) -> list[str]:
-        return list(self._tensors)
+        return list(self._index)
 
     def commit(self, manifest: dict) -> Path:
         assert self._tmp is not None, "use DumpWriter as a context manager"
@@ -343,35 +454,19 @@ class DumpWriter:
             self._swap_into_place()
         except OSError as error:
             raise _write_error(self.out, error) from None
-        except Exception as error:  # noqa: BLE001 - safetensors reports a failed write as its own error type
-            # safetensors reports the operating system's error in its message only: "... (os error 28)"
-            found = re.search(r"os error (\d+)", str(error))
-            if found:
-                code = int(found.group(1))
-                raise _write_error(self.out, OSError(code, os.strerror(code))) from None
-            raise
         self._tmp = None
         return self.out
 
     def _write_files(self, manifest: dict) -> None:
-        by_file: dict[str, dict[str, torch.Tensor]] = {}
-        index = {}
-        for name, (file, data) in self._tensors.items():
-            index[name] = {"file": file, "dtype": dtype_name(data.dtype), "shape": list(data.shape),
-                           "sha256": checksum(data)}
-            if self.stats_only:
-                index[name]["file"] = None
-                index[name]["stats"] = tensor_stats(data)
-            else:
-                index[name][FAST_CHECKSUM] = fast_checksum(data)
-                by_file.setdefault(file, {})[name] = data
+        self._close_spools()
         mode = 0o666 & ~current_umask()
-        for file, tensors in by_file.items():
-            save_file(tensors, str(self._tmp / file))
-            os.chmod(self._tmp / file, mode)  # safetensors creates its files 0600 whatever the umask
+        for file, tensors in self._spooled.items():
+            save_file(tensors, self._tmp / file)
+            os.chmod(self._tmp / file, mode)
+            (self._tmp / f".{file}.spool").unlink()
         manifest = {"schema": SCHEMA, "schema_version": SCHEMA_VERSION, "kind": self.kind,
                     "stats_only": self.stats_only, **manifest}
-        manifest["tensors"] = index
+        manifest["tensors"] = self._index
         (self._tmp / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=False) + "\n")
 
     def _swap_into_place(self) -> None:

@@ -395,7 +395,6 @@ class ModuleCandidate(Candidate):
     def _resolve_ambiguities(self, reference: Dump) -> list[Finding]:
         """Where equal shapes leave a layer's tensors ambiguous, replay the layer alone under each assignment and
         keep the first that reproduces the reference's output (the call-order match is tried first)."""
-        from parity.compare.metrics import compare_tensors
         from parity.compare.tolerances import get_profile, profile_for_environment
 
         mapping = self.mapping
@@ -405,74 +404,78 @@ class ModuleCandidate(Candidate):
         profile = get_profile(profile_for_environment(reference.manifest.get("environment"),
                                                       reference.config.get("precision")))
         entries = {e["index"]: e for e in reference.layers if "index" in e}
-        head = reference.model.get("head_index")
         findings = []
-
-        def reproduces(index: int) -> bool | None:
-            entry = entries.get(index)
-            if entry is None or not self.has_layer(index):
-                return None
-            try:
-                out = self.run_layer(index, [reference.get(n) for n in entry["inputs"]], is_head=index == head)
-            except Exception:  # noqa: BLE001 - reported by the replay itself
-                return None
-            wanted = [n for n in entry["outputs"] if n in out]
-            return bool(wanted) and all(compare_tensors(reference.get(n), out[n].cpu(),
-                                                        profile.for_name(n, mode="isolated")).passed for n in wanted)
-
-        def apply(assignment: dict) -> None:
-            mapping.ref_to_cand.update(assignment)
-            subset = {k: reference.get(k) for k in assignment}
-            sub = type(mapping)(mapping.ref_shapes, mapping.cand_shapes, dict(assignment), [], [],
-                                lambda _k: True, [], {})
-            sub.load_reference_into(self.module, subset)
-
         for index, alternatives in sorted(mapping.alternatives.items()):
-            default = {k: e for k, e in mapping.ref_to_cand.items() if k in alternatives[0]}
-            first = reproduces(index)
-            if first is None:
-                continue
-            if first:
-                mapping.resolved[index] = (f"the {'call-order' if self.traced else 'shape'} match reproduces the "
-                                           f"reference in isolation")
-                if index in mapping.order_decided:
-                    findings.append(Finding(
-                        "mapping-ambiguous", f"layer {index}",
-                        f"layer {index}: {mapping.ambiguous[index]} have equal shapes and the shapes alone would "
-                        f"match them differently; matched in the order the modules run, which isolated replay "
-                        f"confirms (it reproduces the reference)", severity="info",
-                        evidence={"layer": index, "ambiguous": mapping.ambiguous[index], "resolved": True}))
-                continue
-            kept = None
-            for n, alternative in enumerate(alternatives, 1):
-                apply(alternative)
-                if reproduces(index):
-                    kept = n
-                    break
-            if kept is not None:
-                mapping.resolved[index] = (f"resolved by isolated replay: of {len(alternatives) + 1} assignments "
-                                           f"only #{kept + 1} reproduces the reference, and it is kept")
-                findings.append(Finding(
-                    "mapping-ambiguous", f"layer {index}",
-                    f"layer {index}: {mapping.ambiguous[index]} have equal shapes; {mapping.resolved[index]}",
-                    severity="info", evidence={"layer": index, "ambiguous": mapping.ambiguous[index],
-                                               "resolved": True, "kept": kept + 1}))
-            else:
-                apply(default)
-                mapping.resolved[index] = (f"none of the {len(alternatives) + 1} assignments tried reproduces the "
-                                           f"reference in isolation")
-                findings.append(Finding(
-                    "mapping-ambiguous", f"layer {index}",
-                    f"layer {index}: {mapping.ambiguous[index]} have equal shapes and none of the "
-                    f"{len(alternatives) + 1} assignments tried reproduces the reference in isolation: a divergence "
-                    f"here may come from the mapping, not the port. Fix: pin them with key_map entries "
-                    f"(`parity scaffold` writes them)", severity="warning",
-                    evidence={"layer": index, "ambiguous": mapping.ambiguous[index],
-                              "tried": len(alternatives) + 1}))
+            finding = self._resolve_layer(reference, index, alternatives, entries, profile)
+            if finding is not None:
+                findings.append(finding)
         # the replays ran in train mode and moved BatchNorm's running statistics: load the reference's again
         mapping.load_reference_into(self.module, LazyTensors(reference, "model."))
         self.module.to(self.device).train()
         return findings
+
+    def _reproduces(self, reference: Dump, entry: dict | None, profile) -> bool | None:
+        """Whether layer `entry` run alone on the reference's inputs gives the reference's outputs (None: it cannot
+        be run alone)."""
+        from parity.compare.metrics import compare_tensors
+
+        if entry is None or not self.has_layer(entry["index"]):
+            return None
+        index = entry["index"]
+        try:
+            out = self.run_layer(index, [reference.get(n) for n in entry["inputs"]],
+                                 is_head=index == reference.model.get("head_index"))
+        except Exception:  # noqa: BLE001 - reported by the replay itself
+            return None
+        wanted = [n for n in entry["outputs"] if n in out]
+        return bool(wanted) and all(compare_tensors(reference.get(n), out[n].cpu(),
+                                                    profile.for_name(n, mode="isolated")).passed for n in wanted)
+
+    def _apply_assignment(self, reference: Dump, assignment: dict) -> None:
+        mapping = self.mapping
+        mapping.ref_to_cand.update(assignment)
+        subset = {k: reference.get(k) for k in assignment}
+        sub = type(mapping)(mapping.ref_shapes, mapping.cand_shapes, dict(assignment), [], [], lambda _k: True, [], {})
+        sub.load_reference_into(self.module, subset)
+
+    def _resolve_layer(self, reference: Dump, index: int, alternatives: list[dict], entries: dict,
+                       profile) -> Finding | None:
+        """Try the mapping's assignment of layer `index`, then each alternative; keep the first that reproduces
+        the reference (or the mapping's own when none does) and say what was found."""
+        mapping = self.mapping
+        default = {k: e for k, e in mapping.ref_to_cand.items() if k in alternatives[0]}
+        first = self._reproduces(reference, entries.get(index), profile)
+        if first is None:
+            return None
+        ambiguous = mapping.ambiguous[index]
+        if first:
+            mapping.resolved[index] = (f"the {'call-order' if self.traced else 'shape'} match reproduces the "
+                                       f"reference in isolation")
+            if index not in mapping.order_decided:
+                return None
+            return Finding(
+                "mapping-ambiguous", f"layer {index}",
+                f"layer {index}: {ambiguous} have equal shapes and the shapes alone would match them differently; "
+                f"matched in the order the modules run, which isolated replay confirms (it reproduces the "
+                f"reference)", severity="info", evidence={"layer": index, "ambiguous": ambiguous, "resolved": True})
+        for kept, alternative in enumerate(alternatives, 1):
+            self._apply_assignment(reference, alternative)
+            if self._reproduces(reference, entries.get(index), profile):
+                mapping.resolved[index] = (f"resolved by isolated replay: of {len(alternatives) + 1} assignments "
+                                           f"only #{kept + 1} reproduces the reference, and it is kept")
+                return Finding("mapping-ambiguous", f"layer {index}",
+                               f"layer {index}: {ambiguous} have equal shapes; {mapping.resolved[index]}",
+                               severity="info", evidence={"layer": index, "ambiguous": ambiguous, "resolved": True,
+                                                          "kept": kept + 1})
+        self._apply_assignment(reference, default)
+        mapping.resolved[index] = (f"none of the {len(alternatives) + 1} assignments tried reproduces the "
+                                   f"reference in isolation")
+        return Finding(
+            "mapping-ambiguous", f"layer {index}",
+            f"layer {index}: {ambiguous} have equal shapes and none of the {len(alternatives) + 1} assignments "
+            f"tried reproduces the reference in isolation: a divergence here may come from the mapping, not the "
+            f"port. Fix: pin them with key_map entries (`parity scaffold` writes them)", severity="warning",
+            evidence={"layer": index, "ambiguous": ambiguous, "tried": len(alternatives) + 1})
 
     def _check_user_layer_map(self, reference: Dump) -> None:
         """A layer_map entry the mapping never used is an error naming it (nothing is dropped silently)."""
@@ -1008,10 +1011,8 @@ class DumpCandidate(Candidate):
 
 # ---------------------------------------------------------------------------------------------- loading
 def builtin_candidate(model: str, nc: int, inject: str | None = None, device: str = "cpu") -> ModuleCandidate:
-    try:
-        from parity.causes.plant import planted_detector
-    except ImportError as error:  # pragma: no cover - the built-in model ships with the tool
-        raise ParityError(f"the built-in candidate is not available: {error}") from None
+    from parity.causes.plant import planted_detector
+
     if inject:
         from parity.causes import get as get_injection
 

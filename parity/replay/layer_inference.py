@@ -78,146 +78,161 @@ def _numel(shape) -> int:
 def infer_layers(module: nn.Module, trace: Trace, reference, *, given: dict[str, int] | None = None,
                  allowed_missing=DEFAULT_ALLOWED_MISSING) -> Inference:
     """Candidate layers for every reference layer (`given`: a user layer_map already fixing some)."""
-    import re
+    search = _LayerSearch(module, trace, reference, allowed_missing)
+    search.apply_given(given or {})
+    search.match_by_signature()
+    search.match_between_neighbours()
+    search.match_parameterless()
+    return search.inference
 
-    allowed_res = [re.compile(p) for p in allowed_missing]
-    table = reference.layers
-    ref_shapes = reference_shapes_from_manifest(reference.manifest)
-    blocks: dict[int, list] = {}
-    for key, shape in ref_shapes.items():
-        parts = key.split(".")
-        if len(parts) > 2 and parts[1].isdigit():
-            blocks.setdefault(int(parts[1]), []).append((key, shape))
-    cand_shapes = {k: tuple(v.shape) for k, v in module.state_dict().items()}
-    keys_under: dict[str, list[str]] = {}
-    for key in cand_shapes:
-        parts = key.split(".")
-        for depth in range(1, len(parts)):
-            keys_under.setdefault(".".join(parts[:depth]), []).append(key)
 
-    first: dict[str, Event] = {}
-    for event in trace.events:
-        if event.kind == "module" and event.name not in first:
-            first[event.name] = event
-    calls = sorted(first.values(), key=lambda e: e.seq)
-    inference = Inference()
-    assigned: dict[str, int] = {}
-    taken: set[str] = set()
+class _LayerSearch:
+    """The state of one inference: which candidate module or op each reference layer is, and which candidate
+    modules and tensors are taken."""
 
-    def overlaps(path: str) -> bool:
-        return any(path == p or path.startswith(p + ".") or p.startswith(path + ".") for p in assigned)
+    def __init__(self, module: nn.Module, trace: Trace, reference, allowed_missing):
+        import re
 
-    def module_layer(index: int, event: Event, differs: bool = False) -> InferredLayer:
+        self.trace = trace
+        self.allowed_res = [re.compile(p) for p in allowed_missing]
+        self.table = reference.layers
+        blocks: dict[int, list] = {}
+        for key, shape in reference_shapes_from_manifest(reference.manifest).items():
+            parts = key.split(".")
+            if len(parts) > 2 and parts[1].isdigit():
+                blocks.setdefault(int(parts[1]), []).append((key, shape))
+        self.ref_units = {i: _make_units(items) for i, items in blocks.items()}
+        self.cand_shapes = {k: tuple(v.shape) for k, v in module.state_dict().items()}
+        self.keys_under: dict[str, list[str]] = {}
+        for key in self.cand_shapes:
+            parts = key.split(".")
+            for depth in range(1, len(parts)):
+                self.keys_under.setdefault(".".join(parts[:depth]), []).append(key)
+        self.first: dict[str, Event] = {}
+        for event in trace.events:
+            if event.kind == "module" and event.name not in self.first:
+                self.first[event.name] = event
+        self.calls = sorted(self.first.values(), key=lambda e: e.seq)
+        self.inference = Inference()
+        self.assigned: dict[str, int] = {}
+        self.taken: set[str] = set()
+
+    def overlaps(self, path: str) -> bool:
+        return any(path == p or path.startswith(p + ".") or p.startswith(path + ".") for p in self.assigned)
+
+    def assign_module(self, index: int, event: Event, differs: bool = False) -> None:
         style, arity = call_style(event)
-        return InferredLayer(index, "module", event.name, event.seq, style, arity, structure_differs=differs)
+        self.inference.layers[index] = InferredLayer(index, "module", event.name, event.seq, style, arity,
+                                                     structure_differs=differs)
+        self.assigned[event.name] = index
+        self.taken.update(self.keys_under.get(event.name, []))
 
-    if given:
+    def apply_given(self, given: dict[str, int]) -> None:
         for prefix, index in given.items():
-            path = prefix.rstrip(".")
-            event = first.get(path)
+            event = self.first.get(prefix.rstrip("."))
             if event is not None:
-                inference.layers[index] = module_layer(index, event)
-                assigned[path] = index
-                taken.update(keys_under.get(path, []))
+                self.assign_module(index, event)
 
-    # ---- layers with parameters: block signatures in first-call order
-    ref_units = {i: _make_units(items) for i, items in blocks.items()}
+    def _allowed(self, key: str) -> bool:
+        return any(p.search(key) for p in self.allowed_res)
 
-    def allowed_numel(units) -> int:
-        return sum(_numel(s) for u in units for k, s in u.tensors if any(p.search(k) for p in allowed_res))
-
-    def fits(index: int, path: str) -> bool:
-        keys = [k for k in keys_under.get(path, []) if k not in taken]
+    def fits(self, index: int, path: str) -> bool:
+        """Whether the untaken tensors under `path` are layer `index`'s, by count and shapes."""
+        keys = [k for k in self.keys_under.get(path, []) if k not in self.taken]
         if not keys:
             return False
-        units = ref_units[index]
+        units = self.ref_units[index]
         ref_numel = sum(_numel(s) for u in units for _, s in u.tensors)
-        cand_numel = sum(_numel(cand_shapes[k]) for k in keys if cand_shapes[k])
-        if not ref_numel - allowed_numel(units) <= cand_numel <= ref_numel:
+        allowed_numel = sum(_numel(s) for u in units for k, s in u.tensors if self._allowed(k))
+        cand_numel = sum(_numel(self.cand_shapes[k]) for k in keys if self.cand_shapes[k])
+        if not ref_numel - allowed_numel <= cand_numel <= ref_numel:
             return False
-        res = _solve_block(units, _make_units([(k, cand_shapes[k]) for k in keys]))
-        return _ok(res, lambda u: all(any(p.search(k) for p in allowed_res) for k in u.keys))
+        res = _solve_block(units, _make_units([(k, self.cand_shapes[k]) for k in keys]))
+        return _ok(res, lambda u: all(self._allowed(k) for k in u.keys))
 
-    last_end = -1
-    for entry in table:
-        index = entry["index"]
-        if index in inference.layers or index not in ref_units:
-            if index in inference.layers:
-                last_end = max(last_end, first[inference.layers[index].name].end)
-            continue
-        found = None
+    def match_by_signature(self) -> None:
+        """Layers with parameters: block signatures in first-call order (modules after the previous match
+        first, then any)."""
+        last_end = -1
+        for entry in self.table:
+            index = entry["index"]
+            if index in self.inference.layers or index not in self.ref_units:
+                if index in self.inference.layers:
+                    last_end = max(last_end, self.first[self.inference.layers[index].name].end)
+                continue
+            found = self._first_fitting(index, last_end)
+            if found is not None:
+                self.assign_module(index, found)
+                last_end = max(last_end, found.end)
+
+    def _first_fitting(self, index: int, last_end: int) -> Event | None:
         for ordered in (True, False):
-            for event in calls:
+            for event in self.calls:
                 if ordered and event.seq < last_end:
                     continue
-                if event.name in assigned or overlaps(event.name) or not keys_under.get(event.name):
+                if event.name in self.assigned or self.overlaps(event.name) or not self.keys_under.get(event.name):
                     continue
-                if fits(index, event.name):
-                    found = event
-                    break
-            if found:
-                break
-        if found is not None:
-            inference.layers[index] = module_layer(index, found)
-            assigned[found.name] = index
-            taken.update(keys_under.get(found.name, []))
-            last_end = max(last_end, found.end)
+                if self.fits(index, event.name):
+                    return event
+        return None
 
-    # ---- layers with parameters that match no module by shape: the one module that ran between their neighbours
-    for entry in table:
-        index = entry["index"]
-        if index in inference.layers or index not in ref_units:
-            continue
-        before = [l for i, l in inference.layers.items() if i < index and l.kind == "module"]
-        after = [l for i, l in inference.layers.items() if i > index and l.kind == "module"]
-        lo = max((first[l.name].end for l in before), default=-1)
-        hi = min((first[l.name].seq for l in after), default=math.inf)
-        between = [e for e in calls if lo <= e.seq < hi and keys_under.get(e.name) and not overlaps(e.name)
-                   and not any(k in taken for k in keys_under[e.name])]
-        outermost = [e for e in between if not any(o is not e and e.name.startswith(o.name + ".") for o in between)]
-        if len(outermost) == 1:
-            inference.layers[index] = module_layer(index, outermost[0], differs=True)
-            assigned[outermost[0].name] = index
-            taken.update(keys_under.get(outermost[0].name, []))
-        else:
-            names = ", ".join(e.name for e in outermost[:4]) or "none"
-            inference.problems.append(Problem(
-                index, f"layer {index} ({entry.get('type')}): no candidate module holds tensors of its shapes "
-                       f"(modules that ran between its neighbours: {names})",
-                f"name its module in the adapter's layer_map, e.g. layer_map = {{'<module path>': {index}}}"))
+    def match_between_neighbours(self) -> None:
+        """Layers with parameters that match no module by shape: the one module that ran between their
+        neighbours."""
+        layers, first = self.inference.layers, self.first
+        for entry in self.table:
+            index = entry["index"]
+            if index in layers or index not in self.ref_units:
+                continue
+            lo = max((first[l.name].end for i, l in layers.items() if i < index and l.kind == "module"), default=-1)
+            hi = min((first[l.name].seq for i, l in layers.items() if i > index and l.kind == "module"),
+                     default=math.inf)
+            between = [e for e in self.calls if lo <= e.seq < hi and self.keys_under.get(e.name)
+                       and not self.overlaps(e.name) and not any(k in self.taken for k in self.keys_under[e.name])]
+            outermost = [e for e in between if not any(o is not e and e.name.startswith(o.name + ".")
+                                                       for o in between)]
+            if len(outermost) == 1:
+                self.assign_module(index, outermost[0], differs=True)
+            else:
+                names = ", ".join(e.name for e in outermost[:4]) or "none"
+                self.inference.problems.append(Problem(
+                    index, f"layer {index} ({entry.get('type')}): no candidate module holds tensors of its shapes "
+                           f"(modules that ran between its neighbours: {names})",
+                    f"name its module in the adapter's layer_map, e.g. layer_map = {{'<module path>': {index}}}"))
 
-    # ---- layers without parameters: modules or ops outside every matched layer, by order, operation and shape
-    used: set[int] = set()
-    for entry in table:
-        index = entry["index"]
-        if index in inference.layers or index in ref_units:
-            continue
-        shapes = [list(s) for s in (entry.get("outputs") or {}).values()]
-        if len(shapes) != 1:
-            continue
-        prev = max((l.seq for i, l in inference.layers.items() if i < index), default=-1)
-        event = _find_parameterless(trace, entry.get("type", ""), shapes[0], prev, assigned, used)
-        if event is None:
-            prev_events = -1
-            event = _find_parameterless(trace, entry.get("type", ""), shapes[0], prev_events, assigned, used)
-        if event is None:
-            inference.problems.append(Problem(
-                index, f"layer {index} ({entry.get('type')}, no parameters): no module or operation of the "
-                       f"candidate's forward outside its other layers produces a {tuple(shapes[0])} tensor",
-                "give it a module of its own and name it in layer_map, or compute it in run_layer"))
-            continue
-        used.add(event.seq)
-        if event.kind == "module":
-            # a parameterless module may serve several layers (one `nn.Upsample` called twice): the layer is
-            # this call, replayed like an op
-            style, arity = call_style(event)
-            inference.layers[index] = InferredLayer(index, "op", event.name, event.seq, style, arity,
-                                                    module_call=True)
-        else:
-            inference.layers[index] = InferredLayer(index, "op", event.name, event.seq, "list"
-                                                    if event.name in _OPS_FOR["Concat"] else "single",
-                                                    len(entry.get("inputs") or []), site=event.site)
-    return inference
+    def match_parameterless(self) -> None:
+        """Layers without parameters: modules or ops outside every matched layer, by order, operation and
+        shape."""
+        used: set[int] = set()
+        for entry in self.table:
+            index = entry["index"]
+            if index in self.inference.layers or index in self.ref_units:
+                continue
+            shapes = [list(s) for s in (entry.get("outputs") or {}).values()]
+            if len(shapes) != 1:
+                continue
+            prev = max((l.seq for i, l in self.inference.layers.items() if i < index), default=-1)
+            event = _find_parameterless(self.trace, entry.get("type", ""), shapes[0], prev, self.assigned, used)
+            if event is None:
+                event = _find_parameterless(self.trace, entry.get("type", ""), shapes[0], -1, self.assigned, used)
+            if event is None:
+                self.inference.problems.append(Problem(
+                    index, f"layer {index} ({entry.get('type')}, no parameters): no module or operation of the "
+                           f"candidate's forward outside its other layers produces a {tuple(shapes[0])} tensor",
+                    "give it a module of its own and name it in layer_map, or compute it in run_layer"))
+                continue
+            used.add(event.seq)
+            self.inference.layers[index] = _parameterless_layer(index, event, entry)
+
+
+def _parameterless_layer(index: int, event: Event, entry: dict) -> InferredLayer:
+    if event.kind == "module":
+        # a parameterless module may serve several layers (one `nn.Upsample` called twice): the layer is this
+        # call, replayed like an op
+        style, arity = call_style(event)
+        return InferredLayer(index, "op", event.name, event.seq, style, arity, module_call=True)
+    return InferredLayer(index, "op", event.name, event.seq, "list" if event.name in _OPS_FOR["Concat"] else "single",
+                         len(entry.get("inputs") or []), site=event.site)
 
 
 def _find_parameterless(trace: Trace, ref_type: str, shape: list[int], after: int, assigned: dict[str, int],

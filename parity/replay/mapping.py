@@ -505,215 +505,252 @@ def build_mapping(reference, candidate, key_map=None, layer_map: Mapping[str, in
     """
     if layer_map is None and isinstance(candidate, nn.Module):
         layer_map = getattr(candidate, "layer_map", None)
-    ref_shapes = _shapes(reference)
-    cand_shapes = _shapes(candidate)
-    allowed_res = [_compile_entry("allow_missing", p) for p in allow_missing]
+    search = _MappingSearch(_shapes(reference), _shapes(candidate), allow_missing, strict, call_order,
+                            reference_order)
+    search.match_identity()                               # (a) identity
+    search.match_renames(_compile_key_map(key_map))       # (b) user renames
+    search.match_blocks(layer_map)                        # (c, d) blocks by order and shape
+    return search.result()
 
-    def allowed_key(k: str) -> bool:
-        return any(p.search(k) for p in allowed_res)
 
-    def allowed_unit(u: _Unit) -> bool:
-        return all(allowed_key(k) for k in u.keys)
+class _MappingSearch:
+    """The state of one `build_mapping`: what is mapped so far, what is taken, and what went wrong."""
 
-    ref_to_cand: dict[str, MapEntry] = {}
-    taken: set[str] = set()
-    notes: list[str] = []
-    errors: list[MappingError] = []
+    def __init__(self, ref_shapes: dict[str, Shape], cand_shapes: dict[str, Shape], allow_missing: Sequence[str],
+                 strict: bool, call_order: Mapping[str, float] | None, reference_order: Mapping[str, float] | None):
+        self.ref_shapes, self.cand_shapes = ref_shapes, cand_shapes
+        self.allowed_res = [_compile_entry("allow_missing", p) for p in allow_missing]
+        self.strict = strict
+        self.call_order, self.reference_order = call_order, reference_order
+        self.ref_to_cand: dict[str, MapEntry] = {}
+        self.taken: set[str] = set()
+        self.notes: list[str] = []
+        self.errors: list[MappingError] = []
+        self.missing: list[str] = []
+        self.unexpected: list[str] = []
+        self.reordered: list[int] = []
+        self.block_of_cand: dict[str, int] = {}
+        self.alternatives: dict[int, list[_BlockResult]] = {}
+        self.ambiguous: dict[int, str] = {}
+        self.order_decided: set[int] = set()
 
-    def shape_error(rk: str, ck: str, how: str) -> MappingError:
-        rs, cs = ref_shapes[rk], cand_shapes[ck]
+    def allowed_key(self, k: str) -> bool:
+        return any(p.search(k) for p in self.allowed_res)
+
+    def allowed_unit(self, u: _Unit) -> bool:
+        return all(self.allowed_key(k) for k in u.keys)
+
+    def shape_error(self, rk: str, ck: str, how: str) -> MappingError:
+        rs, cs = self.ref_shapes[rk], self.cand_shapes[ck]
         return MappingError(f"reference tensor {rk} {_fmt(rs)} and candidate tensor {ck} {_fmt(cs)} match by "
                             f"{how} but not by shape", ref_key=rk, ref_shape=rs, layer=ref_layer_of(rk),
                             nearest=[(ck, cs)], cand_key=ck, cand_shape=cs)
 
+    def _shape_mismatch(self, rk: str, ck: str, how: str) -> None:
+        """Raised at once in strict mode, recorded otherwise."""
+        if self.strict:
+            raise self.shape_error(rk, ck, how)
+        self.errors.append(self.shape_error(rk, ck, how))
+
     # (a) identity
-    for rk, rs in ref_shapes.items():
-        if rk in cand_shapes:
-            if cand_shapes[rk] != rs:
-                if strict:
-                    raise shape_error(rk, rk, "name")
-                errors.append(shape_error(rk, rk, "name"))
-                continue
-            ref_to_cand[rk] = MapEntry([rk], "identity")
-            taken.add(rk)
-    # (b) user renames
-    rules = _compile_key_map(key_map)
-    used_rules: set[int] = set()
-    if rules:
-        for ck in cand_shapes:
-            if ck in taken:
-                continue
-            new = ck
-            touched = []
-            for n, (pat, rep) in enumerate(rules):
-                renamed = pat.sub(rep, new)
-                if renamed != new:
-                    touched.append(n)
-                new = renamed
-            if new != ck and new in ref_shapes:
-                used_rules.update(touched)
-            if new != ck and new in ref_shapes:
-                if new in ref_to_cand:
-                    raise MappingError(f"key_map sends {ck} onto {new}, which is already mapped to "
-                                       f"{ref_to_cand[new].cand_keys}", ref_key=new, cand_key=ck)
-                if cand_shapes[ck] != ref_shapes[new]:
-                    if strict:
-                        raise shape_error(new, ck, "key_map")
-                    errors.append(shape_error(new, ck, "key_map"))
+    def match_identity(self) -> None:
+        for rk, rs in self.ref_shapes.items():
+            if rk in self.cand_shapes:
+                if self.cand_shapes[rk] != rs:
+                    self._shape_mismatch(rk, rk, "name")
                     continue
-                ref_to_cand[new] = MapEntry([ck], "rename")
-                taken.add(ck)
+                self.ref_to_cand[rk] = MapEntry([rk], "identity")
+                self.taken.add(rk)
+
+    # (b) user renames
+    def match_renames(self, rules: list[tuple[re.Pattern, str]]) -> None:
+        if not rules:
+            return
+        used_rules: set[int] = set()
+        for ck in self.cand_shapes:
+            if ck in self.taken:
+                continue
+            new, touched = _renamed(ck, rules)
+            if new == ck or new not in self.ref_shapes:
+                continue
+            used_rules.update(touched)
+            if new in self.ref_to_cand:
+                raise MappingError(f"key_map sends {ck} onto {new}, which is already mapped to "
+                                   f"{self.ref_to_cand[new].cand_keys}", ref_key=new, cand_key=ck)
+            if self.cand_shapes[ck] != self.ref_shapes[new]:
+                self._shape_mismatch(new, ck, "key_map")
+                continue
+            self.ref_to_cand[new] = MapEntry([ck], "rename")
+            self.taken.add(ck)
         unused = [rules[n][0].pattern for n in range(len(rules)) if n not in used_rules]
         if unused:
             raise ParityError(f"key_map entry {unused[0]!r} renames no candidate tensor onto a reference tensor "
                               f"(of {len(rules)} entries, {len(unused)} unused): fix or remove it")
 
     # (c, d) blocks by order and shape
-    ref_left = [(k, s) for k, s in ref_shapes.items() if k not in ref_to_cand]
-    cand_left = [(k, s) for k, s in cand_shapes.items() if k not in taken]
-    ref_blocks: dict[int, list[tuple[str, Shape]]] = {}
-    for k, s in ref_left:
-        i = ref_layer_of(k)
-        ref_blocks.setdefault(-1 if i is None else i, []).append((k, s))
-    layer_of = layer_of_from_map(layer_map) if layer_map else (lambda k: None)
-    cand_blocks: dict[int, list[tuple[str, Shape]]] = {}
-    stream: list[tuple[str, Shape]] = []
-    for k, s in cand_left:
-        i = layer_of(k)
-        (stream if i is None else cand_blocks.setdefault(i, [])).append((k, s))
-    block_of_cand: dict[str, int] = {k: i for i, items in cand_blocks.items() for k, _ in items}
+    def match_blocks(self, layer_map: Mapping[str, int] | None) -> None:
+        ref_blocks: dict[int, list[tuple[str, Shape]]] = {}
+        for k, s in self.ref_shapes.items():
+            if k not in self.ref_to_cand:
+                i = ref_layer_of(k)
+                ref_blocks.setdefault(-1 if i is None else i, []).append((k, s))
+        layer_of = layer_of_from_map(layer_map) if layer_map else (lambda k: None)
+        cand_blocks: dict[int, list[tuple[str, Shape]]] = {}
+        stream: list[tuple[str, Shape]] = []
+        for k, s in self.cand_shapes.items():
+            if k not in self.taken:
+                i = layer_of(k)
+                (stream if i is None else cand_blocks.setdefault(i, [])).append((k, s))
+        self.block_of_cand = {k: i for i, items in cand_blocks.items() for k, _ in items}
+        # blocks given by the layer map
+        stream_layers = []
+        for i in sorted(ref_blocks):
+            if i in cand_blocks:
+                self.record(i, self.solve_layer(i, ref_blocks[i], cand_blocks.pop(i)))
+            else:
+                stream_layers.append(i)
+        for i, items in cand_blocks.items():      # layer-map blocks with no reference tensors left
+            self.unexpected.extend(k for k, _ in items)
+        self.match_stream(stream_layers, ref_blocks, _make_units(stream))
 
-    missing: list[str] = []
-    unexpected: list[str] = []
-    reordered: list[int] = []
-
-    def record(layer: int, res: _BlockResult) -> None:
+    def record(self, layer: int, res: _BlockResult) -> None:
         for r, parts in res.pairs:
             split = len(parts) > 1
             how = "split" if split else "shape"
             for j, (rk, _) in enumerate(r.tensors):
-                ref_to_cand[rk] = MapEntry([p.tensors[j][0] for p in parts], how)
+                self.ref_to_cand[rk] = MapEntry([p.tensors[j][0] for p in parts], how)
             # scalars (num_batches_tracked): pair in order; a split scalar goes to every part that has one
             for j, (rk, _) in enumerate(r.scalars):
                 cks = [p.scalars[j][0] for p in parts if j < len(p.scalars)]
                 if cks:
-                    ref_to_cand[rk] = MapEntry(cks if split else cks[:1], how)
+                    self.ref_to_cand[rk] = MapEntry(cks if split else cks[:1], how)
                 else:
-                    missing.append(rk)
+                    self.missing.append(rk)
             for p in parts:
                 for ck, _ in p.scalars[len(r.scalars):]:
-                    unexpected.append(ck)
+                    self.unexpected.append(ck)
         if res.reordered:
-            reordered.append(layer)
+            self.reordered.append(layer)
         for r in res.unmatched:
-            missing.extend(r.keys)
-            if not allowed_unit(r):
-                errors.append(_fail_unmatched(r, layer if layer >= 0 else None, res.unused))
+            self.missing.extend(r.keys)
+            if not self.allowed_unit(r):
+                self.errors.append(_fail_unmatched(r, layer if layer >= 0 else None, res.unused))
         for c in res.unused:
-            unexpected.extend(c.keys)
+            self.unexpected.extend(c.keys)
 
-    alternatives: dict[int, list[_BlockResult]] = {}
-    ambiguous: dict[int, str] = {}
-    order_decided: set[int] = set()
-
-    def solve_layer(i: int, ref_items, cand_items) -> _BlockResult:
+    def solve_layer(self, i: int, ref_items, cand_items) -> _BlockResult:
+        """One layer-map block by shape; with call orders, matched in order first and the shape-only match kept
+        as an alternative where it differs."""
         units, cunits = _make_units(ref_items), _make_units(cand_items)
         res = _solve_block(units, cunits)
         others: list[_BlockResult] = []
-        if call_order is not None and reference_order is not None:
-            ordered = _align_in_order(sorted(units, key=lambda u: reference_order.get(u.head[0], math.inf)),
-                                      sorted(cunits, key=lambda u: call_order.get(u.head[0], math.inf)),
-                                      allowed_unit)
+        if self.call_order is not None and self.reference_order is not None:
+            ordered = _align_in_order(sorted(units, key=lambda u: self.reference_order.get(u.head[0], math.inf)),
+                                      sorted(cunits, key=lambda u: self.call_order.get(u.head[0], math.inf)),
+                                      self.allowed_unit)
             if ordered is not None:
                 ordered.unmatched = [r for r in units if any(r is u for u in ordered.unmatched)]
-                if not _same_pairs(ordered, res) and _ok(res, allowed_unit):
+                if not _same_pairs(ordered, res) and _ok(res, self.allowed_unit):
                     others.append(res)
-                    order_decided.add(i)
+                    self.order_decided.add(i)
                 res = ordered
         others += [alt for alt in _swaps(res) if not any(_same_pairs(alt, o) for o in others)]
         if others:
-            alternatives[i] = others
-            ambiguous[i] = _equal_shapes(res, i) or "tensors of equal shapes"
+            self.alternatives[i] = others
+            self.ambiguous[i] = _equal_shapes(res, i) or "tensors of equal shapes"
         return res
 
-    # blocks given by the layer map
-    stream_layers = []
-    for i in sorted(ref_blocks):
-        if i in cand_blocks:
-            res = solve_layer(i, ref_blocks[i], cand_blocks.pop(i))
-            record(i, res)
-        else:
-            stream_layers.append(i)
-    for i, items in cand_blocks.items():      # layer-map blocks with no reference tensors left
-        unexpected.extend(k for k, _ in items)
-    # the others, by order: each reference layer takes the shortest run of candidate units that matches it
-    # completely (so a tensor whose shape fits two layers goes to the shallower one)
-    sunits = _make_units(stream)
-    p = 0
-    for i in stream_layers:
-        units = _make_units(ref_blocks[i])
+    def match_stream(self, stream_layers: list[int], ref_blocks: dict[int, list[tuple[str, Shape]]],
+                     sunits: list[_Unit]) -> None:
+        """The layers no layer map gives, by order: each reference layer takes the shortest run of candidate
+        units that matches it completely (so a tensor whose shape fits two layers goes to the shallower one)."""
+        p = 0
+        for i in stream_layers:
+            units = _make_units(ref_blocks[i])
+            best = self._shortest_run(units, sunits, p)
+            if best is None:
+                best = self._closest_run(i, units, sunits, p)
+            w, res = best
+            for c in sunits[p:p + w]:
+                for k in c.keys:
+                    self.block_of_cand[k] = i
+            self.record(i, res)
+            p += w
+        for c in sunits[p:]:
+            self.unexpected.extend(c.keys)
+
+    def _shortest_run(self, units: list[_Unit], sunits: list[_Unit], p: int) -> tuple[int, _BlockResult] | None:
         best = None
         for w in range(0, len(sunits) - p + 1):
             res = _solve_block(units, sunits[p:p + w])
-            if _ok(res, allowed_unit):
+            if _ok(res, self.allowed_unit):
                 best = (w, res)
                 break
-        if best is not None:
-            # the run may also cover units that may be missing (a DFL conv) when the candidate has them
-            while p + best[0] < len(sunits):
-                nxt = _solve_block(units, sunits[p:p + best[0] + 1])
-                if not (_ok(nxt, allowed_unit) and len(nxt.unmatched) < len(best[1].unmatched)):
-                    break
-                best = (best[0] + 1, nxt)
-        else:
-            # no run matches: report from the run that matched the most reference units
-            scored = []
-            for w in range(0, min(len(sunits) - p, 4 * len(units) + 8) + 1):
-                res = _solve_block(units, sunits[p:p + w])
-                scored.append((len(res.pairs), -w, res))
-            npairs, negw, res = max(scored, key=lambda x: (x[0], x[1]))
-            best = (-negw, res)
-            first = next((r for r in res.unmatched if not allowed_unit(r)), None)
-            if first is None:
-                c = res.unused[0]
-                err = MappingError(f"candidate tensor {c.head[0]} {_fmt(c.head[1])} sits among layer {i}'s "
-                                   f"tensors but matches none of them", layer=i, cand_key=c.head[0],
-                                   cand_shape=c.head[1])
-            else:
-                err = _fail_unmatched(first, i if i >= 0 else None, res.unused + sunits[p + best[0]:p + best[0] + 6])
-            if strict:
-                raise err
-            errors.append(err)
-        w, res = best
-        for c in sunits[p:p + w]:
-            for k in c.keys:
-                block_of_cand[k] = i
-        record(i, res)
-        p += w
-    for c in sunits[p:]:
-        unexpected.extend(c.keys)
+        if best is None:
+            return None
+        # the run may also cover units that may be missing (a DFL conv) when the candidate has them
+        while p + best[0] < len(sunits):
+            nxt = _solve_block(units, sunits[p:p + best[0] + 1])
+            if not (_ok(nxt, self.allowed_unit) and len(nxt.unmatched) < len(best[1].unmatched)):
+                break
+            best = (best[0] + 1, nxt)
+        return best
 
-    if reordered:
-        notes.append("groups matched by their shapes, not their registration order, in layer(s) "
-                     + ", ".join(map(str, sorted(reordered))))
-    if strict and errors:
-        raise errors[0]
-    hard_unexpected = [k for k in unexpected if len(cand_shapes[k]) > 0]
-    if strict and hard_unexpected:
-        k = hard_unexpected[0]
-        raise MappingError(f"candidate tensor {k} {_fmt(cand_shapes[k])} matches no reference tensor "
-                           f"(unexpected: {len(hard_unexpected)} tensors)", cand_key=k, cand_shape=cand_shapes[k],
-                           layer=block_of_cand.get(k),
-                           nearest=_nearest(cand_shapes[k], [(r, ref_shapes[r]) for r in missing]))
-    order = {k: n for n, k in enumerate(ref_shapes)}
-    ref_to_cand = dict(sorted(ref_to_cand.items(), key=lambda kv: order[kv[0]]))
-    mapping = KeyMapping(ref_shapes, cand_shapes, ref_to_cand, sorted(set(missing), key=order.get), unexpected,
-                         allowed_key, notes, block_of_cand, errors)
-    for i, others in alternatives.items():
-        mapping.alternatives[i] = [_entries(alt) for alt in others]
-        mapping.ambiguous[i] = ambiguous[i]
-    mapping.order_decided = order_decided
-    return mapping
+    def _closest_run(self, i: int, units: list[_Unit], sunits: list[_Unit], p: int) -> tuple[int, _BlockResult]:
+        """No run matches: report from the run that matched the most reference units."""
+        scored = []
+        for w in range(0, min(len(sunits) - p, 4 * len(units) + 8) + 1):
+            res = _solve_block(units, sunits[p:p + w])
+            scored.append((len(res.pairs), -w, res))
+        _npairs, negw, res = max(scored, key=lambda x: (x[0], x[1]))
+        best = (-negw, res)
+        first = next((r for r in res.unmatched if not self.allowed_unit(r)), None)
+        if first is None:
+            c = res.unused[0]
+            err = MappingError(f"candidate tensor {c.head[0]} {_fmt(c.head[1])} sits among layer {i}'s "
+                               f"tensors but matches none of them", layer=i, cand_key=c.head[0],
+                               cand_shape=c.head[1])
+        else:
+            err = _fail_unmatched(first, i if i >= 0 else None, res.unused + sunits[p + best[0]:p + best[0] + 6])
+        if self.strict:
+            raise err
+        self.errors.append(err)
+        return best
+
+    def result(self) -> KeyMapping:
+        if self.reordered:
+            self.notes.append("groups matched by their shapes, not their registration order, in layer(s) "
+                              + ", ".join(map(str, sorted(self.reordered))))
+        if self.strict and self.errors:
+            raise self.errors[0]
+        cand_shapes, ref_shapes = self.cand_shapes, self.ref_shapes
+        hard_unexpected = [k for k in self.unexpected if len(cand_shapes[k]) > 0]
+        if self.strict and hard_unexpected:
+            k = hard_unexpected[0]
+            raise MappingError(f"candidate tensor {k} {_fmt(cand_shapes[k])} matches no reference tensor "
+                               f"(unexpected: {len(hard_unexpected)} tensors)", cand_key=k, cand_shape=cand_shapes[k],
+                               layer=self.block_of_cand.get(k),
+                               nearest=_nearest(cand_shapes[k], [(r, ref_shapes[r]) for r in self.missing]))
+        order = {k: n for n, k in enumerate(ref_shapes)}
+        ref_to_cand = dict(sorted(self.ref_to_cand.items(), key=lambda kv: order[kv[0]]))
+        mapping = KeyMapping(ref_shapes, cand_shapes, ref_to_cand, sorted(set(self.missing), key=order.get),
+                             self.unexpected, self.allowed_key, self.notes, self.block_of_cand, self.errors)
+        for i, others in self.alternatives.items():
+            mapping.alternatives[i] = [_entries(alt) for alt in others]
+            mapping.ambiguous[i] = self.ambiguous[i]
+        mapping.order_decided = self.order_decided
+        return mapping
+
+
+def _renamed(key: str, rules: list[tuple[re.Pattern, str]]) -> tuple[str, list[int]]:
+    """`key` after every rule in order, and the rules that changed it."""
+    new, touched = key, []
+    for n, (pat, rep) in enumerate(rules):
+        renamed = pat.sub(rep, new)
+        if renamed != new:
+            touched.append(n)
+        new = renamed
+    return new, touched
 
 
 def _entries(res: _BlockResult) -> dict[str, MapEntry]:

@@ -154,36 +154,9 @@ def tracing(root: nn.Module, *, skip: Callable[[tuple[str, ...]], bool] | None =
     runs `root(...)`. `skip(stack)` says which ops need not be kept (inside modules already understood)."""
     trace = Trace()
     stack: list[str] = []
-    wrapped: list[tuple[nn.Module, bool, Any]] = []
     calling: set[int] = set()       # modules entered through __call__ (so a direct .forward() is told apart)
-
-    def wrap(path: str, module: nn.Module):
-        original = module.forward
-
-        def forward(*args, **kwargs):
-            seq = len(trace.events)
-            event = Event(seq, "module", path, tuple(stack), args, kwargs, direct=id(module) not in calling,
-                          module_ref=module)
-            trace.events.append(event)
-            stack.append(path)
-            try:
-                out = original(*args, **kwargs)
-            except Exception as error:
-                if not hasattr(error, "parity_module_stack"):
-                    error.parity_module_stack = tuple(stack)    # where it raised, for the report
-                raise
-            finally:
-                stack.pop()
-            event.output = out
-            event.end = len(trace.events)
-            trace.keep.append((args, kwargs, out))
-            for t in tensors_in(out):
-                trace.producer.setdefault(id(t), []).append(seq)
-            return out
-
-        had_own = "forward" in module.__dict__
-        wrapped.append((module, had_own, module.__dict__.get("forward")))
-        module.forward = forward
+    wrapped: list[tuple[nn.Module, bool, Any]] = []
+    handles = []
 
     def pre_hook(module, _args):
         calling.add(id(module))
@@ -191,14 +164,14 @@ def tracing(root: nn.Module, *, skip: Callable[[tuple[str, ...]], bool] | None =
     def post_hook(module, _args, _out):
         calling.discard(id(module))
 
-    handles = []
     seen: set[int] = set()
     torch_paths = {p for p, m in root.named_modules() if type(m).__module__.startswith("torch.")}
     for path, module in root.named_modules():
         if id(module) in seen or module is root:
             continue
         seen.add(id(module))
-        wrap(path, module)
+        wrapped.append((module, "forward" in module.__dict__, module.__dict__.get("forward")))
+        module.forward = _recording_forward(trace, stack, calling, path, module)
         handles.append(module.register_forward_pre_hook(pre_hook))
         handles.append(module.register_forward_hook(post_hook, always_call=True))
     try:
@@ -212,6 +185,34 @@ def tracing(root: nn.Module, *, skip: Callable[[tuple[str, ...]], bool] | None =
                 module.forward = own
             else:
                 del module.forward
+
+
+def _recording_forward(trace: Trace, stack: list[str], calling: set[int], path: str, module: nn.Module):
+    """`module.forward`, recording its call as a module event: inputs, output, and the module stack it ran in."""
+    original = module.forward
+
+    def forward(*args, **kwargs):
+        seq = len(trace.events)
+        event = Event(seq, "module", path, tuple(stack), args, kwargs, direct=id(module) not in calling,
+                      module_ref=module)
+        trace.events.append(event)
+        stack.append(path)
+        try:
+            out = original(*args, **kwargs)
+        except Exception as error:
+            if not hasattr(error, "parity_module_stack"):
+                error.parity_module_stack = tuple(stack)    # where it raised, for the report
+            raise
+        finally:
+            stack.pop()
+        event.output = out
+        event.end = len(trace.events)
+        trace.keep.append((args, kwargs, out))
+        for t in tensors_in(out):
+            trace.producer.setdefault(id(t), []).append(seq)
+        return out
+
+    return forward
 
 
 def run_traced(root: nn.Module, img: torch.Tensor, *, skip=None) -> Trace:

@@ -233,3 +233,17 @@ def test_sorted_reference_names_map_the_same(ref_sd):
     want = build_mapping(ref_sd, mine).ref_to_cand
     got = build_mapping(OrderedDict(sorted(shapes(ref_sd).items())), mine).ref_to_cand
     assert {k: e.cand_keys for k, e in got.items()} == {k: e.cand_keys for k, e in want.items()}
+
+
+def test_parity_map_prints_how_each_tensor_was_matched(capsys):
+    """Each line of `parity map` ends in "[how]"; rich took it for a style tag and dropped it until the table was
+    printed as plain text."""
+    from parity.cli.main import main
+    from parity.runtime import PROJECT_ROOT
+
+    assert main(["map", "--reference", str(PROJECT_ROOT / "fixtures" / "yolo11-narrow-nc80-96"),
+                 "--candidate", "builtin", "--no-progress"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    table = [line for line in lines if "<-" in line]
+    assert table and all(line.endswith("[shape]") for line in table), table[:3]
+    assert "model.0.conv.weight" in table[0] and "layers.0.conv.weight" in table[0]

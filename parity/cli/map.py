@@ -23,6 +23,8 @@ def cmd_map(args: argparse.Namespace) -> int:
 
     from rich.console import Console
 
+    from rich.markup import escape
+
     from parity.replay.candidates import load_candidate
     from parity.runtime import check_device
 
@@ -39,10 +41,13 @@ def cmd_map(args: argparse.Namespace) -> int:
     inference = getattr(candidate, "inference", None)
     if inference is not None:
         _print_inference(console, inference, {e["index"]: e.get("type") for e in reference.layers})
-    console.print(mapping.describe(verbose=True), highlight=False)
+    # Plain text: each line ends in "[how]", which rich would take for a style tag and drop. One print of the
+    # whole table, unwrapped, also costs a fraction of rich's wrapping of a 50 KB string.
+    console.print(mapping.describe(verbose=True), highlight=False, markup=False, soft_wrap=True)
     for finding in findings:
         style = {"error": "red", "warning": "yellow"}.get(finding.severity, "cyan")
-        console.print(f"[{style}]{finding.signature}[/{style}] {finding.where}: {finding.message}", highlight=False)
+        console.print(f"[{style}]{finding.signature}[/{style}] {escape(f'{finding.where}: {finding.message}')}",
+                      highlight=False)
     console.print(f"mapped in {time.perf_counter() - started:.1f} s", highlight=False)
     return 1 if any(f.severity == "error" for f in findings) else 0
 

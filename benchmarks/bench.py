@@ -36,19 +36,34 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from benchmarks import runner
+from benchmarks import pipeline, runner
 from benchmarks.stages import (Budget, Extra, Session, explain_stage, extra_stages, finish, new_document, run_stages,
                                run_verify_only)
 
 # ---- extra sections ------------------------------------------------------------------------------------------
 # Sections beyond the built-in ones: each runs after the built-in stages (not with --explain-only or
-# --only-verify) and renders after the built-in sections. The coordinator adds benchmarks.pipeline here
-# (capture memory against the batch, `parity map` time, `make compare` time):
-#     from benchmarks import pipeline
-#     EXTRA_SECTIONS = [Extra("pipeline", run=pipeline.run, markdown=pipeline.markdown)]
-# where run(session: benchmarks.stages.Session) files its figures in session.doc["pipeline"] and
-# markdown(doc) -> list[str] renders them.
-EXTRA_SECTIONS: list[Extra] = []
+# --only-verify) and renders after the built-in sections.
+
+
+def _pipeline_run(session: Session) -> None:
+    """Capture memory against the batch, `parity map` and `parity compare` wall times (benchmarks/pipeline.py)."""
+    if session.args.quick:  # a smoke run: the pipeline needs full-size yolo11n dumps (minutes)
+        session.doc["pipeline"] = {"skipped": "not measured in a --quick run"}
+        return
+    session.progress("pipeline: capture peak memory at each batch, map and compare wall times")
+    session.doc["pipeline"] = pipeline.run()
+
+
+def _pipeline_markdown(doc: dict) -> list[str]:
+    section = doc.get("pipeline")
+    if not section:
+        return []
+    if "skipped" in section:
+        return ["", "## Pipeline: memory and wall time", "", section["skipped"] + "."]
+    return ["", *pipeline.markdown(section).splitlines()]
+
+
+EXTRA_SECTIONS: list[Extra] = [Extra("pipeline", run=_pipeline_run, markdown=_pipeline_markdown)]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -162,7 +162,9 @@ def _timed_dump(config, target: Path, sync) -> dict[str, float]:
 
 
 def _put_reference(self, name, tensor) -> None:
-    """`Capture.put` without the copy: keeps a reference, so a capture does all its work but copies nothing."""
+    """`Capture.put` without the copy: keeps a reference, so a capture does all its work but copies nothing.
+    It records the shape as `put` does: the manifest is described from `shapes`."""
+    self.shapes[name] = list(tensor.shape)
     self.tensors[name] = tensor.detach()
 
 

@@ -12,6 +12,7 @@ import hashlib
 import json
 import os
 import shutil
+import struct
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass

@@ -35,9 +35,11 @@ DTYPES: dict[str, Dtype] = {d.name: d for d in (
     Dtype("F16", 2, torch.float16, "float16"), Dtype("BF16", 2, torch.bfloat16, "bfloat16"),
     Dtype("I64", 8, torch.int64, "int64"), Dtype("I32", 4, torch.int32, "int32"),
     Dtype("I16", 2, torch.int16, "int16"), Dtype("I8", 1, torch.int8, "int8"),
-    Dtype("U8", 1, torch.uint8, "uint8"), Dtype("U16", 2, None, "uint16"), Dtype("U32", 4, None, "uint32"),
-    Dtype("U64", 8, None, "uint64"), Dtype("BOOL", 1, torch.bool, "bool"),
-    Dtype("F8_E4M3", 1, None, "float8_e4m3"), Dtype("F8_E5M2", 1, None, "float8_e5m2"),
+    Dtype("U8", 1, torch.uint8, "uint8"), Dtype("U16", 2, getattr(torch, "uint16", None), "uint16"),
+    Dtype("U32", 4, getattr(torch, "uint32", None), "uint32"), Dtype("U64", 8, getattr(torch, "uint64", None), "uint64"),
+    Dtype("BOOL", 1, torch.bool, "bool"),
+    Dtype("F8_E4M3", 1, getattr(torch, "float8_e4m3fn", None), "float8_e4m3"),
+    Dtype("F8_E5M2", 1, getattr(torch, "float8_e5m2", None), "float8_e5m2"),
 )}
 DTYPE_SIZES = {name: d.size for name, d in DTYPES.items()}
 EXACT_DTYPES = frozenset(name for name, d in DTYPES.items() if d.exact)

@@ -26,7 +26,6 @@ loading any weights, to read their own Detect bias initialisation.
 from __future__ import annotations
 
 import importlib
-import inspect
 import json
 import math
 import re
@@ -1053,21 +1052,12 @@ def import_factory(spec: str, what: str = "candidate",
 
 
 def _call_factory(factory: Callable, nc: int | None, model: str | None, spec: str) -> nn.Module:
-    kwargs = {}
-    try:
-        params = inspect.signature(factory).parameters
-    except (TypeError, ValueError):
-        params = {}
-    if nc is not None and "nc" in params:
-        kwargs["nc"] = nc
-    if model is not None and "model" in params:
-        kwargs["model"] = model
-    try:
-        built = factory(**kwargs)
-    except ParityError:
-        raise
-    except Exception as error:  # noqa: BLE001 - a user factory may raise anything
-        raise ParityError(f"candidate {spec}: the factory raised {type(error).__name__}: {error}") from None
+    from parity.replay.factories import call_factory, factory_parameters
+
+    params = factory_parameters(factory)
+    kwargs = {key: value for key, value in (("nc", nc), ("model", model)) if value is not None and key in params}
+    # No file:line here: a model factory's message has always been the exception alone (tests assert it).
+    built = call_factory(factory, f"candidate {spec}", show_frame=False, **kwargs)
     if not isinstance(built, nn.Module):
         raise ParityError(f"candidate {spec}: the factory returned {type(built).__name__}, expected a torch.nn.Module")
     return built

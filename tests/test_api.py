@@ -35,12 +35,14 @@ def test_the_public_names_are_importable_from_parity():
         parity.no_such_name  # noqa: B018
 
 
+@pytest.mark.slow  # 1-2 s here (a full compare or capture); make test-fast skips it
 def test_clean_builtin_passes_and_returns_its_report(fixtures_dir):
     report = parity.assert_parity(fixtures_dir / NC80.split("/")[1])
     assert report.verdict == "parity"
     assert {r.section for r in report.rows} >= {"structure", "isolated", "chained", "loss/default", "loss/default gradients"}
 
 
+@pytest.mark.slow  # 1-2 s here (a full compare or capture); make test-fast skips it
 def test_a_planted_bug_raises_an_assertion_error_that_names_it(fixtures_dir, tmp_path):
     with pytest.raises(AssertionError) as caught:
         parity.assert_parity(fixtures_dir / "yolo11-narrow-nc80-96", inject="missing-sigmoid", report_dir=tmp_path)
@@ -116,6 +118,7 @@ def test_compare_loss_replays_only_the_loss(fixtures_dir):
     assert "missing-sigmoid" in {f.signature for f in report.errors}
 
 
+@pytest.mark.slow  # 1-2 s here (a full compare or capture); make test-fast skips it
 def test_dump_reference_writes_a_dump_the_api_reads(tmp_path):
     path = parity.dump_reference(tmp_path / "ref", model="fixtures/models/yolo11-narrow.yaml", imgsz=64)
     assert (path / "manifest.json").exists()
@@ -133,12 +136,14 @@ def _pytest(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
                            *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=600, check=False)
 
 
+@pytest.mark.slow  # 2-11 s here (a subprocess, a browser or full-size builds); make test-fast skips it
 def test_the_pytest_example_runs_with_the_plugin():
     proc = _pytest(["-q", "examples/pytest"], ROOT)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
     assert "3 passed" in proc.stdout
 
 
+@pytest.mark.slow  # 2-11 s here (a subprocess, a browser or full-size builds); make test-fast skips it
 def test_a_failing_check_prints_the_report_path_and_writes_html(tmp_path, fixtures_dir):
     (tmp_path / "test_bug.py").write_text(
         "def test_planted_bug(assert_parity):\n"
@@ -157,6 +162,7 @@ def test_a_failing_check_prints_the_report_path_and_writes_html(tmp_path, fixtur
     assert f"test_bug.py::test_planted_bug: {written}" in summary
 
 
+@pytest.mark.slow  # 2-11 s here (a subprocess, a browser or full-size builds); make test-fast skips it
 def test_a_missing_parity_reference_is_a_usage_error(tmp_path):
     (tmp_path / "test_any.py").write_text("def test_any(assert_parity):\n    assert_parity()\n")
     proc = _pytest(["-q", "test_any.py", "--parity-reference", str(tmp_path / "nowhere")], tmp_path)

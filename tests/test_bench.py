@@ -102,6 +102,7 @@ def test_fused_metrics_agree_with_compare_tensors():
     assert int(values[9]) == metrics.mismatched == 0
 
 
+@pytest.mark.slow  # 2-11 s here (a subprocess, a browser or full-size builds); make test-fast skips it
 def test_worker_subprocess_round_trip(fixtures_dir):
     """The subprocess runner: a worker's result comes back through stdout, its peak memory through wait4."""
     dump = str(fixtures_dir / "yolo11-narrow-nc80-96")

@@ -113,6 +113,7 @@ def test_bias_arithmetics_differ_at_nc12():
     assert any(not torch.equal(s, f) for s, f in zip(stored, float32))
 
 
+@pytest.mark.slow  # 2-11 s here (a subprocess, a browser or full-size builds); make test-fast skips it
 def test_models_built_in_one_process_equal_fresh_builds(tmp_path):
     """parse_model leaks `Detect.legacy` across builds; capture must not inherit it."""
     build_model("yolov8n.yaml", 80, 0)

@@ -58,6 +58,7 @@ def test_bad_input_is_exit_2_and_writes_nothing(tmp_path, capsys, argv, message)
     assert not out.exists() and list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.slow  # 1-2 s here (a full compare or capture); make test-fast skips it
 def test_existing_output_needs_force_and_force_replaces_only_a_dump(tmp_path, capsys):
     out = tmp_path / "dump"
     out.mkdir()
@@ -127,6 +128,7 @@ def test_inspect_of_a_non_dump_is_exit_2(tmp_path, capsys):
     assert code == 2 and "no manifest.json" in err
 
 
+@pytest.mark.slow  # 2-11 s here (a subprocess, a browser or full-size builds); make test-fast skips it
 def test_nothing_is_written_to_the_home_directory(tmp_path):
     """ultralytics writes settings.json under the home directory unless told otherwise."""
     home = tmp_path / "home"

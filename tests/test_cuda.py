@@ -122,6 +122,7 @@ def test_check_device_rejects_a_malformed_index(monkeypatch):
             runtime.check_device(bad)
 
 
+@pytest.mark.slow  # 2-11 s here (a subprocess, a browser or full-size builds); make test-fast skips it
 def test_environment_survives_the_new_tf32_api():
     """A process (a user's script, a library) that set TF32 through torch's new `fp32_precision` API: reading
     `torch.backends.cudnn.allow_tf32` raises from then on. Run in a subprocess: the state cannot be undone."""

@@ -337,6 +337,7 @@ def test_the_loss_replay_reads_a_83_dump_with_per_level_head_maps(fixtures_dir, 
     assert current.context["loss"]["first_wrong_stage"]["stage"] == "assign"
 
 
+@pytest.mark.slow  # 1-2 s here (a full compare or capture); make test-fast skips it
 def test_as_of_83_candidate_is_release_drift_against_the_83_reference(tmp_path, fixtures_dir, isolated_injections):
     current, old = str(fixtures_dir / "yolov8-narrow-nc12-96"), str(fixtures_dir / OLD_FIXTURE)
     code, alone = _compare_json(tmp_path, "--reference", current, "--inject", "as-of-8.3")

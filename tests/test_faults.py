@@ -457,6 +457,7 @@ HOLD_SCRIPT = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow  # 2-11 s here (a subprocess, a browser or full-size builds); make test-fast skips it
 def test_a_second_writer_of_the_same_out_is_exit_2_naming_the_first(tmp_path, capsys):
     out = tmp_path / "dump"
     first = subprocess.Popen([PY, "-c", HOLD_SCRIPT, str(out)], cwd=ROOT, env=subprocess_env(),
@@ -536,6 +537,7 @@ FULL_SCRIPT = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow  # 2-11 s here (a subprocess, a browser or full-size builds); make test-fast skips it
 def test_a_full_disk_is_exit_2_and_leaves_nothing(tmp_path):
     out = tmp_path / "dump"
     done = subprocess.run([PY, "-c", FULL_SCRIPT, "--no-progress", "dump", *SMALL, "--out", str(out)], cwd=ROOT,

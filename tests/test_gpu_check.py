@@ -62,6 +62,7 @@ def test_judging_a_step():
     assert judge(dump, 2, "", "error: no CUDA\n", None, 1).detail == "exit 2: error: no CUDA"
 
 
+@pytest.mark.slow  # 2-11 s here (a subprocess, a browser or full-size builds); make test-fast skips it
 def test_a_real_compare_step_runs_and_is_judged_on_cpu(tmp_path, fixtures_dir):
     report = tmp_path / "r.json"
     step = Step("inject bias-init-float32 on cpu", ["compare", "--reference", str(fixtures_dir / "yolov8-narrow-nc12-96"),

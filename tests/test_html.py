@@ -17,6 +17,10 @@ import pytest
 import parity
 from parity.cli.main import main
 
+# The HTML report: plotly inlined into each file, a headless browser for two of them (several seconds in all,
+# most of it one report fixture); make test-fast skips the module, make test runs it.
+pytestmark = pytest.mark.slow
+
 ROOT = Path(__file__).resolve().parent.parent
 SCREENSHOTS = ROOT / "runs" / "screenshots"
 BROWSERS = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")

@@ -20,6 +20,7 @@ def ultralytics_own_legacy(model_yaml: str) -> bool:
 
 
 @pytest.mark.parametrize("model_yaml", FAMILIES)
+@pytest.mark.slow  # 2-11 s here (a subprocess, a browser or full-size builds); make test-fast skips it
 def test_legacy_head_matches_ultralytics_instance(model_yaml):
     expected = ultralytics_own_legacy(model_yaml)
     assert head_of(build_model(model_yaml, nc=80, seed=0)).legacy is expected

@@ -189,6 +189,7 @@ def test_larger_scale_from_yaml_table():
     assert sum(p.numel() for p in build_detector("yolo11m.yaml").parameters()) == 20_114_688
 
 
+@pytest.mark.slow  # 2-11 s here (a subprocess, a browser or full-size builds); make test-fast skips it
 def test_no_ultralytics_code_is_imported():
     import subprocess
     import sys

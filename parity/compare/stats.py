@@ -33,6 +33,7 @@ from typing import Any
 from parity.dump import names
 from parity.compare.tolerances import Profile, Tolerance, get_profile, profile_for_environment
 from parity.dump.files import Dump
+from parity.dump.header import EXACT_DTYPES
 from parity.errors import ParityError
 from parity.findings import Finding, Report, Row
 
@@ -57,7 +58,6 @@ LIMITATIONS = [
 # Rounding of the float64 statistics themselves: a relative slack far below any tolerance in use.
 STAT_SLACK = 1e-9
 
-_EXACT_DTYPES = {"BOOL", "I64", "I32", "I16", "I8", "U8", "U16", "U32", "U64"}
 
 
 def _sha(dump: Dump, name: str) -> str | None:
@@ -115,7 +115,7 @@ def judge(name: str, ref_entry: dict, cand_entry: dict, ref_stats: dict | None, 
     if checksum_equal:
         return True, "bitwise equal (checksum)", metrics
     dtype_note = "" if same_dtype else f" (dtype {cand_entry.get('dtype')} vs reference {ref_entry.get('dtype')})"
-    exact_kind = tol.bitwise or ref_entry.get("dtype") in _EXACT_DTYPES or cand_entry.get("dtype") in _EXACT_DTYPES
+    exact_kind = tol.bitwise or ref_entry.get("dtype") in EXACT_DTYPES or cand_entry.get("dtype") in EXACT_DTYPES
     if exact_kind and checksum_equal is False:
         passed, note = _checksum_verdict(name, tol, dtype_note, metrics)
         return passed, note, metrics

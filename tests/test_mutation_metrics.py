@@ -13,7 +13,8 @@ import pytest
 import torch
 
 import parity.compare.metrics as metrics_module
-from parity.compare.metrics import (TensorMetrics, _fmt, _jsonable, _ordered_int, _unravel, compare_tensors,
+from parity.jsonio import plain as _jsonable
+from parity.compare.metrics import (TensorMetrics, _fmt, _ordered_int, _unravel, compare_tensors,
                                     shape_difference, ulp_distance)
 from parity.compare.tolerances import Tolerance
 

@@ -23,6 +23,7 @@ from typing import Any
 import torch
 
 from parity.compare.tolerances import Tolerance
+from parity.jsonio import plain
 
 # Elements per chunk: cache-sized (a few float64 temporaries of 512 KiB each).
 CHUNK = 1 << 16
@@ -69,7 +70,7 @@ class TensorMetrics:
         """JSON-ready: non-finite floats become the strings "inf", "-inf", "nan" (JSON has no such numbers)."""
         out = {}
         for key, value in self.__dict__.items():
-            out[key] = _jsonable(value)
+            out[key] = plain(value)
         return out
 
     def summary(self) -> str:
@@ -96,20 +97,6 @@ def _fmt(value: float | None) -> str:
     if value == 0:
         return "0"
     return f"{value:.3g}"
-
-
-def _jsonable(value):
-    if isinstance(value, float):
-        if math.isnan(value):
-            return "nan"
-        if math.isinf(value):
-            return "inf" if value > 0 else "-inf"
-        return value
-    if isinstance(value, dict):
-        return {k: _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    return value
 
 
 def _dtype_str(dtype: torch.dtype) -> str:

@@ -42,6 +42,7 @@ from parity.dump import names
 from parity.dump.files import MANIFEST, Dump
 from parity.errors import ParityError
 from parity.findings import Finding
+from parity.replay.tracing import tensors_in
 
 # ultralytics' initialize_weights() sets these on every BatchNorm2d; the reference dump was built with them.
 REFERENCE_BN_EPS = 1e-3
@@ -63,7 +64,7 @@ def head_outputs(value: Any, reg_max: int, nc: int) -> Any:
     box and class maps (two lists, or one list of pairs), or a (boxes, scores) tuple of flat tensors."""
     if isinstance(value, Mapping) and ("boxes" in value or "scores" in value):
         return value
-    flat = _tensors(value)
+    flat = tensors_in(value)
     if not flat:
         return value
     box_c, both = 4 * reg_max, 4 * reg_max + nc
@@ -90,16 +91,6 @@ def head_outputs(value: Any, reg_max: int, nc: int) -> Any:
     if len(flat) == 1 and flat[0].dim() == 3 and flat[0].shape[1] == both:
         return {"boxes": flat[0][:, :box_c], "scores": flat[0][:, box_c:]}
     return value
-
-
-def _tensors(value: Any) -> list[torch.Tensor]:
-    if isinstance(value, torch.Tensor):
-        return [value]
-    if isinstance(value, Mapping):
-        return [t for v in value.values() for t in _tensors(v)]
-    if isinstance(value, (list, tuple)):
-        return [t for v in value for t in _tensors(v)]
-    return []
 
 
 @contextmanager
@@ -727,7 +718,7 @@ class ModuleCandidate(Candidate):
         for arg in args:
             found = {"layers": [], "ops": []}
             seen: set[int] = set()
-            todo = [t for t in _tensors(arg)]
+            todo = tensors_in(arg)
             while todo:
                 tensor = todo.pop()
                 if trace.image is not None and tensor is trace.image:
@@ -745,7 +736,7 @@ class ModuleCandidate(Candidate):
                 if producer.kind == "op" and producer.name not in ("__getitem__", "chunk", "split", "view",
                                                                      "reshape", "unbind"):
                     found["ops"].append(producer.name + (f" at {producer.site}" if producer.site else ""))
-                todo.extend(_tensors((producer.args, producer.kwargs)))
+                todo.extend(tensors_in((producer.args, producer.kwargs)))
             found["layers"].sort()
             out.append(found)
         return out

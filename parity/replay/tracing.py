@@ -17,6 +17,7 @@ from __future__ import annotations
 import os
 import sys
 import traceback
+from collections.abc import Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -54,9 +55,10 @@ class Event:
 
 
 def tensors_in(value: Any) -> list[torch.Tensor]:
+    """Every tensor inside a value: a tensor, or mappings, lists and tuples of them, in order."""
     if isinstance(value, torch.Tensor):
         return [value]
-    if isinstance(value, dict):
+    if isinstance(value, Mapping):
         return [t for v in value.values() for t in tensors_in(v)]
     if isinstance(value, (list, tuple)):
         return [t for v in value for t in tensors_in(v)]
